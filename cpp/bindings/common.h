@@ -1,0 +1,66 @@
+// Shared helpers of the pybind11 binding: argument checks that raise TypeError/ValueError naming
+// the argument, and the Status -> exception translation. Validation lives here, not in the core.
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "sdq/levels.h"
+#include "sdq/status.h"
+
+namespace sdq::bind {
+
+namespace py = pybind11;
+
+// Raise ValueError "<what>: <status text>" unless s is ok.
+inline void check_status(Status s, const char* what) {
+  if (s != Status::ok) throw py::value_error(std::string(what) + ": " + status_string(s));
+}
+
+// Require a C-contiguous NumPy array of dtype T with `ndim` dimensions; TypeError/ValueError otherwise.
+template <typename T>
+py::array_t<T> require_array(const py::handle& obj, const char* name, int ndim) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + " must be a numpy array (use tensor.numpy() for torch)");
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (!arr.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + " must have dtype " +
+                         std::string(py::str(py::dtype::of<T>())) + ", got " +
+                         std::string(py::str(arr.dtype())));
+  if (arr.ndim() != ndim)
+    throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D, got " +
+                          std::to_string(arr.ndim()) + "-D");
+  if (!(arr.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be C-contiguous");
+  return py::reinterpret_borrow<py::array_t<T>>(arr);
+}
+
+template <typename T>
+py::array_t<T> require_writable(const py::handle& obj, const char* name, int ndim) {
+  auto arr = require_array<T>(obj, name, ndim);
+  if (!arr.writeable()) throw py::value_error(std::string(name) + " must be writable");
+  return arr;
+}
+
+inline Levels parse_levels(const std::string& levels) {
+  if (levels == "binary") return Levels::binary;
+  if (levels == "ternary") return Levels::ternary;
+  throw py::value_error("levels must be 'binary' or 'ternary', got '" + levels + "'");
+}
+
+inline void require_shape(const py::array& a, const char* name, std::vector<int64_t> shape) {
+  bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t i = 0; same && i < shape.size(); ++i) same = a.shape(i) == shape[i];
+  if (!same) {
+    std::string want = "(";
+    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+    std::string got = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) got += (i ? ", " : "") + std::to_string(a.shape(i));
+    throw py::value_error(std::string(name) + " must have shape " + want + "), got " + got + ")");
+  }
+}
+
+}  // namespace sdq::bind

@@ -1,0 +1,17 @@
+// sdq._core: the pybind11 module. Each area binds itself in its own file.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+namespace sdq::bind {
+void bind_core(py::module_& m);  // bind_core.cpp: modulator, FWHT, resampling, bitplanes, layout
+void bind_gemv(py::module_& m);  // bind_gemv.cpp: CPU add-only kernels
+void bind_cuda(py::module_& m);  // bind_cuda.cpp: CUDA kernels (stubs when built without nvcc)
+}  // namespace sdq::bind
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "sdq native core: Sigma-Delta encoder, FWHT, bitplanes and add-only kernels";
+  sdq::bind::bind_core(m);
+  sdq::bind::bind_gemv(m);
+  sdq::bind::bind_cuda(m);
+}
