@@ -1,0 +1,1 @@
+"""Reference of the add-only inference path (filled in with the CPU kernels)."""
