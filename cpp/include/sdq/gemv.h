@@ -39,4 +39,16 @@ Status addonly_gemm(const BlockLayout& L, Levels levels, const word_t* sign,
 // Name of the kernel variant chosen at run time for this CPU (e.g. "avx2-lut", "portable").
 const char* addonly_kernel_name() noexcept;
 
+// The variants of addonly_gemm. `automatic` is the best one this CPU supports; naming another one
+// (for tests and benchmarks) returns Status::not_built when this CPU cannot run it.
+enum class AddonlyKernel : int { automatic = 0, portable = 1, avx2 = 2, avx512 = 3 };
+
+Status addonly_gemm_variant(AddonlyKernel kernel, const BlockLayout& L, Levels levels,
+                            const word_t* sign, const word_t* nonzero, const uint16_t* scale,
+                            const uint16_t* mean, int64_t out, const float* xt,
+                            const float* xsum, int64_t batch, float* y, int threads = 0) noexcept;
+
+// Name of a variant ("portable", "avx2-lut", "avx512-lut"); "unknown" for anything else.
+const char* addonly_kernel_name(AddonlyKernel kernel) noexcept;
+
 }  // namespace sdq

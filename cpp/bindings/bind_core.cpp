@@ -1,0 +1,171 @@
+// Binding of the encoder side of the core: modulator, FWHT, resampling, bitplanes, block layout.
+#include <pybind11/stl.h>
+
+#include "common.h"
+#include "sdq/bitplane.h"
+#include "sdq/fwht.h"
+#include "sdq/layout.h"
+#include "sdq/modulator.h"
+#include "sdq/resample.h"
+
+namespace sdq::bind {
+namespace {
+
+py::array_t<int8_t> modulate(const py::object& z_obj, const py::object& tau_obj, int order,
+                             const std::string& levels_name, int threads) {
+  auto z = require_array<float>(z_obj, "z", 2);
+  const Levels levels = parse_levels(levels_name);
+  if (order != 1 && order != 2)
+    throw py::value_error("order must be 1 or 2, got " + std::to_string(order));
+  const int64_t rows = z.shape(0), m = z.shape(1);
+  const float* tau_ptr = nullptr;
+  py::array_t<float> tau;
+  if (levels == Levels::ternary) {
+    if (tau_obj.is_none()) throw py::value_error("tau is required for ternary levels");
+    tau = require_array<float>(tau_obj, "tau", 1);
+    require_shape(tau, "tau", {rows});
+    tau_ptr = tau.data();
+  }
+  py::array_t<int8_t> codes({rows, m});
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = sigma_delta_modulate(z.data(), rows, m, m, tau_ptr, order, levels, codes.mutable_data(),
+                              threads);
+  }
+  check_status(st, "sigma_delta_modulate");
+  return codes;
+}
+
+void fwht_inplace(const py::object& x_obj, const py::object& signs_obj, bool inverse,
+                  int threads) {
+  auto x = require_writable<float>(x_obj, "x", 2);
+  const int64_t rows = x.shape(0), n = x.shape(1);
+  if (!is_power_of_two(n))
+    throw py::value_error("x.shape[1] must be a power of two, got " + std::to_string(n));
+  const float* signs_ptr = nullptr;
+  py::array_t<float> signs;
+  if (!signs_obj.is_none()) {
+    signs = require_array<float>(signs_obj, "signs", 1);
+    require_shape(signs, "signs", {n});
+    signs_ptr = signs.data();
+  }
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = fwht(x.mutable_data(), rows, n, signs_ptr, inverse, threads);
+  }
+  check_status(st, "fwht");
+}
+
+py::array_t<float> resample(int64_t n_in, int64_t n_out) {
+  if (n_in <= 0 || n_out <= 0)
+    throw py::value_error("n_in and n_out must be positive, got " + std::to_string(n_in) + ", " +
+                          std::to_string(n_out));
+  py::array_t<float> out({n_out, n_in});
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = resample_matrix(n_in, n_out, out.mutable_data());
+  }
+  check_status(st, "resample_matrix");
+  return out;
+}
+
+py::tuple pack(const py::object& codes_obj, const std::string& levels_name, int threads) {
+  auto codes = require_array<int8_t>(codes_obj, "codes", 2);
+  const Levels levels = parse_levels(levels_name);
+  const int64_t rows = codes.shape(0), cols = codes.shape(1), words = words_for(cols);
+  py::array_t<uint32_t> sign({rows, words});
+  py::object nonzero = py::none();
+  word_t* nz_ptr = nullptr;
+  if (levels == Levels::ternary) {
+    py::array_t<uint32_t> nz({rows, words});
+    nz_ptr = nz.mutable_data();
+    nonzero = nz;
+  }
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = pack_bitplanes(codes.data(), rows, cols, levels, sign.mutable_data(), nz_ptr, threads);
+  }
+  if (st == Status::bad_code)
+    throw py::value_error("codes must be in {-1, +1} for binary or {-1, 0, +1} for ternary");
+  check_status(st, "pack_bitplanes");
+  return py::make_tuple(sign, nonzero);
+}
+
+py::array_t<int8_t> unpack(const py::object& sign_obj, const py::object& nonzero_obj,
+                           int64_t cols, int threads) {
+  auto sign = require_array<uint32_t>(sign_obj, "sign", 2);
+  const int64_t rows = sign.shape(0);
+  if (cols < 0 || words_for(cols) != sign.shape(1))
+    throw py::value_error("cols=" + std::to_string(cols) + " does not match sign.shape[1]=" +
+                          std::to_string(sign.shape(1)) + " words");
+  const Levels levels = nonzero_obj.is_none() ? Levels::binary : Levels::ternary;
+  py::array_t<uint32_t> nonzero;
+  if (levels == Levels::ternary) {
+    nonzero = require_array<uint32_t>(nonzero_obj, "nonzero", 2);
+    require_shape(nonzero, "nonzero", {rows, sign.shape(1)});
+  }
+  py::array_t<int8_t> codes({rows, cols});
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = unpack_bitplanes(sign.data(), levels == Levels::ternary ? nonzero.data() : nullptr, rows,
+                          cols, levels, codes.mutable_data(), threads);
+  }
+  check_status(st, "unpack_bitplanes");
+  return codes;
+}
+
+py::dict layout(int64_t in_features, int64_t block_size, double osr) {
+  const BlockLayout L{in_features, block_size, osr};
+  if (in_features <= 0) throw py::value_error("in_features must be positive");
+  if (!is_power_of_two(block_size))
+    throw py::value_error("block_size must be a power of two, got " + std::to_string(block_size));
+  if (!(osr > 0.0 && osr <= kMaxOsr))
+    throw py::value_error("osr must be in (0, " + std::to_string(kMaxOsr) + "], got " +
+                          std::to_string(osr));
+  if (!L.valid()) throw py::value_error("osr too small: a block would have no samples");
+  std::vector<int64_t> width, padded, m, offset;
+  for (int64_t b = 0; b < L.num_blocks(); ++b) {
+    width.push_back(L.width(b));
+    padded.push_back(L.padded(b));
+    m.push_back(L.m(b));
+    offset.push_back(L.code_offset(b));
+  }
+  py::dict d;
+  d["num_blocks"] = L.num_blocks();
+  d["width"] = width;
+  d["padded"] = padded;
+  d["m"] = m;
+  d["code_offset"] = offset;
+  d["total_code_cols"] = L.total_code_cols();
+  d["words_per_row"] = L.words_per_row();
+  return d;
+}
+
+}  // namespace
+
+void bind_core(py::module_& m) {
+  m.attr("MAX_OSR") = kMaxOsr;
+  m.def("sigma_delta_modulate", &modulate, py::arg("z"), py::arg("tau") = py::none(),
+        py::arg("order") = 1, py::arg("levels") = "ternary", py::arg("threads") = 0,
+        "Modulate each row of z (float32 [rows, m], normalised) to codes int8 [rows, m].\n"
+        "tau: float32 [rows] ternary thresholds (required for ternary). threads<=0: all cores.");
+  m.def("fwht", &fwht_inplace, py::arg("x"), py::arg("signs") = py::none(),
+        py::arg("inverse") = false, py::arg("threads") = 0,
+        "In place on float32 [rows, n], n a power of two: x <- H diag(signs) x / sqrt(n)\n"
+        "(inverse: x <- diag(signs) H x / sqrt(n)).");
+  m.def("resample_matrix", &resample, py::arg("n_in"), py::arg("n_out"),
+        "float32 [n_out, n_in] matrix R with R @ x == scipy.signal.resample(x, n_out).");
+  m.def("pack_bitplanes", &pack, py::arg("codes"), py::arg("levels"), py::arg("threads") = 0,
+        "int8 codes [rows, cols] -> (sign uint32 [rows, words], nonzero uint32 or None).");
+  m.def("unpack_bitplanes", &unpack, py::arg("sign"), py::arg("nonzero"), py::arg("cols"),
+        py::arg("threads") = 0, "Inverse of pack_bitplanes (ternary iff nonzero is not None).");
+  m.def("layout", &layout, py::arg("in_features"), py::arg("block_size"), py::arg("osr"),
+        "Block geometry of a layer: widths, padded widths, samples m and code offsets per block.");
+}
+
+}  // namespace sdq::bind

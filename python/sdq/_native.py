@@ -1,0 +1,16 @@
+"""Access to the compiled core. The package imports without it; the first use raises clearly."""
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def core():
+    """The sdq._core extension module."""
+    try:
+        from . import _core
+    except ImportError as e:  # pragma: no cover - only in a broken install
+        raise ImportError(
+            "sdq's compiled core (sdq._core) is missing: install sdq with `pip install .` "
+            f"from a source checkout ({e})") from e
+    return _core

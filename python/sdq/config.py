@@ -1,0 +1,94 @@
+"""Quantizer configuration: a small, versioned, JSON-serialisable dataclass."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+MAX_OSR = 16.0  # same bound as the core (layout.h kMaxOsr): above it fp16 weights are smaller
+LEVELS = ("binary", "ternary")
+CODE_SELECTIONS = ("sigma_delta", "gram")
+
+
+@dataclasses.dataclass(frozen=True)
+class SDQConfig:
+    """How one weight matrix is Sigma-Delta quantized (method.md section 1).
+
+    osr:        over-sampling ratio, 0 < osr <= 16, fractional allowed. Each block of B (padded)
+                columns becomes M = floor(B * osr + 0.5) samples; exact when osr is a multiple of 1/B.
+    levels:     "binary" ({-1,+1}, osr bits/weight) or "ternary" ({-1,0,+1}, 2*osr bits/weight).
+    order:      Sigma-Delta modulator order, 1 or 2.
+    block_size: B, a power of two (Hadamard and scale/mean granularity); default 128.
+    hadamard:   rotate each block with a random-sign Walsh-Hadamard transform first.
+    seed:       seed of the Hadamard sign vector (stored with the layer too).
+    sd_scale, p_scale, p_cut: scale = quantile(|u - mean|, p_scale) * sd_scale, and the ternary
+                threshold tau = quantile(|z|, p_cut); the paper's defaults 0.95 / 0.93 / 0.55.
+    codes:      how codes are chosen: "sigma_delta" (the paper's modulator) or "gram" (sdq's own:
+                sequential rounding against the down-sampler's Gram matrix, then a least-squares
+                refit of the scale and mean; see sdq/methods/gram.py).
+    gram_damp:  damping of the Gram matrix, as a fraction of its mean diagonal ("gram" only).
+    """
+
+    osr: float = 2.0
+    levels: str = "ternary"
+    order: int = 1
+    block_size: int = 128
+    hadamard: bool = True
+    seed: int = 0
+    sd_scale: float = 0.95
+    p_scale: float = 0.93
+    p_cut: float = 0.55
+    codes: str = "sigma_delta"
+    gram_damp: float = 0.2
+    version: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.osr, bool) or not isinstance(self.osr, (int, float)):
+            raise TypeError(f"osr must be a number, got {type(self.osr).__name__}")
+        if not (math.isfinite(self.osr) and 0 < self.osr <= MAX_OSR):
+            raise ValueError(f"osr must be in (0, {MAX_OSR:g}], got {self.osr}")
+        object.__setattr__(self, "osr", float(self.osr))
+        if self.levels not in LEVELS:
+            raise ValueError(f"levels must be one of {LEVELS}, got {self.levels!r}")
+        if self.order not in (1, 2) or isinstance(self.order, bool):
+            raise ValueError(f"order must be 1 or 2, got {self.order!r}")
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
+            raise ValueError(f"block_size must be a power of two >= 2, got {bs!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        for name in ("sd_scale", "p_scale", "p_cut"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v <= 1.5 and (name == "sd_scale" or v < 1)):
+                raise ValueError(f"{name} must be in (0, 1) ((0, 1.5] for sd_scale), got {v!r}")
+        if self.codes not in CODE_SELECTIONS:
+            raise ValueError(f"codes must be one of {CODE_SELECTIONS}, got {self.codes!r}")
+        if not (0 <= self.gram_damp <= 10):
+            raise ValueError(f"gram_damp must be in [0, 10], got {self.gram_damp!r}")
+
+    @property
+    def code_bits_per_sample(self) -> int:
+        return 1 if self.levels == "binary" else 2
+
+    def replace(self, **changes) -> "SDQConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SDQConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown SDQConfig fields: {sorted(unknown)}")
+        if d.get("version", 1) > 1:
+            raise ValueError(f"SDQConfig version {d['version']} is newer than this sdq (1)")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "SDQConfig":
+        return cls.from_dict(json.loads(s))

@@ -1,0 +1,268 @@
+"""GPTQ error compensation: one engine for the GPTQ baseline and for calibrated SDQ.
+
+With the layer-input Hessian H = 2/n * sum(x x^T), quantizing the input columns in order and
+pushing each column's error onto the columns not yet quantized (weighted by the upper Cholesky
+factor of H^-1) greedily reduces the layer's output error ||(W - W_hat) X||^2
+(Frantar et al., GPTQ, arXiv 2210.17323). The engine never decides how weights are rounded:
+callers pass a callback, so a uniform grid and a Sigma-Delta modulator share one propagation.
+A callback that also needs the codes (to pack them) can collect them in a closure.
+
+The min-max uniform grid lives here too, because both RTN (sdq.methods.baselines) and the
+GPTQ baseline must use the very same grid for their comparison to be fair.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_weight", "check_bits", "check_positive_int", "uniform_grid", "uniform_round",
+    "prepare_hessian", "gptq_blockwise", "gptq_columnwise", "gptq_quantize",
+]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+# The largest finite fp16; scales and offsets are stored in fp16, so they must fit.
+_FP16_MAX = 65504.0
+# The smallest positive fp16 (subnormal): a scale that rounds below it would divide by zero.
+_FP16_TINY = 2.0 ** -24
+
+
+# ---------------------------------------------------------------------------- validation
+def check_weight(W: Any, name: str = "W") -> None:
+    """Raise TypeError/ValueError unless `W` is a non-empty, finite, 2-D float tensor."""
+    if not isinstance(W, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
+    if not W.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got dtype {W.dtype}")
+    if W.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [out, in], got shape {tuple(W.shape)}")
+    if W.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(W.shape)})")
+    finite = torch.isfinite(W)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(W).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise ValueError(f"{name} has {n_nan} NaN and {n_inf} Inf entries")
+
+
+def check_bits(bits: Any) -> None:
+    """Raise ValueError unless `bits` is one of the supported uniform bit widths."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+
+
+def check_positive_int(value: Any, name: str) -> None:
+    """Raise ValueError unless `value` is an int >= 1 (bool excluded)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- uniform grid
+def uniform_grid(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Min-max grid of each row of `w` [rows, g]: returns (scale, offset), each [rows, 1] float32.
+
+    The grid is offset + k * scale, k = 0 .. 2^bits - 1, spanning [min, max] of the row. The
+    zero-point is kept as a float offset (the row minimum) rather than an integer, so both ends
+    of the range lie on the grid. Scale and offset are rounded to fp16 because that is how they
+    are stored (the "+32 / group_size" in the all-in bit count). A constant row gets scale 1:
+    every weight then takes code 0 and is reproduced by the offset alone.
+    """
+    maxq = 2 ** bits - 1
+    lo = w.amin(dim=1, keepdim=True).float()
+    hi = w.amax(dim=1, keepdim=True).float()
+    if bool((lo < -_FP16_MAX).any() or (hi > _FP16_MAX).any()):
+        raise ValueError(f"weights exceed the fp16 range (+-{_FP16_MAX}) of the stored offset")
+    scale = (hi - lo) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.half().float().clamp_min(_FP16_TINY)
+    return scale, lo.half().float()
+
+
+def uniform_round(w: Tensor, scale: Tensor, offset: Tensor, bits: int) -> Tensor:
+    """Round `w` to the grid offset + k * scale (k clipped to 0 .. 2^bits - 1); float32 result.
+
+    `scale` and `offset` broadcast against `w` (e.g. [rows, 1] for a [rows, g] block).
+    """
+    codes = torch.round((w.float() - offset) / scale).clamp_(0, 2 ** bits - 1)
+    return codes * scale + offset
+
+
+# ---------------------------------------------------------------------------- Hessian
+def _check_hessian(H: Any, n_in: int) -> None:
+    if not isinstance(H, Tensor) or not H.is_floating_point():
+        raise TypeError(f"H must be a float torch.Tensor, got {type(H).__name__}")
+    if tuple(H.shape) != (n_in, n_in):
+        raise ValueError(f"H must have shape ({n_in}, {n_in}) to match W, got {tuple(H.shape)}")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("H has NaN or Inf entries")
+    if bool((torch.diagonal(H) < 0).any()):
+        raise ValueError("H has negative diagonal entries: it is not a Gram matrix 2/n X X^T")
+
+
+def _upper_cholesky_of_inverse(H: Tensor) -> Tensor | None:
+    """Upper U with U^T U = H^-1, or None when H is not (numerically) positive definite."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        return None
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if int(info) != 0 or not bool(torch.isfinite(U).all()):
+        return None
+    return U
+
+
+def prepare_hessian(H: Tensor, W: Tensor, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Turn the Hessian H [in, in] into GPTQ's Hinv; returns (Hinv [in, in], W [out, in]).
+
+    Both outputs are new float32 tensors on W's device; the inputs are not modified.
+    Dead input columns (H[i, i] == 0: the input is always zero there) get H[i, i] = 1 and a
+    zeroed weight column, since no data can say what they should be. H is dampened by
+    percdamp * mean(diag H) and inverted in float64 (the Cholesky factors of ill-conditioned
+    Hessians lose too much in float32). If Cholesky still fails, the damping is raised tenfold
+    twice, with a RuntimeWarning; after that a ValueError is raised.
+    Hinv is upper triangular with Hinv^T Hinv = (H + damp I)^-1.
+    """
+    check_weight(W)
+    _check_hessian(H, W.shape[1])
+    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
+        raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+    H = H.detach().to(device=W.device, dtype=torch.float64, copy=True)
+    W = W.detach().to(dtype=torch.float32, copy=True)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    mean_diag = float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    tries = [percdamp] + [max(percdamp, 0.01) * 10 ** k for k in (1, 2)]
+    for attempt, damp in enumerate(tries):
+        U = _upper_cholesky_of_inverse(H + (damp * mean_diag) * eye)
+        if U is not None:
+            if attempt:
+                warnings.warn(f"Cholesky of H failed with percdamp={percdamp}; "
+                              f"succeeded with percdamp={damp}", RuntimeWarning, stacklevel=2)
+            return U.float(), W
+    raise ValueError(f"H is not positive definite even with percdamp={tries[-1]}: "
+                     "check the calibration activations")
+
+
+# ---------------------------------------------------------------------------- engines
+def _working_copy(W: Tensor, Hinv: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Validated float32 copies of W and Hinv that the engines may overwrite."""
+    check_weight(W)
+    check_weight(Hinv, "Hinv")
+    check_positive_int(block_size, "block_size")
+    n_in = W.shape[1]
+    if tuple(Hinv.shape) != (n_in, n_in):
+        raise ValueError(f"Hinv must have shape ({n_in}, {n_in}), got {tuple(Hinv.shape)}")
+    if bool((torch.diagonal(Hinv) <= 0).any()):
+        raise ValueError("Hinv must have a positive diagonal: pass prepare_hessian's output")
+    W = W.detach().to(dtype=torch.float32, copy=True)
+    return W, Hinv.detach().to(device=W.device, dtype=torch.float32)
+
+
+def _checked_result(result: Any, shape: tuple[int, ...], what: str) -> Tensor:
+    """A callback's output as float32, or ValueError: a bad callback must not poison W."""
+    if not isinstance(result, Tensor) or tuple(result.shape) != shape:
+        got = tuple(result.shape) if isinstance(result, Tensor) else type(result).__name__
+        raise ValueError(f"{what} must return a tensor of shape {shape}, got {got}")
+    if not bool(torch.isfinite(result).all()):
+        raise ValueError(f"{what} returned NaN or Inf")
+    return result.float()
+
+
+def gptq_blockwise(W: Tensor, Hinv: Tensor, block_size: int,
+                   quantize_block: Callable[[int, int, Tensor], Tensor]) -> Tensor:
+    """Quantize W [out, in] block by block, propagating each block's error to later blocks.
+
+    Blocks are `block_size` input columns, in order (the last may be shorter).
+    `quantize_block(b, start, W_b)` gets the block index, its first column and a copy of the
+    current, already compensated block [out, width]; it returns that block's reconstruction.
+    Then Err = (W_b - W_hat_b) / diag(Hinv)[cols] and W[:, later] -= Err @ Hinv[cols, later]
+    (method.md 1.6, step 6). No error is propagated inside a block: the block quantizer sees it
+    whole. Returns the reconstruction [out, in] float32; W itself is not modified.
+    """
+    W, Hinv = _working_copy(W, Hinv, block_size)
+    n_in = W.shape[1]
+    W_hat = torch.empty_like(W)
+    diag = torch.diagonal(Hinv)
+    for b, start in enumerate(range(0, n_in, block_size)):
+        end = min(start + block_size, n_in)
+        W_b = W[:, start:end]
+        W_hat_b = _checked_result(quantize_block(b, start, W_b.clone()), tuple(W_b.shape),
+                                  "quantize_block")
+        W_hat[:, start:end] = W_hat_b
+        err = (W_b - W_hat_b) / diag[start:end]
+        W[:, end:] -= err @ Hinv[start:end, end:]
+    return W_hat
+
+
+def gptq_columnwise(W: Tensor, Hinv: Tensor, block_size: int,
+                    quantize_column: Callable[[int, Tensor, Any], Tensor],
+                    group_params: Callable[[int, Tensor], Any] | None = None,
+                    group_size: int | None = None) -> Tensor:
+    """Classical GPTQ: quantize W [out, in] column by column with lazy batch updates.
+
+    Inside a block of `block_size` columns each column j is quantized as
+    q = quantize_column(j, w_j, params) (w_j: copy of the current column, [out]; q: [out]),
+    its error err = (w_j - q) / Hinv[j, j] is pushed onto the rest of the block at once, and
+    the block's errors reach later columns in one matmul after the block. The batching only
+    saves memory traffic: any block_size gives the same result up to float rounding.
+    If given, `group_params(start, W_group)` is called at the first column of every group of
+    `group_size` columns (default: block_size) on a copy of the current, compensated weights
+    of that group, so group scales see the compensation; its return value is the `params`
+    passed to quantize_column (None without group_params). For the compensated weights to
+    be complete at that point, one of block_size and group_size must divide the other.
+    Returns the reconstruction [out, in] float32; W itself is not modified.
+    """
+    W, Hinv = _working_copy(W, Hinv, block_size)
+    group_size = block_size if group_size is None else group_size
+    check_positive_int(group_size, "group_size")
+    if block_size % group_size and group_size % block_size:
+        raise ValueError(f"one of block_size ({block_size}) and group_size ({group_size}) "
+                         "must divide the other")
+    n_out, n_in = W.shape
+    W_hat = torch.empty_like(W)
+    params = None
+    for start in range(0, n_in, block_size):
+        end = min(start + block_size, n_in)
+        errs = torch.empty(n_out, end - start, dtype=W.dtype, device=W.device)
+        for j in range(start, end):
+            if group_params is not None and j % group_size == 0:
+                params = group_params(j, W[:, j:j + group_size].clone())
+            q = _checked_result(quantize_column(j, W[:, j].clone(), params), (n_out,),
+                                "quantize_column")
+            W_hat[:, j] = q
+            err = (W[:, j] - q) / Hinv[j, j]
+            W[:, j + 1:end] -= torch.outer(err, Hinv[j, j + 1:end])
+            errs[:, j - start] = err
+        W[:, end:] -= errs @ Hinv[start:end, end:]
+    return W_hat
+
+
+# ---------------------------------------------------------------------------- GPTQ baseline
+def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int = 128,
+                  percdamp: float = 0.01) -> Tensor:
+    """The GPTQ baseline: W [out, in] -> dequantized W_hat [out, in] float32.
+
+    Asymmetric min-max uniform grid (uniform_grid) per row and group of `group_size` input
+    columns, fitted on the compensated weights at the start of each group; columns in natural
+    order (no act-order). H [in, in] is 2/n * sum(x x^T) of the layer's inputs. Storage is the
+    same as RTN's: bits + 32 / group_size bits per weight (fp16 scale and offset per group).
+    """
+    check_bits(bits)
+    check_positive_int(group_size, "group_size")
+    Hinv, W = prepare_hessian(H, W, percdamp)
+
+    def grid(start: int, W_group: Tensor) -> tuple[Tensor, Tensor]:
+        return uniform_grid(W_group, bits)
+
+    def column(j: int, w: Tensor, params: tuple[Tensor, Tensor]) -> Tensor:
+        scale, offset = params
+        return uniform_round(w, scale[:, 0], offset[:, 0], bits)
+
+    # 128 columns per lazy batch as in GPTQ, unless the groups do not tile it.
+    block_size = 128 if group_size % 128 == 0 or 128 % group_size == 0 else group_size
+    return gptq_columnwise(W, Hinv, block_size, column, grid, group_size)

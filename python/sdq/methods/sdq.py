@@ -1,0 +1,113 @@
+"""SDQ: Sigma-Delta quantization of a weight matrix (method.md section 1, steps 1-5 and 6).
+
+Data flow per block: rotate (Hadamard) -> up-sample (U) -> normalise (mean, quantile scale) ->
+choose codes (the core's modulator, or the Gram-matrix rounding of gram.py) -> pack.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import blocks
+from .._native import core
+from ..config import SDQConfig
+from ..validate import as_weight_matrix
+from ..weight import QuantizedWeight
+
+FP16_MAX = 65504.0
+
+
+def quantile_lastdim(x: torch.Tensor, p: float) -> torch.Tensor:
+    """numpy's default 'linear' quantile along the last axis (torch.quantile caps its input size)."""
+    v, _ = torch.sort(x, dim=-1)
+    pos = p * (x.shape[-1] - 1)
+    lo = int(np.floor(pos))
+    hi = min(lo + 1, x.shape[-1] - 1)
+    frac = pos - lo
+    return v[..., lo] + (v[..., hi] - v[..., lo]) * frac
+
+
+def normalise(u: torch.Tensor, cfg: SDQConfig):
+    """Step 3 on float64 rows u: fp16 mean and scale (rounded before use, exactly as stored), z."""
+    mu = u.mean(dim=1).half()
+    dev = (u - mu.double()[:, None]).abs()
+    s = (quantile_lastdim(dev, cfg.p_scale) * cfg.sd_scale).half()
+    if not (torch.isfinite(mu).all() and torch.isfinite(s).all()):
+        raise ValueError(f"weights too large for the fp16 scale and mean (|value| must stay "
+                         f"below {FP16_MAX:g} after rotation and resampling)")
+    s_safe = torch.where(s.double() > 0, s.double(), torch.ones((), dtype=torch.float64))
+    z = (u - mu.double()[:, None]) / s_safe[:, None]
+    return z, s, mu
+
+
+def modulate(z: torch.Tensor, cfg: SDQConfig) -> np.ndarray:
+    """Step 4: codes int8 [rows, m] from normalised float64 rows z, with the core's modulator."""
+    z32 = np.ascontiguousarray(z.float().numpy())
+    tau = None
+    if cfg.levels == "ternary":
+        tau = np.ascontiguousarray(quantile_lastdim(z.abs(), cfg.p_cut).float().numpy())
+    return core().sigma_delta_modulate(z32, tau, cfg.order, cfg.levels)
+
+
+def encode_rows(rows: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig, signs: np.ndarray):
+    """Rows [n, padded] of one block geometry -> (codes int8 [n, m], scale fp16 [n], mean fp16 [n])."""
+    if cfg.hadamard:
+        rows = blocks.rotate(rows, signs)
+    u = rows.double() @ blocks.resampler(g.padded, g.m).T
+    if cfg.codes == "gram":
+        from .gram import gram_codes
+        return gram_codes(u, rows.double(), g, cfg)
+    z, s, mu = normalise(u, cfg)
+    return modulate(z, cfg), s, mu
+
+
+def decode_rows(codes: np.ndarray, s: torch.Tensor, mu: torch.Tensor, g: blocks.BlockGroup,
+                cfg: SDQConfig, signs: np.ndarray) -> torch.Tensor:
+    """Step 5 for rows of one block geometry: (s * D(q) + mu), rotated back; float32 [n, padded]."""
+    q = torch.from_numpy(codes).double()
+    rows = s.double()[:, None] * (q @ blocks.resampler(g.m, g.padded).T) + mu.double()[:, None]
+    if cfg.hadamard:
+        rows = blocks.rotate(rows.float(), signs, inverse=True)
+    return rows.float()
+
+
+class _Assembler:
+    """Collects per-block codes, scales and means into the packed QuantizedWeight."""
+
+    def __init__(self, out: int, in_features: int, cfg: SDQConfig, signs: np.ndarray):
+        self.out, self.in_features, self.cfg, self.signs = out, in_features, cfg, signs
+        nb = len(range(0, in_features, cfg.block_size))
+        cols = blocks.total_code_cols(in_features, cfg.block_size, cfg.osr)
+        self.codes = np.zeros((out, cols), np.int8)
+        self.scale = torch.zeros(out, nb, dtype=torch.float16)
+        self.mean = torch.zeros(out, nb, dtype=torch.float16)
+
+    def put(self, g: blocks.BlockGroup, first: int, count: int, codes, s, mu) -> None:
+        """Codes [out * count, m] of blocks first..first+count-1 of group g."""
+        c0 = g.code_offset + (first - g.first) * g.code_cols
+        view = self.codes[:, c0: c0 + count * g.code_cols].reshape(self.out, count, g.code_cols)
+        view[:, :, : g.m] = codes.reshape(self.out, count, g.m)
+        self.scale[:, first: first + count] = s.reshape(self.out, count)
+        self.mean[:, first: first + count] = mu.reshape(self.out, count)
+
+    def finish(self) -> QuantizedWeight:
+        sign, nonzero = core().pack_bitplanes(self.codes, self.cfg.levels)
+        as_i32 = lambda a: None if a is None else torch.from_numpy(a.view(np.int32))  # noqa: E731
+        return QuantizedWeight(self.out, self.in_features, self.cfg, as_i32(sign), as_i32(nonzero),
+                               self.scale, self.mean,
+                               torch.from_numpy(self.signs.astype(np.int8)))
+
+
+def quantize_weight(W, config: SDQConfig | None = None) -> QuantizedWeight:
+    """Data-free SDQ of W [out, in] (method.md steps 1-5); all blocks batched per geometry."""
+    cfg = config or SDQConfig()
+    if not isinstance(cfg, SDQConfig):
+        raise TypeError(f"config must be an SDQConfig, got {type(cfg).__name__}")
+    W = as_weight_matrix(W)
+    out = W.shape[0]
+    signs = blocks.hadamard_signs(cfg.block_size, cfg.seed)
+    asm = _Assembler(out, W.shape[1], cfg, signs)
+    for g in blocks.block_groups(W.shape[1], cfg.block_size, cfg.osr):
+        codes, s, mu = encode_rows(blocks.gather_blocks(W, g), g, cfg, signs)
+        asm.put(g, g.first, g.count, codes, s, mu)
+    return asm.finish()
