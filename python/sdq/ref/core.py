@@ -5,6 +5,7 @@ these. Nothing in the package imports this module at run time.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -63,21 +64,34 @@ def sigma_delta_columnwise_ref(z, tau=None, order=1, levels="ternary"):
     return codes
 
 
+@functools.lru_cache(maxsize=4)
 def hadamard_matrix(n):
     """Sylvester Hadamard matrix H[i, j] = (-1)^popcount(i & j)."""
-    i = np.arange(n)
-    bits = np.bitwise_and.outer(i, i)
-    parity = np.array([bin(b).count("1") & 1 for b in bits.ravel()]).reshape(n, n)
-    return (1 - 2 * parity).astype(np.float64)
+    h = np.ones((1, 1))
+    while h.shape[0] < n:  # Sylvester: H_2k = [[H_k, H_k], [H_k, -H_k]]
+        h = np.block([[h, h], [h, -h]])
+    h.setflags(write=False)
+    return h
 
 
 def fwht_ref(x, signs=None, inverse=False):
-    """Rows of x: forward H diag(s) x / sqrt(n); inverse diag(s) H x / sqrt(n). float64 matmul."""
+    """Rows of x: forward H diag(s) x / sqrt(n); inverse diag(s) H x / sqrt(n), in float64.
+
+    Uses the Sylvester recursion H_2h = [[H_h, H_h], [H_h, -H_h]] on pairs of half-blocks (equal
+    to hadamard_matrix(n) @ x; tested).
+    """
     x = np.asarray(x, dtype=np.float64)
-    n = x.shape[-1]
-    h = hadamard_matrix(n) / math.sqrt(n)
+    rows, n = x.shape
     s = np.ones(n) if signs is None else np.asarray(signs, np.float64)
-    return (x * s) @ h.T if not inverse else (x @ h.T) * s
+    y = x if inverse else x * s
+    h = 1
+    while h < n:
+        pairs = y.reshape(rows, n // (2 * h), 2, h)
+        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
+        y = np.stack([a + b, a - b], axis=2).reshape(rows, n)
+        h *= 2
+    y = y / math.sqrt(n)
+    return y * s if inverse else y
 
 
 def resample_ref(x, n_out):
