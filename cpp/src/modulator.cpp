@@ -24,49 +24,55 @@ struct TileState {
   float tau[kLanes] = {};
 };
 
+// The lanes as one GCC vector: the compiler lowers it to SSE, AVX2 or AVX-512 registers.
+typedef float lanes_f __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int8_t lanes_i8 __attribute__((vector_size(kLanes)));
+
 template <int Order, bool Ternary>
-void run_chunk(const float* __restrict zt, int64_t cols, TileState& s, int8_t* __restrict ct) {
-  float v1[kLanes], v2[kLanes], q[kLanes], tau[kLanes];
-  std::memcpy(v1, s.v1, sizeof v1);
-  std::memcpy(v2, s.v2, sizeof v2);
-  std::memcpy(q, s.q, sizeof q);
-  std::memcpy(tau, s.tau, sizeof tau);
+__attribute__((always_inline)) inline void run_chunk_impl(const float* __restrict zt,
+                                                          int64_t cols, TileState& s,
+                                                          int8_t* __restrict ct) {
+  lanes_f v1, v2, q, tau;
+  std::memcpy(&v1, s.v1, sizeof v1);
+  std::memcpy(&v2, s.v2, sizeof v2);
+  std::memcpy(&q, s.q, sizeof q);
+  std::memcpy(&tau, s.tau, sizeof tau);
+  const lanes_f one = lanes_f{} + 1.0f, zero = lanes_f{};
   for (int64_t n = 0; n < cols; ++n) {
-    const float* zn = zt + n * kLanes;
-    int8_t* cn = ct + n * kLanes;
-    for (int64_t l = 0; l < kLanes; ++l) {
-      v1[l] += zn[l] - q[l];
-      float v = v1[l];
-      if (Order == 2) {
-        v2[l] += v1[l] - q[l];
-        v = v2[l];
-      }
-      float out;
-      if (Ternary) {
-        out = v >= tau[l] ? 1.0f : (v <= -tau[l] ? -1.0f : 0.0f);
-      } else {
-        out = v > 0.0f ? 1.0f : -1.0f;
-      }
-      q[l] = out;
-      cn[l] = static_cast<int8_t>(out);
+    lanes_f z;
+    std::memcpy(&z, zt + n * kLanes, sizeof z);
+    v1 += z - q;  // same float32 operations, in the same order, as the reference
+    lanes_f v = v1;
+    if (Order == 2) {
+      v2 += v1 - q;
+      v = v2;
     }
+    if (Ternary) {
+      q = v >= tau ? one : (v <= -tau ? -one : zero);
+    } else {
+      q = v > zero ? one : -one;
+    }
+    const lanes_i8 c = __builtin_convertvector(q, lanes_i8);
+    std::memcpy(ct + n * kLanes, &c, sizeof c);
   }
-  std::memcpy(s.v1, v1, sizeof v1);
-  std::memcpy(s.v2, v2, sizeof v2);
-  std::memcpy(s.q, q, sizeof q);
+  std::memcpy(s.v1, &v1, sizeof v1);
+  std::memcpy(s.v2, &v2, sizeof v2);
+  std::memcpy(s.q, &q, sizeof q);
 }
 
-using ChunkFn = void (*)(const float*, int64_t, TileState&, int8_t*);
-
-ChunkFn pick(int order, Levels levels) {
-  const bool ternary = levels == Levels::ternary;
-  if (order == 1) return ternary ? run_chunk<1, true> : run_chunk<1, false>;
-  return ternary ? run_chunk<2, true> : run_chunk<2, false>;
+// One non-template entry so GCC can clone it per instruction set and pick at load time.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void run_chunk(
+    const float* zt, int64_t cols, TileState& s, int8_t* ct, int order, bool ternary) {
+  if (order == 1) {
+    ternary ? run_chunk_impl<1, true>(zt, cols, s, ct) : run_chunk_impl<1, false>(zt, cols, s, ct);
+  } else {
+    ternary ? run_chunk_impl<2, true>(zt, cols, s, ct) : run_chunk_impl<2, false>(zt, cols, s, ct);
+  }
 }
 
 // Modulates rows [r0, r0 + lanes) (lanes <= kLanes); missing lanes run on zeros and are dropped.
 void run_tile(const float* z, int64_t z_stride, const float* tau, int64_t r0, int64_t lanes,
-              int64_t m, ChunkFn fn, int8_t* codes) {
+              int64_t m, int order, bool ternary, int8_t* codes) {
   alignas(64) float zt[kChunk * kLanes];
   alignas(64) int8_t ct[kChunk * kLanes];
   TileState s;
@@ -78,7 +84,7 @@ void run_tile(const float* z, int64_t z_stride, const float* tau, int64_t r0, in
       const float* src = z + (r0 + l) * z_stride + c0;
       for (int64_t n = 0; n < cols; ++n) zt[n * kLanes + l] = src[n];
     }
-    fn(zt, cols, s, ct);
+    run_chunk(zt, cols, s, ct, order, ternary);
     for (int64_t l = 0; l < lanes; ++l) {
       int8_t* dst = codes + (r0 + l) * m + c0;
       for (int64_t n = 0; n < cols; ++n) dst[n] = ct[n * kLanes + l];
@@ -96,12 +102,12 @@ Status sigma_delta_modulate(const float* z, int64_t rows, int64_t m, int64_t z_s
   if (rows < 0 || m < 0 || z_stride < m) return Status::bad_size;
   if (rows == 0 || m == 0) return Status::ok;
   if (!z || !codes || (levels == Levels::ternary && !tau)) return Status::null_pointer;
-  const ChunkFn fn = pick(order, levels);
   const int64_t tiles = (rows + kLanes - 1) / kLanes;
   detail::parallel_for(tiles, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = t * kLanes;
-      run_tile(z, z_stride, tau, r0, std::min(kLanes, rows - r0), m, fn, codes);
+      run_tile(z, z_stride, tau, r0, std::min(kLanes, rows - r0), m, order,
+               levels == Levels::ternary, codes);
     }
   });
   return Status::ok;
