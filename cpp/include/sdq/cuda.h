@@ -1,7 +1,9 @@
 // CUDA entry points. They take device pointers and a stream (as cudaStream_t passed through a
 // void*, so this header needs no CUDA include) and return a Status; they never allocate, never
 // synchronise the stream and never touch the host. In a build without nvcc every function returns
-// Status::not_built.
+// Status::not_built (built() returns false and last_error() says so).
+//
+// The launch plans below are plain host arithmetic (no CUDA), so a CPU-only build can test them.
 #pragma once
 #include <cstdint>
 
@@ -12,13 +14,22 @@
 
 namespace sdq::cuda {
 
+// True iff this build contains the CUDA kernels. Never initialises CUDA.
 bool built() noexcept;
 
-// Same contract as sdq::fwht (fwht.h), on device memory.
+// Text of the last CUDA runtime error seen by an entry point on this thread ("" if none).
+const char* last_error() noexcept;
+
+// Same contract as sdq::fwht (fwht.h), on device memory. Lengths up to the largest power of two
+// whose row fits the device's shared memory (32768 on A100/H100) take one pass; longer ones (up
+// to 2^24) take two (rows, then columns of the row viewed as a matrix).
 Status fwht(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
             void* stream) noexcept;
 
 // Same contracts as sdq::activation_transform and sdq::addonly_gemm (gemv.h), on device memory.
+// activation_transform needs padded(0) <= 32768 (bad_size otherwise).
+// addonly_gemm: when its plan has splits > 1 it zeroes y with cudaMemsetAsync and accumulates
+// with atomicAdd, so the float summation order (not the math) can differ between runs.
 Status activation_transform(const BlockLayout& L, bool hadamard, const float* signs,
                             const float* down_full, const float* down_last, const float* x,
                             int64_t batch, float* xt, float* xsum, void* stream) noexcept;
@@ -26,5 +37,117 @@ Status addonly_gemm(const BlockLayout& L, Levels levels, const word_t* sign,
                     const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
                     int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
                     void* stream) noexcept;
+
+// ---- launch geometry (host only) ----
+
+// Add-only GEMM/GEMV. A CTA of kGemmThreads threads owns kGemmThreads consecutive output rows
+// (one row per thread) and `tokens` tokens; it walks its split's words in chunks of
+// `chunk_words` words per row, building for each chunk a table of the 16 signed (binary) or
+// subset (ternary) sums of every 4 consecutive activations, so that 4 codes cost one table
+// lookup and one add. Grid: (row_tiles, splits, token_tiles).
+constexpr int kGemmThreads = 256;
+
+struct GemmPlan {
+  int tokens;             // tokens per CTA: 1, 2, 4, 8 (GEMV path) or 16 (GEMM path)
+  int chunk_words;        // words per row per table chunk
+  int64_t words;          // words per row (L.words_per_row())
+  int64_t chunks;         // ceil(words / chunk_words)
+  int64_t row_tiles;      // ceil(out / kGemmThreads)
+  int64_t token_tiles;    // ceil(batch / tokens)
+  int64_t splits;         // CTAs sharing one row tile's words (> 1: atomicAdd into zeroed y)
+  int64_t chunks_per_split;
+  int64_t smem_bytes;     // dynamic shared memory per CTA (the tables)
+  bool gemm_path() const noexcept { return tokens > 8; }
+};
+
+// Choose the plan for `num_sms` multiprocessors (>= 1). Requires L.valid(), out >= 1, batch >= 1.
+inline GemmPlan plan_addonly_gemm(const BlockLayout& L, int64_t out, int64_t batch,
+                                  int num_sms) noexcept {
+  GemmPlan p{};
+  p.tokens = batch <= 1 ? 1 : batch <= 2 ? 2 : batch <= 4 ? 4 : batch <= 8 ? 8 : 16;
+  p.chunk_words = p.tokens >= 16 ? 4 : 8;
+  p.words = L.words_per_row();
+  p.chunks = (p.words + p.chunk_words - 1) / p.chunk_words;
+  p.row_tiles = (out + kGemmThreads - 1) / kGemmThreads;
+  p.token_tiles = (batch + p.tokens - 1) / p.tokens;
+  // Aim for about 4 CTAs per multiprocessor; split the words of a row tile only when the row and
+  // token tiles alone do not reach that.
+  const int64_t target = 4 * static_cast<int64_t>(num_sms < 1 ? 1 : num_sms);
+  const int64_t tiles = p.row_tiles * p.token_tiles;
+  int64_t splits = tiles >= target ? 1 : (target + tiles - 1) / tiles;
+  if (splits > p.chunks) splits = p.chunks;
+  if (splits < 1) splits = 1;
+  p.chunks_per_split = (p.chunks + splits - 1) / splits;
+  p.splits = (p.chunks + p.chunks_per_split - 1) / p.chunks_per_split;
+  // Table: per token, per group of 4 codes (8 per word), 16 floats.
+  p.smem_bytes = static_cast<int64_t>(p.tokens) * p.chunk_words * 8 * 16 * 4;
+  return p;
+}
+
+// Activation transform: CTA of kActThreads threads = kActCols output columns x (kActThreads /
+// kActCols) slices of the padded block; grid (num_blocks, ceil(code_cols(0) / kActCols),
+// ceil(batch / tokens)). tokens is 4 when four padded rows fit in 48 KB of shared memory, else 1.
+constexpr int kActThreads = 256;
+constexpr int kActCols = 64;
+
+// Shared-memory floats for n values with one pad word per 32 (bank-conflict-free butterflies).
+constexpr int64_t padded_smem_floats(int64_t n) noexcept { return n + n / 32; }
+
+struct ActPlan {
+  int tokens;
+  int64_t col_tiles, token_tiles;
+  int64_t smem_bytes;
+};
+
+inline ActPlan plan_activation_transform(const BlockLayout& L, int64_t batch) noexcept {
+  ActPlan p{};
+  const int64_t pad = L.padded(0);
+  p.tokens = padded_smem_floats(4 * pad) * 4 <= 48 * 1024 ? 4 : 1;
+  p.col_tiles = (L.code_cols(0) + kActCols - 1) / kActCols;
+  p.token_tiles = (batch + p.tokens - 1) / p.tokens;
+  p.smem_bytes = padded_smem_floats(p.tokens * pad) * 4;
+  return p;
+}
+
+// FWHT: rows of length n <= max_smem_n are done in one pass, rows_per_cta at a time; longer rows
+// are viewed as [n1, n2] with n2 = max_smem_n: pass 1 transforms the n1 rows of length n2, pass 2
+// the n2 columns of length n1, cols_per_cta at a time.
+constexpr int kFwhtThreads = 256;
+
+struct FwhtPlan {
+  bool two_pass;
+  int64_t n1, n2;          // two_pass: n = n1 * n2; one pass: n1 = 1, n2 = n
+  int64_t rows_per_cta;    // pass 1 (or the only pass)
+  int64_t cols_per_cta;    // pass 2
+  int64_t smem_bytes_rows, smem_bytes_cols;
+};
+
+// Largest power of two n with padded_smem_floats(n) * 4 <= smem_optin bytes.
+inline int64_t fwht_max_smem_n(int64_t smem_optin) noexcept {
+  int64_t n = 1;
+  while (padded_smem_floats(2 * n) * 4 <= smem_optin) n *= 2;
+  return n;
+}
+
+inline FwhtPlan plan_fwht(int64_t rows, int64_t n, int64_t max_smem_n) noexcept {
+  FwhtPlan p{};
+  p.two_pass = n > max_smem_n;
+  p.n2 = p.two_pass ? max_smem_n : n;
+  p.n1 = n / p.n2;
+  const int64_t sub_rows = rows * p.n1;
+  const int64_t tile = 4096;  // elements per CTA for short rows
+  p.rows_per_cta = p.n2 >= tile ? 1 : tile / p.n2;
+  if (p.rows_per_cta > sub_rows) p.rows_per_cta = sub_rows < 1 ? 1 : sub_rows;
+  p.smem_bytes_rows = padded_smem_floats(p.rows_per_cta * p.n2) * 4;
+  p.cols_per_cta = 0;
+  p.smem_bytes_cols = 0;
+  if (p.two_pass) {
+    int64_t c = max_smem_n / p.n1;
+    if (c > p.n2) c = p.n2;
+    p.cols_per_cta = c < 1 ? 1 : c;
+    p.smem_bytes_cols = padded_smem_floats(p.n1 * p.cols_per_cta) * 4;
+  }
+  return p;
+}
 
 }  // namespace sdq::cuda

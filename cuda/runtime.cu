@@ -1,0 +1,56 @@
+// Build marker, error text and cached device queries of the CUDA entry points.
+#include <atomic>
+#include <cstdio>
+
+#include "common.cuh"
+#include "sdq/cuda.h"
+
+namespace sdq::cuda {
+
+namespace {
+thread_local char g_last_error[256] = "";
+constexpr int kMaxDevices = 64;
+std::atomic<int> g_sms[kMaxDevices];         // 0: not queried yet
+std::atomic<int> g_smem_optin[kMaxDevices];
+}  // namespace
+
+bool built() noexcept { return true; }
+
+const char* last_error() noexcept { return g_last_error; }
+
+namespace detail {
+
+Status fail(cudaError_t e) noexcept {
+  std::snprintf(g_last_error, sizeof(g_last_error), "%s: %s", cudaGetErrorName(e),
+                cudaGetErrorString(e));
+  return Status::cuda_error;
+}
+
+Status device_info(DeviceInfo* info) noexcept {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return fail(e);
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int sms = g_sms[dev].load(std::memory_order_acquire);
+    if (sms > 0) {
+      info->sms = sms;
+      info->smem_optin = g_smem_optin[dev].load(std::memory_order_relaxed);
+      return Status::ok;
+    }
+  }
+  int sms = 0, optin = 0;
+  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e != cudaSuccess) return fail(e);
+  e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e != cudaSuccess) return fail(e);
+  info->sms = sms < 1 ? 1 : sms;
+  info->smem_optin = optin;
+  if (dev >= 0 && dev < kMaxDevices) {
+    g_smem_optin[dev].store(optin, std::memory_order_relaxed);
+    g_sms[dev].store(info->sms, std::memory_order_release);
+  }
+  return Status::ok;
+}
+
+}  // namespace detail
+}  // namespace sdq::cuda
