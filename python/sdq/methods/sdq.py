@@ -49,14 +49,18 @@ def modulate(z: torch.Tensor, cfg: SDQConfig) -> np.ndarray:
     return core().sigma_delta_modulate(z32, tau, cfg.order, cfg.levels)
 
 
-def encode_rows(rows: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig, signs: np.ndarray):
-    """Rows [n, padded] of one block geometry -> (codes int8 [n, m], scale fp16 [n], mean fp16 [n])."""
+def encode_rows(rows: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig, signs: np.ndarray,
+                C: torch.Tensor | None = None):
+    """Rows [n, padded] of one block geometry -> (codes int8 [n, m], scale fp16 [n], mean fp16 [n]).
+
+    C: the rotated input covariance of this block ("gram" codes only; None = identity).
+    """
     if cfg.hadamard:
         rows = blocks.rotate(rows, signs)
     u = rows.double() @ blocks.resampler(g.padded, g.m).T
     if cfg.codes == "gram":
         from .gram import gram_codes
-        return gram_codes(u, rows.double(), g, cfg)
+        return gram_codes(u, rows.double(), g, cfg, C)
     z, s, mu = normalise(u, cfg)
     return modulate(z, cfg), s, mu
 
@@ -111,4 +115,44 @@ def quantize_weight(W, config: SDQConfig | None = None) -> QuantizedWeight:
     for g in blocks.block_groups(W.shape[1], cfg.block_size, cfg.osr):
         codes, s, mu = encode_rows(blocks.gather_blocks(W, g), g, cfg, signs)
         asm.put(g, g.first, g.count, codes, s, mu)
+    return asm.finish()
+
+
+def _rotated_block_hessian(H: torch.Tensor, start: int, g: blocks.BlockGroup, cfg: SDQConfig,
+                           signs: np.ndarray) -> torch.Tensor:
+    """Hb^T H_bb Hb: the block of the input Hessian in the rotated, zero-padded coordinates."""
+    Hbb = torch.zeros(g.padded, g.padded, dtype=torch.float64)
+    Hbb[: g.width, : g.width] = H[start: start + g.width, start: start + g.width]
+    if cfg.hadamard:
+        Hbb = blocks.rotate(blocks.rotate(Hbb.float(), signs).T.contiguous(), signs).double()
+    return Hbb / Hbb.diagonal().mean().clamp_min(1e-30)
+
+
+def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = None,
+                               percdamp: float = 0.01) -> QuantizedWeight:
+    """SDQ with GPTQ-style error compensation between blocks (method.md step 6).
+
+    H [in, in] = 2/n sum x x^T of the layer's inputs. Blocks are quantized in input order; each
+    block's weighted error is pushed onto the later blocks. With config.codes == "gram" the codes of
+    each block are also chosen against that block's (rotated) activation covariance.
+    """
+    from ..gptq import gptq_blockwise, prepare_hessian
+    cfg = config or SDQConfig()
+    W = as_weight_matrix(W)
+    out, n_in = W.shape
+    signs = blocks.hadamard_signs(cfg.block_size, cfg.seed)
+    asm = _Assembler(out, n_in, cfg, signs)
+    groups = blocks.block_groups(n_in, cfg.block_size, cfg.osr)
+    group_of = {g.first + i: g for g in groups for i in range(g.count)}
+    Hinv, W = prepare_hessian(H, W, percdamp)
+
+    def quantize_block(b: int, start: int, W_b: torch.Tensor) -> torch.Tensor:
+        g = group_of[b]
+        rows = torch.nn.functional.pad(W_b, (0, g.padded - g.width))
+        C = _rotated_block_hessian(H, start, g, cfg, signs) if cfg.codes == "gram" else None
+        codes, s, mu = encode_rows(rows, g, cfg, signs, C)
+        asm.put(g, b, 1, codes, s, mu)
+        return decode_rows(codes, s, mu, g, cfg, signs)[:, : g.width]
+
+    gptq_blockwise(W, Hinv, cfg.block_size, quantize_block)
     return asm.finish()
