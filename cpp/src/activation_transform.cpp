@@ -12,38 +12,65 @@
 namespace sdq {
 namespace {
 
-// out[j] = sum_i down[i, j] * v[i]: row-by-row accumulation so the inner loop is contiguous.
-void project(const float* __restrict down, int64_t padded, int64_t m, const float* __restrict v,
-             float* __restrict out) noexcept {
-  std::fill(out, out + m, 0.0f);
-  for (int64_t i = 0; i < padded; ++i) {
-    const float vi = v[i];
-    if (vi == 0.0f) continue;  // zero padding of a short block
-    const float* __restrict d = down + i * m;
-    for (int64_t j = 0; j < m; ++j) out[j] += d[j] * vi;
-  }
-}
+// The projection is most of the work; let the compiler emit wide-vector clones of it, picked by
+// the loader for this CPU, since the build itself targets baseline x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define SDQ_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SDQ_VECTOR_CLONES
+#endif
 
-// One (token, block): pad, rotate, project; writes the block's slice of xt and its xsum.
-Status transform_block(const BlockLayout& L, int64_t b, bool hadamard, const float* signs,
-                       const float* down, const float* x_row, float* xt_row, float* buf) noexcept {
-  const int64_t width = L.width(b), padded = L.padded(b), m = L.m(b);
-  std::memcpy(buf, x_row + L.start(b), static_cast<size_t>(width) * sizeof(float));
-  std::fill(buf + width, buf + padded, 0.0f);
-  if (hadamard) {
-    const Status s = fwht(buf, 1, padded, signs, /*inverse=*/false, /*threads=*/1);
-    if (s != Status::ok) return s;
+constexpr int64_t kTokens = 16;  // tokens projected together: each row of D is read once for all
+
+// out_t[j] = sum_i down[i, j] * v_t[i] for `tokens` vectors v_t (stride padded) and outputs out_t
+// (stride out_stride): row-by-row accumulation so the inner loop is contiguous, and each row of D
+// is used by every token while it is in L1.
+SDQ_VECTOR_CLONES void project(const float* __restrict down, int64_t padded, int64_t m,
+                               const float* __restrict v, int64_t tokens,
+                               float* __restrict out, int64_t out_stride) noexcept {
+  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + m, 0.0f);
+  for (int64_t i = 0; i < padded; ++i) {
+    const float* __restrict d = down + i * m;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float vi = v[t * padded + i];
+      float* __restrict o = out + t * out_stride;
+      for (int64_t j = 0; j < m; ++j) o[j] += d[j] * vi;
+    }
   }
-  float* dst = xt_row + L.code_offset(b);
-  project(down, padded, m, buf, dst);
-  std::fill(dst + m, dst + L.code_cols(b), 0.0f);  // padding codes must meet zeros
-  return Status::ok;
 }
 
 float block_sum(const float* v, int64_t n) noexcept {
   double s = 0.0;  // a few hundred terms; double keeps xsum at least as exact as the reference
   for (int64_t i = 0; i < n; ++i) s += v[i];
   return static_cast<float>(s);
+}
+
+// Block b of tokens [t0, t1): pad, rotate, project; writes the block's slices of xt and xsum.
+Status transform_block(const BlockLayout& L, int64_t b, int64_t t0, int64_t t1, bool hadamard,
+                       const float* signs, const float* down, const float* x, float* xt,
+                       float* xsum, float* buf) noexcept {
+  const int64_t width = L.width(b), padded = L.padded(b), m = L.m(b), n = t1 - t0;
+  const int64_t cols = L.total_code_cols(), nb = L.num_blocks();
+  for (int64_t t = 0; t < n; ++t) {
+    float* v = buf + t * padded;
+    std::memcpy(v, x + (t0 + t) * L.in_features + L.start(b), sizeof(float) * width);
+    std::fill(v + width, v + padded, 0.0f);
+  }
+  if (hadamard) {
+    const Status s = fwht(buf, n, padded, signs, /*inverse=*/false, /*threads=*/1);
+    if (s != Status::ok) return s;
+  }
+  // Project into a dense scratch: rows of xt lie a multiple of 4 KiB apart, so accumulating in
+  // place would put every token's output in the same L1 sets.
+  float* acc = buf + n * padded;
+  project(down, padded, m, buf, n, acc, m);
+  for (int64_t t = 0; t < n; ++t) {
+    float* dst = xt + (t0 + t) * cols + L.code_offset(b);
+    std::memcpy(dst, acc + t * m, sizeof(float) * m);
+    std::fill(dst + m, dst + L.code_cols(b), 0.0f);  // padding codes must meet zeros
+    xsum[(t0 + t) * nb + b] = block_sum(buf + t * padded, padded);
+  }
+  return Status::ok;
 }
 
 }  // namespace
@@ -56,21 +83,19 @@ Status activation_transform(const BlockLayout& L, bool hadamard, const float* si
   if (!x || !xt || !xsum || !down_last) return Status::null_pointer;
   const int64_t nb = L.num_blocks();
   if (nb > 1 && !down_full) return Status::null_pointer;
-  const int64_t cols = L.total_code_cols();
-  const int64_t units = batch * nb;
+  const int64_t chunks = (batch + kTokens - 1) / kTokens;
   std::atomic<Status> result{Status::ok};
-  detail::parallel_for(units, threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(static_cast<size_t>(L.padded(0)));
+  detail::parallel_for(nb * chunks, threads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(static_cast<size_t>(kTokens * (L.padded(0) + L.m(0))));
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t t = u / nb, b = u % nb;
+      const int64_t b = u / chunks, t0 = (u % chunks) * kTokens;
       const float* down = b == nb - 1 ? down_last : down_full;
-      const Status s = transform_block(L, b, hadamard, signs, down, x + t * L.in_features,
-                                       xt + t * cols, buf.data());
+      const Status s = transform_block(L, b, t0, std::min(batch, t0 + kTokens), hadamard, signs,
+                                       down, x, xt, xsum, buf.data());
       if (s != Status::ok) {
         result.store(s);
         return;
       }
-      xsum[t * nb + b] = block_sum(buf.data(), L.padded(b));
     }
   });
   return result.load();

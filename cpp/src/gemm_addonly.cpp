@@ -16,11 +16,11 @@ using detail::kGroup;
 using detail::kLutEntries;
 
 constexpr int64_t kTokenChunk = 16;            // tokens whose tables are built together
-constexpr int64_t kLutCacheBytes = 256 << 10;  // tables of one block chunk: a share of L2
 
 bool cpu_has(AddonlyKernel k) noexcept {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (k == AddonlyKernel::avx512) return __builtin_cpu_supports("avx512f");
+  if (k == AddonlyKernel::avx512 || k == AddonlyKernel::avx512_mask)
+    return __builtin_cpu_supports("avx512f");
   if (k == AddonlyKernel::avx2)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
@@ -38,6 +38,7 @@ AddonlyKernel best_kernel() noexcept {
 detail::GemmKernel kernel_fn(AddonlyKernel k) noexcept {
   switch (k) {
     case AddonlyKernel::avx512: return detail::gemm_rows_avx512;
+    case AddonlyKernel::avx512_mask: return detail::gemm_rows_avx512_mask;
     case AddonlyKernel::avx2: return detail::gemm_rows_avx2;
     default: return detail::gemm_rows_portable;
   }
@@ -79,7 +80,8 @@ Status run(AddonlyKernel kernel, const BlockLayout& L, Levels levels, const word
            const float* xt, const float* xsum, int64_t batch, float* y, int threads) {
   const int64_t nb = L.num_blocks(), cols = L.total_code_cols(), groups = cols / kGroup;
   const int64_t chunk = std::min(batch, kTokenChunk);
-  std::vector<float> lut(static_cast<size_t>(chunk * groups * kLutEntries));
+  const bool tables = kernel != AddonlyKernel::avx512_mask;
+  std::vector<float> lut(tables ? static_cast<size_t>(chunk * groups * kLutEntries) : 0);
   std::vector<float> xtsum(static_cast<size_t>(chunk * nb));
   GemmCtx c{};
   c.ternary = levels == Levels::ternary;
@@ -95,16 +97,16 @@ Status run(AddonlyKernel kernel, const BlockLayout& L, Levels levels, const word
   c.lut = lut.data();
   c.lut_stride = groups * kLutEntries;
   c.xtsum = xtsum.data();
-  const int64_t block_bytes = c.words_per_block * detail::kNibblesPerWord * kLutEntries * 4;
   const detail::GemmKernel fn = kernel_fn(kernel);
   for (int64_t t0 = 0; t0 < batch; t0 += chunk) {
     c.tokens = std::min(chunk, batch - t0);
+    c.xt = xt + t0 * cols;
     c.xsum = xsum + t0 * nb;
     c.y = y + t0 * out;
-    c.chunk_blocks = std::max<int64_t>(1, kLutCacheBytes / (block_bytes * c.tokens));
-    detail::parallel_for(c.tokens, threads, 1, [&](int64_t b, int64_t e) {
+    // A token's tables take microseconds: a thread start only pays off for many tokens.
+    detail::parallel_for(c.tokens, threads, 8, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        build_tables(xt + (t0 + t) * cols, groups, lut.data() + t * c.lut_stride);
+        if (tables) build_tables(xt + (t0 + t) * cols, groups, lut.data() + t * c.lut_stride);
         block_sums(L, xt + (t0 + t) * cols, xtsum.data() + t * nb);
       }
     });
@@ -143,8 +145,13 @@ const char* addonly_kernel_name(AddonlyKernel kernel) noexcept {
     case AddonlyKernel::portable: return "portable";
     case AddonlyKernel::avx2: return "avx2-lut";
     case AddonlyKernel::avx512: return "avx512-lut";
+    case AddonlyKernel::avx512_mask: return "avx512-mask";
     default: return "unknown";
   }
+}
+
+bool addonly_kernel_supported(AddonlyKernel kernel) noexcept {
+  return kernel == AddonlyKernel::automatic || cpu_has(kernel);
 }
 
 const char* addonly_kernel_name() noexcept { return addonly_kernel_name(AddonlyKernel::automatic); }

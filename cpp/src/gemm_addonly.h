@@ -1,6 +1,7 @@
 // Internal: what the add-only GEMM variants share (gemm_addonly*.cpp).
 //
-// All variants use the same look-up tables, built once per call from xt and shared by all rows:
+// The table variants (all but avx512-mask) use the same look-up tables, built once per call from
+// xt and shared by all rows:
 // for every group g of 4 consecutive code columns and every token, lut[g][i] is the subset sum
 // sum_{j : bit j of i} xt[4g + j] (16 floats). Then, per row and block,
 //   binary:  <q, xt>  = 2 * sum_g lut[g][sign nibble g] - sum(xt_b)
@@ -30,13 +31,13 @@ struct GemmCtx {
   int64_t out, words, nb;
   int64_t words_per_block;  // of every block; the last block may use fewer (last_words)
   int64_t last_words;
-  const float* lut;       // [tokens, words * kNibblesPerWord, kLutEntries]
+  const float* xt;        // [tokens, words * kWordBits]
+  const float* lut;       // [tokens, words * kNibblesPerWord, kLutEntries] (table variants)
   int64_t lut_stride;     // floats per token in lut
   const float* xtsum;     // [tokens, nb]: sum of xt per block (binary correction)
   const float* xsum;      // [tokens, nb], row stride nb
   int64_t tokens;         // tokens in this call of the kernel (a chunk of the batch)
   float* y;               // [tokens, out]
-  int64_t chunk_blocks;   // blocks whose tables fit in cache together (for the row-tiled loops)
 
   int64_t block_words(int64_t b) const noexcept {
     return b == nb - 1 ? last_words : words_per_block;
@@ -49,6 +50,7 @@ using GemmKernel = void (*)(const GemmCtx&, int64_t begin, int64_t end);
 void gemm_rows_portable(const GemmCtx& c, int64_t begin, int64_t end);
 void gemm_rows_avx2(const GemmCtx& c, int64_t begin, int64_t end);    // needs avx2, fma, f16c
 void gemm_rows_avx512(const GemmCtx& c, int64_t begin, int64_t end);  // needs avx512f
+void gemm_rows_avx512_mask(const GemmCtx& c, int64_t begin, int64_t end);  // avx512f, no tables
 
 // IEEE fp16 bit pattern -> float, portable (subnormals, inf and NaN included).
 inline float half_to_float(uint16_t h) noexcept {

@@ -41,14 +41,23 @@ const char* addonly_kernel_name() noexcept;
 
 // The variants of addonly_gemm. `automatic` is the best one this CPU supports; naming another one
 // (for tests and benchmarks) returns Status::not_built when this CPU cannot run it.
-enum class AddonlyKernel : int { automatic = 0, portable = 1, avx2 = 2, avx512 = 3 };
+enum class AddonlyKernel : int {
+  automatic = 0,
+  portable = 1,     // one row at a time, 16-entry tables of subset sums per 4 codes
+  avx2 = 2,         // tables, 8 rows per vector (two vpermps + blend per look-up)
+  avx512 = 3,       // tables, 16 rows per vector (one vpermps per look-up)
+  avx512_mask = 4,  // no tables: code bits as write masks of vaddps, 32 codes per 2 adds
+};
 
 Status addonly_gemm_variant(AddonlyKernel kernel, const BlockLayout& L, Levels levels,
                             const word_t* sign, const word_t* nonzero, const uint16_t* scale,
                             const uint16_t* mean, int64_t out, const float* xt,
                             const float* xsum, int64_t batch, float* y, int threads = 0) noexcept;
 
-// Name of a variant ("portable", "avx2-lut", "avx512-lut"); "unknown" for anything else.
+// Name of a variant ("portable", "avx2-lut", "avx512-lut", "avx512-mask"); "unknown" otherwise.
 const char* addonly_kernel_name(AddonlyKernel kernel) noexcept;
+
+// Whether this CPU can run a variant (automatic and portable: always).
+bool addonly_kernel_supported(AddonlyKernel kernel) noexcept;
 
 }  // namespace sdq
