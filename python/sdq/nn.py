@@ -29,7 +29,8 @@ class SDQLinear(nn.Module):
             self.register_buffer("nonzero", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._dense: torch.Tensor | None = None
-        self.use_kernels = True
+        self.use_kernels = True  # False: the dequantize-then-matmul path (reference, debugging)
+        self._constants = self._make_constants()
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "SDQLinear":
@@ -56,13 +57,22 @@ class SDQLinear(nn.Module):
         return QuantizedWeight.from_state_dict(d)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._dense = None  # new codes: the cached dense weight is stale
         super()._load_from_state_dict(*args, **kwargs)
+        self._dense = None  # new codes: cached derived state is stale
+        self._constants = self._make_constants()
 
     def dense_weight(self) -> torch.Tensor:
         if self._dense is None:
             self._dense = self.quantized_weight().dequantize()
         return self._dense
+
+    def _make_constants(self):
+        """Built eagerly (not in forward) so that torch.compile traces only the ops."""
+        from .ops import TransformConstants
+        return TransformConstants(self.in_features, self.config, self.hadamard_signs)
+
+    def transform_constants(self):
+        return self._constants
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import ops

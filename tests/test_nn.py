@@ -1,0 +1,69 @@
+"""SDQLinear: the add-only path equals x @ dequantize().T; the ops pass torch.library.opcheck."""
+import pytest
+import torch
+
+import sdq
+from sdq.nn import SDQLinear
+
+torch.set_grad_enabled(False)
+
+
+def _module(out, n_in, osr, levels, hadamard=True, bias=False):
+    W = torch.randn(out, n_in)
+    qw = sdq.quantize_weight(W, sdq.SDQConfig(osr=osr, levels=levels, hadamard=hadamard))
+    return SDQLinear.from_quantized(qw, torch.randn(out) if bias else None), qw
+
+
+@pytest.mark.parametrize("out,n_in", [(1, 128), (7, 200), (33, 64), (64, 1000), (16, 576)])
+@pytest.mark.parametrize("osr", [1.0, 1.5, 2.0, 2.5])
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+@pytest.mark.parametrize("batch", [1, 5, 64])
+def test_kernel_path_equals_dequantized_matmul(out, n_in, osr, levels, batch):
+    mod, qw = _module(out, n_in, osr, levels, hadamard=(out % 2 == 1))
+    x = torch.randn(batch, n_in)
+    y = mod(x)
+    want = (x.double() @ qw.dequantize().double().T)
+    # float32 sums over in*osr terms: tolerance relative to the magnitude of the terms.
+    scale = (x.double().abs() @ qw.dequantize().double().abs().T) + 1e-6
+    assert (y.double() - want).abs().div(scale).max() < 1e-4
+
+
+def test_leading_dims_dtypes_and_bias():
+    mod, qw = _module(24, 300, 2.0, "ternary", bias=True)
+    x = torch.randn(2, 3, 300)
+    y = mod(x)
+    assert y.shape == (2, 3, 24)
+    mod.use_kernels = False
+    torch.testing.assert_close(y, mod(x), rtol=1e-4, atol=1e-4)
+    mod.use_kernels = True
+    assert mod(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+def test_opcheck(levels):
+    mod, _ = _module(8, 200, 1.5, levels)
+    k = mod.transform_constants()
+    x = torch.randn(3, 200)
+    torch.library.opcheck(torch.ops.sdq.activation_transform.default,
+                          (x, k.signs, k.down_full, k.down_last, 200, 128, 1.5))
+    xt, xsum = torch.ops.sdq.activation_transform(x, k.signs, k.down_full, k.down_last, 200, 128, 1.5)
+    torch.library.opcheck(torch.ops.sdq.addonly_gemm.default,
+                          (mod.sign, mod.nonzero, mod.scale, mod.mean, xt, xsum, 200, 128, 1.5))
+
+
+def test_torch_compile_traces_the_ops():
+    mod, _ = _module(16, 256, 2.0, "ternary")
+    x = torch.randn(4, 256)
+    compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), mod(x))
+
+
+def test_state_dict_is_packed():
+    mod, qw = _module(8, 128, 2.0, "binary")
+    sd = mod.state_dict()
+    assert set(sd) == {"sign", "scale", "mean", "hadamard_signs", "meta"}
+    assert sd["sign"].dtype == torch.int32 and sd["scale"].dtype == torch.float16
+    empty = SDQLinear.empty_like(bytes(sd["meta"].tolist()).decode(), bias=False)
+    empty.load_state_dict(sd)
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(empty(x), mod(x))
