@@ -129,6 +129,10 @@ def _check_quantize_args(args) -> None:
 def _perplexity(model, tok, args) -> float | None:
     if args.eval_tokens == 0:
         return None
+    from .nn import set_max_kernel_tokens
+    # Windows of hundreds of tokens run faster as dense matmuls on the dequantized weights; the
+    # add-only kernels serve decoding (few tokens). Both compute the same product.
+    set_max_kernel_tokens(model, 32)
     from .data import eval_tokens
     from .evaluate import perplexity
     return perplexity(model, eval_tokens(tok, args.eval_tokens), seqlen=args.seqlen)

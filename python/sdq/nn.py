@@ -30,6 +30,9 @@ class SDQLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._dense: torch.Tensor | None = None
         self.use_kernels = True  # False: the dequantize-then-matmul path (reference, debugging)
+        # Inputs with more tokens than this use the cached dequantized weight (faster for long
+        # prefill and perplexity runs on CPU, at the cost of keeping a dense copy); None: never.
+        self.max_kernel_tokens: int | None = None
         self._constants = self._make_constants()
 
     @classmethod
@@ -76,7 +79,9 @@ class SDQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import ops
-        if self.use_kernels and ops.supports(x):
+        tokens = x.numel() // self.in_features
+        limit = self.max_kernel_tokens
+        if self.use_kernels and ops.supports(x) and (limit is None or tokens <= limit):
             y = ops.sdq_linear(self, x)
         else:
             w = self.dense_weight().to(device=x.device, dtype=x.dtype)
@@ -91,3 +96,10 @@ class SDQLinear(nn.Module):
         c = self.config
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"osr={c.osr:g}, levels={c.levels}, order={c.order}, block_size={c.block_size}")
+
+
+def set_max_kernel_tokens(model: nn.Module, limit: int | None) -> None:
+    """Route inputs of more than `limit` tokens through the dequantized weight in every SDQLinear."""
+    for m in model.modules():
+        if isinstance(m, SDQLinear):
+            m.max_kernel_tokens = limit
