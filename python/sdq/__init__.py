@@ -3,7 +3,10 @@
 Importing sdq never initialises CUDA; the compiled core is loaded at first use.
 """
 from .config import SDQConfig
-from .methods.sdq import quantize_weight
+from .methods import BaselineConfig
+from .methods.sdq import quantize_weight, quantize_weight_calibrated
+from .nn import SDQLinear
+from .pipeline import quantize_
 from .weight import QuantizedWeight
 
 __version__ = "0.1.0"
@@ -15,4 +18,17 @@ def has_cuda() -> bool:
     return bool(core().has_cuda())
 
 
-__all__ = ["SDQConfig", "QuantizedWeight", "quantize_weight", "has_cuda", "__version__"]
+def save(model, directory, tokenizer=None, **kwargs):
+    """Write a model quantized by quantize_ to a Hugging Face-style folder (see sdq.io.save)."""
+    from .io import save as _save
+    return _save(model, directory, tokenizer, **kwargs)
+
+
+def load(directory, **kwargs):
+    """Load a folder written by save(); its SDQLinear modules compute from the packed codes."""
+    from .io import load as _load
+    return _load(directory, **kwargs)
+
+
+__all__ = ["SDQConfig", "BaselineConfig", "QuantizedWeight", "SDQLinear", "quantize_weight",
+           "quantize_weight_calibrated", "quantize_", "save", "load", "has_cuda", "__version__"]
