@@ -28,11 +28,11 @@ def machine() -> dict:
             "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
-def write_json(name: str, payload: dict) -> Path:
-    """Write bench/results/<name> atomically (temp file + rename)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
+def write_json(name, payload: dict) -> Path:
+    """Write payload atomically (temp file + rename) to bench/results/<name>, or to a path."""
+    path = Path(name) if os.sep in str(name) else RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)

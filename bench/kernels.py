@@ -14,16 +14,16 @@ Results go to bench/results/kernels_cpu.json (written atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
+
+from _common import write_json
 
 from sdq import _core
 
@@ -150,11 +150,7 @@ def main() -> int:
               "torch": torch.__version__, "machine": platform.machine(),
               "processor": platform.processor(), "cpu_count": os.cpu_count(),
               "quick": args.quick, "block_size": BLOCK, "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(args.out), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(os.path.abspath(args.out), result)
     print(f"wrote {args.out}")
     return 0
 

@@ -13,15 +13,15 @@ measured here (bytes read + written). Results go to bench/results/kernels_gpu.js
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
+
+from _common import write_json
 
 PEAK_BYTES_PER_S = {  # datasheet HBM bandwidth by device-name substring (first match wins)
     "H200": 4.8e12,
@@ -192,11 +192,7 @@ def main() -> int:
     result = dict(device=name, peak_bytes_per_s=peak, copy_bytes_per_s=copy_bw,
                   torch=torch.__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
                   block_size=BLOCK, rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(os.path.abspath(args.out), result)
     print(f"wrote {args.out}")
     return 0
 

@@ -120,14 +120,7 @@ py::array_t<int8_t> unpack(const py::object& sign_obj, const py::object& nonzero
 }
 
 py::dict layout(int64_t in_features, int64_t block_size, double osr) {
-  const BlockLayout L{in_features, block_size, osr};
-  if (in_features <= 0) throw py::value_error("in_features must be positive");
-  if (!is_power_of_two(block_size))
-    throw py::value_error("block_size must be a power of two, got " + std::to_string(block_size));
-  if (!(osr > 0.0 && osr <= kMaxOsr))
-    throw py::value_error("osr must be in (0, " + std::to_string(kMaxOsr) + "], got " +
-                          std::to_string(osr));
-  if (!L.valid()) throw py::value_error("osr too small: a block would have no samples");
+  const BlockLayout L = make_layout(in_features, block_size, osr);
   std::vector<int64_t> width, padded, m, offset;
   for (int64_t b = 0; b < L.num_blocks(); ++b) {
     width.push_back(L.width(b));

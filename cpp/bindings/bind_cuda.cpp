@@ -25,20 +25,6 @@ void require_nonneg(int64_t v, const char* name) {
   if (v < 0) throw py::value_error(std::string(name) + " must be >= 0, got " + std::to_string(v));
 }
 
-BlockLayout cuda_layout(int64_t in_features, int64_t block_size, double osr) {
-  if (in_features <= 0)
-    throw py::value_error("in_features must be positive, got " + std::to_string(in_features));
-  if (!is_power_of_two(block_size))
-    throw py::value_error("block_size must be a power of two, got " + std::to_string(block_size));
-  if (!(osr > 0.0 && osr <= kMaxOsr))
-    throw py::value_error("osr must be in (0, " + std::to_string(kMaxOsr) + "], got " +
-                          std::to_string(osr));
-  const BlockLayout L{in_features, block_size, osr};
-  if (!L.valid())
-    throw py::value_error("osr " + std::to_string(osr) + " leaves a block with no samples");
-  return L;
-}
-
 // RuntimeError for a missing build or a CUDA failure, ValueError for the rest.
 void check_cuda_status(Status s, const char* what) {
   if (s == Status::ok) return;
@@ -70,7 +56,7 @@ void activation_transform_py(uintptr_t x_ptr, int64_t batch, int64_t in_features
                              int64_t block_size, double osr, uintptr_t signs_ptr,
                              uintptr_t down_full_ptr, uintptr_t down_last_ptr, uintptr_t xt_ptr,
                              uintptr_t xsum_ptr, uintptr_t stream) {
-  const BlockLayout L = cuda_layout(in_features, block_size, osr);
+  const BlockLayout L = make_layout(in_features, block_size, osr);
   require_nonneg(batch, "batch");
   if (L.padded(0) > 32768)
     throw py::value_error("block_size must be <= 32768 on CUDA, got " + std::to_string(block_size));
@@ -100,7 +86,7 @@ void addonly_gemm_py(uintptr_t sign_ptr, uintptr_t nonzero_ptr, uintptr_t scale_
                      int64_t in_features, int64_t block_size, double osr,
                      const std::string& levels_name, int64_t out, int64_t batch,
                      uintptr_t stream) {
-  const BlockLayout L = cuda_layout(in_features, block_size, osr);
+  const BlockLayout L = make_layout(in_features, block_size, osr);
   const Levels levels = parse_levels(levels_name);
   require_nonneg(out, "out");
   require_nonneg(batch, "batch");
@@ -133,7 +119,7 @@ void addonly_gemm_py(uintptr_t sign_ptr, uintptr_t nonzero_ptr, uintptr_t scale_
 
 py::dict gemm_plan_py(int64_t in_features, int64_t block_size, double osr, int64_t out,
                       int64_t batch, int num_sms) {
-  const BlockLayout L = cuda_layout(in_features, block_size, osr);
+  const BlockLayout L = make_layout(in_features, block_size, osr);
   if (out < 1) throw py::value_error("out must be >= 1, got " + std::to_string(out));
   if (batch < 1) throw py::value_error("batch must be >= 1, got " + std::to_string(batch));
   if (num_sms < 1) throw py::value_error("num_sms must be >= 1, got " + std::to_string(num_sms));
@@ -154,7 +140,7 @@ py::dict gemm_plan_py(int64_t in_features, int64_t block_size, double osr, int64
 }
 
 py::dict act_plan_py(int64_t in_features, int64_t block_size, double osr, int64_t batch) {
-  const BlockLayout L = cuda_layout(in_features, block_size, osr);
+  const BlockLayout L = make_layout(in_features, block_size, osr);
   if (batch < 1) throw py::value_error("batch must be >= 1, got " + std::to_string(batch));
   const cuda::ActPlan p = cuda::plan_activation_transform(L, batch);
   py::dict d;

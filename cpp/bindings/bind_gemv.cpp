@@ -12,19 +12,6 @@
 namespace sdq::bind {
 namespace {
 
-BlockLayout make_layout(int64_t in_features, int64_t block_size, double osr) {
-  if (in_features <= 0)
-    throw py::value_error("in_features must be positive, got " + std::to_string(in_features));
-  if (!is_power_of_two(block_size))
-    throw py::value_error("block_size must be a power of two, got " + std::to_string(block_size));
-  if (!(osr > 0.0 && osr <= kMaxOsr))
-    throw py::value_error("osr must be in (0, " + std::to_string(kMaxOsr) + "], got " +
-                          std::to_string(osr));
-  const BlockLayout L{in_features, block_size, osr};
-  if (!L.valid()) throw py::value_error("osr " + std::to_string(osr) + " leaves a block with no samples");
-  return L;
-}
-
 AddonlyKernel parse_kernel(const std::string& name) {
   if (name == "auto") return AddonlyKernel::automatic;
   if (name == "portable") return AddonlyKernel::portable;

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "sdq/layout.h"
 #include "sdq/levels.h"
 #include "sdq/status.h"
 
@@ -49,6 +50,21 @@ inline Levels parse_levels(const std::string& levels) {
   if (levels == "binary") return Levels::binary;
   if (levels == "ternary") return Levels::ternary;
   throw py::value_error("levels must be 'binary' or 'ternary', got '" + levels + "'");
+}
+
+// The block layout of a layer, or ValueError naming what is wrong with its arguments.
+inline BlockLayout make_layout(int64_t in_features, int64_t block_size, double osr) {
+  if (in_features <= 0)
+    throw py::value_error("in_features must be positive, got " + std::to_string(in_features));
+  if (!is_power_of_two(block_size))
+    throw py::value_error("block_size must be a power of two, got " + std::to_string(block_size));
+  if (!(osr > 0.0 && osr <= kMaxOsr))
+    throw py::value_error("osr must be in (0, " + std::to_string(kMaxOsr) + "], got " +
+                          std::to_string(osr));
+  const BlockLayout L{in_features, block_size, osr};
+  if (!L.valid())
+    throw py::value_error("osr " + std::to_string(osr) + " leaves a block with no samples");
+  return L;
 }
 
 inline void require_shape(const py::array& a, const char* name, std::vector<int64_t> shape) {
