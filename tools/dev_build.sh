@@ -11,5 +11,6 @@ cmake -S "$root" -B "$bdir" -G Ninja -DSDQ_PYTHON=ON -DCMAKE_BUILD_TYPE=Release 
 cmake --build "$bdir" -j 2 >&2
 mkdir -p "$stage"
 rm -rf "$stage/sdq"; cp -r "$root/python/sdq" "$stage/sdq"
-cp "$bdir"/_core*.so "$stage/sdq/"
+# copy then rename: a running process keeps the old file (overwriting it in place crashes it)
+for so in "$bdir"/_core*.so; do cp "$so" "$stage/sdq/.tmp.so" && mv "$stage/sdq/.tmp.so" "$stage/sdq/$(basename "$so")"; done
 echo "export PYTHONPATH=$stage"
