@@ -101,9 +101,11 @@ def plot(results: dict) -> None:
     for r in results["runs"].values():
         fams.setdefault(r["family"], []).append((r["bits_all_in"], r["perplexity"]))
     fig, ax = plt.subplots(figsize=(9, 6))
-    for fam, pts in sorted(fams.items()):
+    colors = plt.get_cmap("tab20").colors
+    for k, (fam, pts) in enumerate(sorted(fams.items())):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^Dv"[k % 5],
+                color=colors[k % 20], ls="--" if "data-free" in fam else "-", label=fam)
     if "fp32_perplexity" in results:
         ax.axhline(results["fp32_perplexity"], color="k", ls="--",
                    label=f"full precision ({results['fp32_perplexity']:.2f})")
