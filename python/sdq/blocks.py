@@ -43,8 +43,10 @@ def block_groups(in_features: int, block_size: int, osr: float) -> tuple[BlockGr
     return tuple(groups)
 
 
-def total_code_cols(in_features: int, block_size: int, osr: float) -> int:
-    return core().layout(in_features, block_size, osr)["total_code_cols"]
+def packed_shape(in_features: int, block_size: int, osr: float) -> tuple[int, int]:
+    """(code columns of a packed row, number of blocks): the sizes every packed tensor derives."""
+    lay = core().layout(in_features, block_size, osr)
+    return lay["total_code_cols"], lay["num_blocks"]
 
 
 def hadamard_signs(block_size: int, seed: int) -> np.ndarray:

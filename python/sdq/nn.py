@@ -46,8 +46,8 @@ class SDQLinear(nn.Module):
         cfg = SDQConfig.from_dict(meta["config"])
         out, n_in = meta["out_features"], meta["in_features"]
         from . import blocks
-        words = blocks.total_code_cols(n_in, cfg.block_size, cfg.osr) // 32
-        nb = len(range(0, n_in, cfg.block_size))
+        cols, nb = blocks.packed_shape(n_in, cfg.block_size, cfg.osr)
+        words = cols // 32
         z = lambda *s, dt: torch.zeros(*s, dtype=dt)  # noqa: E731
         qw = QuantizedWeight(out, n_in, cfg, z(out, words, dt=torch.int32),
                              z(out, words, dt=torch.int32) if cfg.levels == "ternary" else None,

@@ -24,11 +24,6 @@ def _np(t: Tensor, dtype=None) -> np.ndarray:
     return a if dtype is None else a.view(dtype)
 
 
-def _cols(in_features: int, block_size: int, osr: float) -> tuple[int, int]:
-    lay = core().layout(in_features, block_size, osr)
-    return lay["total_code_cols"], lay["num_blocks"]
-
-
 @torch.library.custom_op("sdq::activation_transform", mutates_args=(), device_types="cpu")
 def activation_transform(x: Tensor, signs: Optional[Tensor], down_full: Tensor, down_last: Tensor,
                          in_features: int, block_size: int, osr: float) -> tuple[Tensor, Tensor]:
@@ -40,7 +35,7 @@ def activation_transform(x: Tensor, signs: Optional[Tensor], down_full: Tensor, 
 
 @activation_transform.register_fake
 def _(x, signs, down_full, down_last, in_features, block_size, osr):
-    cols, nb = _cols(in_features, block_size, osr)
+    cols, nb = blocks.packed_shape(in_features, block_size, osr)
     return x.new_empty(x.shape[0], cols), x.new_empty(x.shape[0], nb)
 
 
@@ -64,7 +59,7 @@ def _stream() -> int:
 
 @activation_transform.register_kernel("cuda")
 def _(x, signs, down_full, down_last, in_features, block_size, osr):
-    cols, nb = _cols(in_features, block_size, osr)
+    cols, nb = blocks.packed_shape(in_features, block_size, osr)
     x = x.contiguous()
     xt, xsum = x.new_empty(x.shape[0], cols), x.new_empty(x.shape[0], nb)
     core().cuda_activation_transform(

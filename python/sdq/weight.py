@@ -106,8 +106,8 @@ class QuantizedWeight:
             raise ValueError(f"corrupt QuantizedWeight metadata: {e}") from e
         if meta.get("format") != "sdq-bitplanes-v1":
             raise ValueError(f"unknown packed format {meta.get('format')!r}")
-        words = blocks.total_code_cols(inf, config.block_size, config.osr) // 32
-        nb = len(range(0, inf, config.block_size))
+        cols, nb = blocks.packed_shape(inf, config.block_size, config.osr)
+        words = cols // 32
         ternary = config.levels == "ternary"
         want = {"sign": (torch.int32, (out, words)), "scale": (torch.float16, (out, nb)),
                 "mean": (torch.float16, (out, nb)),

@@ -80,8 +80,7 @@ class _Assembler:
 
     def __init__(self, out: int, in_features: int, cfg: SDQConfig, signs: np.ndarray):
         self.out, self.in_features, self.cfg, self.signs = out, in_features, cfg, signs
-        nb = len(range(0, in_features, cfg.block_size))
-        cols = blocks.total_code_cols(in_features, cfg.block_size, cfg.osr)
+        cols, nb = blocks.packed_shape(in_features, cfg.block_size, cfg.osr)
         # Padding columns pack to bit 0 in every plane: code -1 (binary) or 0 (ternary).
         self.codes = np.full((out, cols), -1 if cfg.levels == "binary" else 0, np.int8)
         self.scale = torch.zeros(out, nb, dtype=torch.float16)
