@@ -21,6 +21,10 @@ void require_ptr(uintptr_t p, const char* name) {
   if (p == 0) throw py::value_error(std::string(name) + " must be a non-null device pointer");
 }
 
+void require_positive(int64_t v, const char* name) {
+  if (v < 1) throw py::value_error(std::string(name) + " must be >= 1, got " + std::to_string(v));
+}
+
 void require_nonneg(int64_t v, const char* name) {
   if (v < 0) throw py::value_error(std::string(name) + " must be >= 0, got " + std::to_string(v));
 }
@@ -120,9 +124,9 @@ void addonly_gemm_py(uintptr_t sign_ptr, uintptr_t nonzero_ptr, uintptr_t scale_
 py::dict gemm_plan_py(int64_t in_features, int64_t block_size, double osr, int64_t out,
                       int64_t batch, int num_sms) {
   const BlockLayout L = make_layout(in_features, block_size, osr);
-  if (out < 1) throw py::value_error("out must be >= 1, got " + std::to_string(out));
-  if (batch < 1) throw py::value_error("batch must be >= 1, got " + std::to_string(batch));
-  if (num_sms < 1) throw py::value_error("num_sms must be >= 1, got " + std::to_string(num_sms));
+  require_positive(out, "out");
+  require_positive(batch, "batch");
+  require_positive(num_sms, "num_sms");
   const cuda::GemmPlan p = cuda::plan_addonly_gemm(L, out, batch, num_sms);
   py::dict d;
   d["threads"] = cuda::kGemmThreads;
@@ -141,7 +145,7 @@ py::dict gemm_plan_py(int64_t in_features, int64_t block_size, double osr, int64
 
 py::dict act_plan_py(int64_t in_features, int64_t block_size, double osr, int64_t batch) {
   const BlockLayout L = make_layout(in_features, block_size, osr);
-  if (batch < 1) throw py::value_error("batch must be >= 1, got " + std::to_string(batch));
+  require_positive(batch, "batch");
   const cuda::ActPlan p = cuda::plan_activation_transform(L, batch);
   py::dict d;
   d["threads"] = cuda::kActThreads;
@@ -154,7 +158,7 @@ py::dict act_plan_py(int64_t in_features, int64_t block_size, double osr, int64_
 }
 
 py::dict fwht_plan_py(int64_t rows, int64_t n, int64_t smem_optin) {
-  if (rows < 1) throw py::value_error("rows must be >= 1, got " + std::to_string(rows));
+  require_positive(rows, "rows");
   if (n < 1 || n > (int64_t{1} << 24) || !is_power_of_two(n))
     throw py::value_error("n must be a power of two in [1, 2^24], got " + std::to_string(n));
   if (smem_optin < 48 * 1024)
