@@ -42,11 +42,11 @@ def test_leading_dims_dtypes_and_bias():
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 def test_opcheck(levels):
     mod, _ = _module(8, 200, 1.5, levels)
-    k = mod.transform_constants()
+    signs, down_full, down_last = mod.transform_constants()
     x = torch.randn(3, 200)
     torch.library.opcheck(torch.ops.sdq.activation_transform.default,
-                          (x, k.signs, k.down_full, k.down_last, 200, 128, 1.5))
-    xt, xsum = torch.ops.sdq.activation_transform(x, k.signs, k.down_full, k.down_last, 200, 128, 1.5)
+                          (x, signs, down_full, down_last, 200, 128, 1.5))
+    xt, xsum = torch.ops.sdq.activation_transform(x, signs, down_full, down_last, 200, 128, 1.5)
     torch.library.opcheck(torch.ops.sdq.addonly_gemm.default,
                           (mod.sign, mod.nonzero, mod.scale, mod.mean, xt, xsum, 200, 128, 1.5))
 

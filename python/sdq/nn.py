@@ -7,17 +7,28 @@ import torch
 from torch import nn
 
 from .config import SDQConfig
-from .weight import QuantizedWeight
+from .weight import STATE_KEYS, QuantizedWeight
 
 
 class SDQLinear(nn.Module):
     """Drop-in replacement of nn.Linear whose weight is a QuantizedWeight.
 
     The packed planes, fp16 scales and means, Hadamard signs and the metadata are buffers, so the
-    module's state_dict is the packed form (never dequantized floats). forward() uses the add-only
-    kernels (sdq.ops) when they support the input, else a dequantized weight built once and cached
-    (not part of the state dict).
+    module's state_dict is the packed form (never dequantized floats). forward() computes through
+    the add-only ops (sdq.ops), or through a dequantized weight built once and cached (not part of
+    the state dict) when use_kernels is False or the input is longer than max_kernel_tokens.
+
+    Like a PyTorch module, it follows device moves (`.to(device)`, `.cuda()`); unlike one, its
+    packed tensors ignore dtype casts (`.half()`, `.bfloat16()`, `.float()`, `.to(dtype)`): the
+    codes, fp16 scales and means and float32 transform constants stay exactly as stored (as
+    bitsandbytes does for its packed weights), while the bias follows the cast. The output has the
+    input's dtype. Gradients flow to the input, and to `scale` and `mean` when they require grad
+    (see README, "Training adapters"); the codes are frozen.
     """
+
+    # Tensors whose dtype is part of the packed format or of the kernels' contract.
+    FIXED_DTYPE = ("sign", "nonzero", "scale", "mean", "hadamard_signs", "meta",
+                   "transform_signs", "down_full", "down_last")
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
@@ -33,7 +44,7 @@ class SDQLinear(nn.Module):
         # Inputs with more tokens than this use the cached dequantized weight (faster for long
         # prefill and perplexity runs on CPU, at the cost of keeping a dense copy); None: never.
         self.max_kernel_tokens: int | None = None
-        self._constants = self._make_constants()
+        self._register_constants()
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> "SDQLinear":
@@ -55,33 +66,65 @@ class SDQLinear(nn.Module):
                              z(cfg.block_size, dt=torch.int8))
         return cls(qw, torch.zeros(out) if bias else None)
 
+    def _packed(self) -> dict[str, torch.Tensor]:
+        """The packed form's tensors (QuantizedWeight.state_dict's keys), as held now."""
+        return {k: self._buffers[k] for k in (*STATE_KEYS, "meta") if self._buffers.get(k) is not None}
+
     def quantized_weight(self) -> QuantizedWeight:
-        d = {k: v for k, v in self._buffers.items() if v is not None}
-        return QuantizedWeight.from_state_dict(d)
+        return QuantizedWeight.from_state_dict(self._packed())
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._dense = None  # new codes: cached derived state is stale
-        self._constants = self._make_constants()
+        self._register_constants()
 
     def dense_weight(self) -> torch.Tensor:
+        """The dequantized weight, float32 on the CPU, built once (derived state, not stored)."""
         if self._dense is None:
-            self._dense = self.quantized_weight().dequantize()
+            cpu = {k: v.detach().cpu() for k, v in self._packed().items()}
+            self._dense = QuantizedWeight.from_state_dict(cpu).dequantize()
         return self._dense
 
-    def _make_constants(self):
-        """Built eagerly (not in forward) so that torch.compile traces only the ops."""
-        from .ops import TransformConstants
-        return TransformConstants(self.in_features, self.config, self.hadamard_signs)
+    def _register_constants(self) -> None:
+        """The activation transform's float32 constants as non-persistent buffers: they follow
+        device moves like the codes, and are built here, not in forward, so that torch.compile
+        traces only the ops."""
+        from .ops import transform_constants
+        constants = transform_constants(self.in_features, self.config, self.hadamard_signs.cpu())
+        for name, t in zip(("transform_signs", "down_full", "down_last"), constants):
+            self.register_buffer(name, None if t is None else t.to(self.sign.device),
+                                 persistent=False)
 
     def transform_constants(self):
-        return self._constants
+        """(signs or None, down_full, down_last) of the activation transform."""
+        return self.transform_signs, self.down_full, self.down_last
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to every tensor; dtype casts only to the bias (see class doc)."""
+        fixed = {k: self._buffers[k] for k in self.FIXED_DTYPE if self._buffers.get(k) is not None}
+        for k in fixed:
+            self._buffers[k] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for k, t in fixed.items():
+                moved = fn(t)
+                self._buffers[k] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import ops
+        if not x.is_floating_point():
+            raise TypeError(f"SDQLinear expects a floating-point input, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SDQLinear expects inputs [..., {self.in_features}], "
+                             f"got {tuple(x.shape)}")
+        if x.device != self.sign.device:
+            raise RuntimeError(f"input is on {x.device} but this SDQLinear is on "
+                               f"{self.sign.device}; move one of them (module.to(device))")
         tokens = x.numel() // self.in_features
         limit = self.max_kernel_tokens
-        if self.use_kernels and ops.supports(x) and (limit is None or tokens <= limit):
+        if self.use_kernels and (limit is None or tokens <= limit):
             y = ops.sdq_linear(self, x)
         else:
             w = self.dense_weight().to(device=x.device, dtype=x.dtype)
