@@ -11,7 +11,7 @@ from torch import nn
 from sdq.evaluate import perplexity
 from sdq.traversal import (
     HessianAccumulator, capture_layer_inputs, collect_hessians, decoder_layers, linear_modules,
-    run_layer,
+    plan_layer, run_layer,
 )
 
 VOCAB = 128
@@ -69,6 +69,59 @@ def test_decoder_layers_prefers_longest_uniform_list():
     assert decoder_layers(model) is model.stack
 
 
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 4)
+
+
+class _MoeLayer(nn.Module):
+    def __init__(self, num_experts):
+        super().__init__()
+        self.attn = nn.Linear(4, 4)
+        self.router = nn.Linear(4, num_experts, bias=False)
+        self.experts = nn.ModuleList([_Mlp() for _ in range(num_experts)])
+
+
+def test_decoder_layers_never_picks_a_nested_experts_list():
+    model = nn.Module()
+    model.layers = nn.ModuleList([_MoeLayer(8) for _ in range(2)])  # 8 experts > 2 layers
+    assert decoder_layers(model) is model.layers
+
+
+def test_decoder_layers_when_the_model_itself_is_the_stack():
+    stack = nn.ModuleList([_MoeLayer(8) for _ in range(3)])
+    assert decoder_layers(stack) is stack
+
+
+def test_plan_of_an_expert_list_layer():
+    plan = plan_layer(_MoeLayer(3))
+    assert list(plan.linears) == ["attn"] + [f"experts.{e}.{p}" for e in range(3)
+                                             for p in ("up", "down")]
+    assert set(plan.routers) == {"router.weight"}  # one row per expert: kept, not quantized
+    assert plan.routed == set(plan.linears) - {"attn"}
+    assert not plan.experts and not plan.unsupported
+
+
+def test_plan_of_a_dense_layer_is_its_linears(family):
+    layer = decoder_layers(tiny_model(family))[0]
+    plan = plan_layer(layer)
+    assert plan.linears == linear_modules(layer)
+    assert not (plan.experts or plan.routers or plan.unsupported or plan.routed)
+
+
+def test_plan_reports_weights_outside_linears():
+    layer = nn.Module()
+    layer.fc = nn.Linear(4, 4)
+    layer.table = nn.Parameter(torch.zeros(4, 4))
+    layer.cube = nn.Parameter(torch.zeros(2, 4, 4))
+    layer.emb = nn.Embedding(5, 4)  # a lookup table: not a weight to quantize
+    plan = plan_layer(layer)
+    assert set(plan.unsupported) == {"table", "cube"}
+    assert "3-D" in plan.unsupported["cube"][1]
+    assert "not an nn.Linear" in plan.unsupported["table"][1]
+
+
 def test_decoder_layers_error():
     with pytest.raises(ValueError, match="decoder layers"):
         decoder_layers(nn.Sequential(nn.Linear(2, 2)))
@@ -121,6 +174,15 @@ def test_hessian_accumulator_errors():
         HessianAccumulator(layer, ["nope"])
     with pytest.raises(ValueError, match="no inputs"):
         HessianAccumulator(layer).hessians()
+
+
+def test_hessian_of_an_unrouted_expert_may_be_missing():
+    layer = nn.ModuleDict({"seen": nn.Linear(3, 2), "idle": nn.Linear(3, 2)})
+    with HessianAccumulator(layer) as acc:
+        layer["seen"](torch.ones(4, 3))
+    assert set(acc.hessians(optional={"idle"})) == {"seen"}
+    with pytest.raises(ValueError, match="idle"):
+        acc.hessians()
 
 
 def test_hessian_hooks_removed():

@@ -1,8 +1,14 @@
-"""The `sdq` command line: quantize, eval, info. Run `sdq COMMAND --help` for the options."""
+"""The `sdq` command line: quantize, eval, info. Run `sdq COMMAND --help` for the options.
+
+Errors a user can act on are printed as one line on stderr, without a traceback. Exit status: 0
+done; 2 the request was wrong (arguments, a missing or foreign input, bad values); 1 the run
+failed (permissions, a full disk, memory, a runtime error); 130 interrupted (Ctrl-C).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,6 +80,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="folder to write (sdq only)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", type=Path, default=None, help="also write a JSON summary here")
+    p.add_argument("--strict", action="store_true",
+                   help="fail, before any work, if a linear-like weight of the decoder layers "
+                   "cannot be quantized (instead of keeping it in full precision)")
 
 
 def _add_eval(sub) -> None:
@@ -156,11 +165,13 @@ def cmd_quantize(args) -> dict:
     osr_for = None
     if args.multi_osr:
         osr_for = _multi_osr(model, args.osr)
-    report = quantize_(model, config, calib, osr_for=osr_for)
+    report = quantize_(model, config, calib, osr_for=osr_for, strict=args.strict)
     summary["bits_per_weight_all_in"] = report.bits_per_weight_all_in
     summary["average_osr"] = report.average_osr
+    summary["coverage"] = report.coverage
     print(f"quantized linears: {report.bits_per_weight_all_in:.3f} bits/weight all-in"
           + (f", average OSR {report.average_osr:.3f}" if report.average_osr else ""), flush=True)
+    _print_coverage(report.coverage)
     summary["ppl_after"] = _perplexity(model, tok, args)
     if summary["ppl_after"] is not None:
         print(f"perplexity after:  {summary['ppl_after']:.2f}", flush=True)
@@ -174,21 +185,58 @@ def cmd_quantize(args) -> dict:
     return summary
 
 
+def _print_coverage(coverage: dict) -> None:
+    from .pipeline import coverage_lines
+    for line in coverage_lines(coverage):
+        print(f"  {line}")
+    if "unsupported" in coverage["full_precision"]:
+        print("  (sdq quantize --strict makes unquantizable weights an error)")
+
+
 def _multi_osr(model, budget: float):
+    from types import SimpleNamespace
+
     from .allocate import allocation_table, multi_osr, weight_stats
-    from .traversal import decoder_layers, linear_modules
-    layers = [linear_modules(layer) for layer in decoder_layers(model)]
+    from .traversal import decoder_layers, plan_layer
+    # Every weight quantize_ will quantize, fused experts' slices included ("weight_stats" reads
+    # only `.weight`).
+    layers = [{name: SimpleNamespace(weight=w) for name, w in plan_layer(layer).weights().items()}
+              for layer in decoder_layers(model)]
     stats = weight_stats(layers)
     alloc = multi_osr(stats, budget)
     print(allocation_table(alloc, stats), flush=True)
     return lambda index, name: alloc[(index, name)]
 
 
+def _local_folder(model: str | None) -> Path | None:
+    """The folder `model` names, or None for the default model or a hub id. A path that is
+    clearly local (absolute, ./, ../, ~) must exist: it is never sent to the hub."""
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CliError(f"{model} is not a folder")
+        return path
+    if os.path.isabs(model) or model.startswith((".", "~")):
+        raise CliError(f"{model}: no such folder")
+    return None
+
+
+def _is_sdq_folder(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.exists():
+        return False
+    try:
+        return "quantization_config" in json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise CliError(f"corrupt {config}: {e}") from None
+
+
 def cmd_eval(args) -> dict:
     from .io import read_quantization_config
-    path = Path(args.model) if args.model else None
-    if path is not None and (path / "config.json").exists() and \
-            "quantization_config" in json.loads((path / "config.json").read_text()):
+    path = _local_folder(args.model)
+    if path is not None and _is_sdq_folder(path):
         read_quantization_config(path)
         from .io import load
         model, tok = load(path, with_tokenizer=True)
@@ -236,6 +284,8 @@ def cmd_info(args) -> dict:
     if "summary" in q:
         s = q["summary"]
         print(f"  perplexity before/after: {s.get('ppl_before')} / {s.get('ppl_after')}")
+        if "coverage" in s:
+            _print_coverage(s["coverage"])
     return {"bytes": size, "packed_bits_per_weight": 8 * packed_bytes / packed_weights}
 
 
@@ -253,13 +303,37 @@ def _itemsize(dtype: str) -> int:
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info}
 
 
+def _usage_errors() -> tuple:
+    """The request was wrong: bad values, a missing, foreign or corrupt input (exit status 2)."""
+    from safetensors import SafetensorError
+    return (CliError, ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, IsADirectoryError, SafetensorError)
+
+
+# The run failed: permissions, a full disk, memory, a runtime error (exit status 1).
+RUN_ERRORS = (OSError, RuntimeError, MemoryError, ImportError)
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line: the path and the reason for OS errors, the message otherwise."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, KeyError):
+        text = f"missing entry {e} (corrupt or foreign input?)"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (CliError, ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
-        print(f"sdq {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return 130
+    except (*_usage_errors(), *RUN_ERRORS) as e:
+        print(f"sdq {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, _usage_errors()) else 1
     return 0
 
 

@@ -8,6 +8,8 @@ activations for the calibration set.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -16,25 +18,117 @@ def _holds_linear(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Linear) for m in module.modules())
 
 
+def _is_uniform_stack(module: nn.Module) -> bool:
+    """A non-empty ModuleList of one class whose members hold Linears."""
+    return (isinstance(module, nn.ModuleList) and len(module) > 0
+            and len({type(child) for child in module}) == 1 and _holds_linear(module[0]))
+
+
+def _inside(name: str, outer: str) -> bool:
+    """Whether the module called `name` sits strictly inside the module called `outer`."""
+    return name != outer and (outer == "" or name.startswith(outer + "."))
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer stack: the longest ModuleList of one class whose members hold Linears."""
-    best = None
-    for module in model.modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(child) for child in module}) != 1 or not _holds_linear(module[0]):
-            continue
-        if best is None or len(module) > len(best):
-            best = module
-    if best is None:
+    """The decoder layer stack: the longest ModuleList of one class whose members hold Linears,
+    among the outermost ones. A list nested inside another such list's members (the experts of
+    an MoE layer) is never chosen, even when it is longer than the layer stack."""
+    stacks = {name: m for name, m in model.named_modules() if _is_uniform_stack(m)}
+    outermost = [m for name, m in stacks.items() if not any(_inside(name, o) for o in stacks)]
+    if not outermost:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of identical layers "
                          f"containing nn.Linear; cannot find its decoder layers")
-    return best
+    return max(outermost, key=len)  # the first of the longest, in named_modules order
 
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
     """The nn.Linear modules inside `layer`, by qualified name, in `named_modules` order."""
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    """What quantize_ does with each weight of one decoder layer (names relative to the layer).
+
+    linears:     nn.Linear modules, quantized into SDQLinear
+    experts:     fused 3-D experts modules, quantized into SDQExperts (sdq.experts)
+    routed:      the names of `linears` inside an expert list (an nn.ModuleList of expert
+                 modules): calibration may route no token to them
+    routers:     weight name -> tensor of the MoE routers and expert gates: full precision
+    unsupported: weight name -> (tensor, reason) of linear-like weights sdq cannot quantize
+    """
+    linears: dict[str, nn.Module]
+    experts: dict[str, nn.Module]
+    routed: set[str]
+    routers: dict[str, torch.Tensor]
+    unsupported: dict[str, tuple[torch.Tensor, str]]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every 2-D weight to quantize, by name: each linear's, and each expert's slice of
+        fused experts ("mlp.experts.gate_up_proj.5")."""
+        from .experts import expert_weights
+        out = {name: m.weight for name, m in self.linears.items()}
+        for name, m in self.experts.items():
+            out.update({f"{name}.{sub}": w for sub, w in expert_weights(m).items()})
+        return out
+
+
+def _join(*names: str) -> str:
+    return ".".join(n for n in names if n)
+
+
+def is_linear_like(name: str, p: torch.Tensor) -> bool:
+    """A floating weight of two or more dimensions that is not a bias: what sdq quantizes."""
+    return p.is_floating_point() and p.dim() >= 2 and not name.endswith("bias")
+
+
+def _routers(modules: dict[str, nn.Module], blocks: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The routers of MoE blocks (the modules whose children are experts): leaf children with a
+    2-D weight of one row per expert, or a single row (the gate of a shared expert)."""
+    routers = {}
+    for block_name, num_experts in blocks.items():
+        for child_name, child in modules[block_name].named_children():
+            weight = getattr(child, "weight", None)
+            if (next(child.children(), None) is None and isinstance(weight, torch.Tensor)
+                    and weight.dim() == 2 and weight.shape[0] in (num_experts, 1)):
+                routers[_join(block_name, child_name, "weight")] = weight
+    return routers
+
+
+def _unsupported_reason(module: nn.Module, p: torch.Tensor) -> str:
+    if p.dim() == 3:
+        return "3-D weight of an unknown layout, not standard fused experts"
+    return f"{p.dim()}-D weight of {type(module).__name__}, not an nn.Linear"
+
+
+def plan_layer(layer: nn.Module) -> LayerPlan:
+    """Classify the weights of one decoder layer by structure (see LayerPlan)."""
+    from .experts import SDQExperts, is_fused_experts
+    modules = dict(layer.named_modules())
+    experts = {n: m for n, m in modules.items() if is_fused_experts(m)}
+    expert_lists = {n: m for n, m in modules.items() if n and _is_uniform_stack(m) and len(m) > 1}
+    # MoE blocks (parents of experts) -> number of experts; a module holding 3-D weights of an
+    # unknown layout counts as experts too, so that its block's router is still recognised.
+    blocks = {n.rpartition(".")[0]: m.gate_up_proj.shape[0] for n, m in experts.items()}
+    blocks.update({n.rpartition(".")[0]: len(m) for n, m in expert_lists.items()})
+    blocks.update({n.rpartition(".")[0]: p.shape[0] for n, m in modules.items() if n not in experts
+                   for p in m.parameters(recurse=False) if p.dim() == 3})
+    blocks.update({n.rpartition(".")[0]: m.num_experts for n, m in modules.items()
+                   if isinstance(m, SDQExperts)})  # already quantized
+    routers = _routers(modules, blocks)
+    router_modules = {n.rpartition(".")[0] for n in routers}
+    linears = {n: m for n, m in linear_modules(layer).items() if n not in router_modules}
+    routed = {n for n in linears if any(_inside(n, lst) for lst in expert_lists)}
+    covered = {id(m.weight) for m in linears.values()} | {id(w) for w in routers.values()}
+    covered |= {id(p) for m in experts.values() for p in m.parameters()}
+    unsupported = {}
+    for name, module in modules.items():
+        if isinstance(module, nn.Embedding):
+            continue  # a lookup table, reported with the embeddings
+        for pname, p in module.named_parameters(recurse=False):
+            if is_linear_like(pname, p) and id(p) not in covered:
+                unsupported[_join(name, pname)] = (p, _unsupported_reason(module, p))
+    return LayerPlan(linears, experts, routed, routers, unsupported)
 
 
 class _ReachedLayer(Exception):
@@ -124,12 +218,13 @@ class HessianAccumulator:
             handle.remove()
         self._handles = []
 
-    def hessians(self) -> dict[str, torch.Tensor]:
-        """`{name: Tensor[in, in]}`; raises if a linear never saw an input."""
-        unseen = [n for n, c in self._counts.items() if c == 0]
+    def hessians(self, optional=()) -> dict[str, torch.Tensor]:
+        """`{name: Tensor[in, in]}`; raises if a linear never saw an input, unless it is named
+        in `optional` (an expert no token was routed to), which is then left out."""
+        unseen = [n for n, c in self._counts.items() if c == 0 and n not in optional]
         if unseen:
             raise ValueError(f"no inputs reached {unseen}; run the layer inside the context")
-        return {n: s * (2.0 / self._counts[n]) for n, s in self._sums.items()}
+        return {n: s * (2.0 / self._counts[n]) for n, s in self._sums.items() if self._counts[n]}
 
 
 def collect_hessians(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
