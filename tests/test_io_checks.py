@@ -126,7 +126,7 @@ BROKEN = {
     "metadata config levels": ("binary", lambda qw, sd: {"meta": _meta(qw, levels="quad")},
                                "metadata config is invalid: levels"),
     "metadata config hadamard": ("binary", lambda qw, sd: {"meta": _meta(qw, hadamard="yes")},
-                                 "hadamard should be true or false"),
+                                 "hadamard must be a bool"),
     "metadata osr leaves no samples": ("binary", lambda qw, sd: {
         "meta": _meta(qw, osr=0.01)}, "impossible block layout"),
 }

@@ -125,3 +125,27 @@ def test_torch_compile_whole_model_fullgraph():
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     got = compiled(IDS, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_wrappers_refuse_tensors_on_another_device():
+    """The CUDA kernels read raw pointers: a tensor left on another device must be an error."""
+    from sdq import ops
+    with pytest.raises(RuntimeError, match="scale is on cpu, expected cuda:0"):
+        ops._check_cuda("addonly_gemm", torch.device("cuda", 0), scale=torch.zeros(2),
+                        nonzero=None)
+
+
+def test_load_state_dict_checks_what_it_loads():
+    """Direct load_state_dict goes through the same checks as sdq.load."""
+    W = torch.randn(8, 200)
+    layer = SDQLinear.from_quantized(sdq.quantize_weight(W, sdq.SDQConfig(osr=2)))
+    other = sdq.quantize_weight(W, sdq.SDQConfig(osr=1.5)).state_dict()
+    with pytest.raises(sdq.CheckpointError, match="osr=1.5"):
+        layer.load_state_dict(other)
+    bad = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad["sign"][0, 0] |= ~bad["nonzero"][0, 0]  # a sign bit outside the non-zero plane
+    with pytest.raises(sdq.CheckpointError, match="sign"):
+        layer.load_state_dict(bad)
+    same = sdq.quantize_weight(W * 2, sdq.SDQConfig(osr=2)).state_dict()
+    layer.load_state_dict(same)
+    assert torch.equal(layer.scale, same["scale"])

@@ -3,11 +3,12 @@
 Importing sdq never initialises CUDA; the compiled core is loaded at first use.
 """
 from .config import SDQConfig
+from .experts import SDQExperts
 from .methods import BaselineConfig
 from .methods.sdq import quantize_weight, quantize_weight_calibrated
 from .nn import SDQLinear
 from .pipeline import quantize_
-from .weight import QuantizedWeight
+from .weight import CheckpointError, QuantizedWeight
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,6 @@ def load(directory, **kwargs):
     return _load(directory, **kwargs)
 
 
-__all__ = ["SDQConfig", "BaselineConfig", "QuantizedWeight", "SDQLinear", "quantize_weight",
+__all__ = ["SDQConfig", "BaselineConfig", "QuantizedWeight", "SDQLinear", "SDQExperts",
+           "CheckpointError", "quantize_weight",
            "quantize_weight_calibrated", "quantize_", "save", "load", "has_cuda", "__version__"]

@@ -55,6 +55,8 @@ class SDQConfig:
         bs = self.block_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
             raise ValueError(f"block_size must be a power of two >= 2, got {bs!r}")
+        if not isinstance(self.hadamard, bool):
+            raise TypeError(f"hadamard must be a bool, got {self.hadamard!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         for name in ("sd_scale", "p_scale", "p_cut"):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .nn import SDQLinear
+from .weight import CheckpointError
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 META = "experts_meta"
@@ -141,7 +142,12 @@ def expert_weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class _NotLoaded(nn.Module):
-    """Stands for an expert projection until sdq.load puts its SDQLinear in place."""
+    """Stands for an expert projection until sdq.load puts its SDQLinear in place; carries the
+    shape that load checks the packed weight against."""
+
+    def __init__(self, out_features: int, in_features: int):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
 
     def forward(self, x):
         raise RuntimeError("this expert's packed weight was never loaded")
@@ -157,8 +163,10 @@ class SDQExperts(nn.Module):
         self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
         self.act_fn = act_fn
-        self.gate_up_proj = nn.ModuleList(_NotLoaded() for _ in range(num_experts))
-        self.down_proj = nn.ModuleList(_NotLoaded() for _ in range(num_experts))
+        self.gate_up_proj = nn.ModuleList(_NotLoaded(2 * intermediate_dim, hidden_dim)
+                                          for _ in range(num_experts))
+        self.down_proj = nn.ModuleList(_NotLoaded(hidden_dim, intermediate_dim)
+                                       for _ in range(num_experts))
         meta = {"format": FORMAT, "num_experts": num_experts, "hidden_dim": hidden_dim,
                 "intermediate_dim": intermediate_dim}
         self.register_buffer(META, torch.frombuffer(bytearray(json.dumps(meta).encode()),
@@ -205,9 +213,9 @@ def _read_meta(name: str, tensor: torch.Tensor) -> tuple[int, int, int]:
         shape = tuple(int(meta[k]) for k in ("num_experts", "intermediate_dim", "hidden_dim"))
         known = meta["format"] == FORMAT
     except (ValueError, TypeError, KeyError) as e:  # bad UTF-8 or JSON are ValueErrors
-        raise ValueError(f"corrupt checkpoint: {name}.{META} is not valid: {e}") from e
+        raise CheckpointError(f"corrupt checkpoint: {name}.{META} is not valid: {e}") from e
     if not known:
-        raise ValueError(f"corrupt checkpoint: {name}.{META} has format {meta['format']!r}, "
+        raise CheckpointError(f"corrupt checkpoint: {name}.{META} has format {meta['format']!r}, "
                          f"not {FORMAT}")
     return shape
 
@@ -225,9 +233,9 @@ def rebuild_experts(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         try:
             fused = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"checkpoint does not match the model: no module {name}") from None
+            raise CheckpointError(f"checkpoint does not match the model: no module {name}") from None
         if fused_experts_shape(fused) != shape:
-            raise ValueError(f"checkpoint does not match the model: {name} is not fused experts "
+            raise CheckpointError(f"checkpoint does not match the model: {name} is not fused experts "
                              f"of [experts, intermediate, hidden] = {list(shape)}")
         num_experts, inter, hidden = shape
         parent, _, child = name.rpartition(".")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .config import SDQConfig
-from .weight import STATE_KEYS, QuantizedWeight
+from .weight import STATE_KEYS, CheckpointError, QuantizedWeight
 
 
 class SDQLinear(nn.Module):
@@ -63,7 +63,7 @@ class SDQLinear(nn.Module):
         qw = QuantizedWeight(out, n_in, cfg, z(out, words, dt=torch.int32),
                              z(out, words, dt=torch.int32) if cfg.levels == "ternary" else None,
                              z(out, nb, dt=torch.float16), z(out, nb, dt=torch.float16),
-                             z(cfg.block_size, dt=torch.int8))
+                             torch.ones(cfg.block_size, dtype=torch.int8))
         return cls(qw, torch.zeros(out) if bias else None)
 
     def _packed(self) -> dict[str, torch.Tensor]:
@@ -73,10 +73,27 @@ class SDQLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight.from_state_dict(self._packed())
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._check_incoming(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._dense = None  # new codes: cached derived state is stale
         self._register_constants()
+
+    def _check_incoming(self, state_dict, prefix: str) -> None:
+        """The packed tensors about to be loaded must form a valid packed weight (format
+        invariants, metadata) of this layer's shape and config: the kernels read self.config."""
+        incoming = {k: state_dict[prefix + k] for k in (*STATE_KEYS, "meta")
+                    if prefix + k in state_dict}
+        if not incoming:
+            return
+        name = prefix.rstrip(".") or type(self).__name__
+        qw = QuantizedWeight.from_state_dict({**self._packed(), **incoming}, name=name)
+        if (qw.out_features, qw.in_features) != (self.out_features, self.in_features) or \
+                qw.config != self.config:
+            raise CheckpointError(f"{name}: the packed weight being loaded is [out, in] = "
+                                  f"[{qw.out_features}, {qw.in_features}] with {qw.config}, this "
+                                  f"layer is [{self.out_features}, {self.in_features}] with "
+                                  f"{self.config}")
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight, float32 on the CPU, built once (derived state, not stored)."""

@@ -196,9 +196,6 @@ def _parse_meta(t: torch.Tensor | None, where: str) -> tuple[int, int, SDQConfig
         config = SDQConfig.from_dict(meta["config"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: metadata config is invalid: {e}") from e
-    if not isinstance(config.hadamard, bool):  # SDQConfig leaves it unchecked; it picks the path
-        raise CheckpointError(f"{where}: metadata config hadamard should be true or false, got "
-                              f"{config.hadamard!r}")
     return out, n_in, config
 
 
