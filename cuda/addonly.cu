@@ -19,8 +19,11 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 
 #include "common.cuh"
+#include "guard.h"
 #include "sdq/cuda.h"
 #include "sdq/gemv.h"
 
@@ -345,19 +348,30 @@ Status launch_gemm(const GemmArgs& a, const GemmPlan& plan, int vec, cudaStream_
   }
 }
 
-bool aligned(const void* p, uintptr_t n) { return (reinterpret_cast<uintptr_t>(p) % n) == 0; }
+using detail::aligned;
 
-}  // namespace
+// All pointers float-aligned (null ones pass: the callers check those separately).
+bool floats_aligned(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (!aligned(p, sizeof(float))) return false;
+  return true;
+}
 
-Status activation_transform(const BlockLayout& L, bool hadamard, const float* signs,
-                            const float* down_full, const float* down_last, const float* x,
-                            int64_t batch, float* xt, float* xsum, void* stream) noexcept {
+// a * b would overflow int64 (a, b >= 0): the kernels index with int64 products of these sizes.
+bool product_overflows(int64_t a, int64_t b) { return b != 0 && a > INT64_MAX / b; }
+
+Status act_checked(const BlockLayout& L, bool hadamard, const float* signs, const float* down_full,
+                   const float* down_last, const float* x, int64_t batch, float* xt, float* xsum,
+                   void* stream) {
   if (!L.valid() || batch < 0) return Status::bad_size;
   if (batch == 0) return Status::ok;
   if (!x || !xt || !xsum || !down_last) return Status::null_pointer;
   const int64_t nb = L.num_blocks();
   if (nb > 1 && !down_full) return Status::null_pointer;
   if (L.padded(0) > 32768 || nb > kMaxGridX) return Status::bad_size;
+  if (product_overflows(batch, L.in_features) || product_overflows(batch, L.total_code_cols()))
+    return Status::bad_size;
+  if (!floats_aligned({signs, down_full, down_last, x, xt, xsum})) return Status::bad_pointer;
   detail::DeviceInfo dev{};
   const Status st = detail::device_info(&dev);
   if (st != Status::ok) return st;
@@ -387,16 +401,22 @@ Status activation_transform(const BlockLayout& L, bool hadamard, const float* si
   return plan.tokens == 4 ? launch_act<4>(a, plan, dev, s) : launch_act<1>(a, plan, dev, s);
 }
 
-Status addonly_gemm(const BlockLayout& L, Levels levels, const word_t* sign,
-                    const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
-                    int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
-                    void* stream) noexcept {
+Status gemm_checked(const BlockLayout& L, Levels levels, const word_t* sign, const word_t* nonzero,
+                    const uint16_t* scale, const uint16_t* mean, int64_t out, const float* xt,
+                    const float* xsum, int64_t batch, float* y, void* stream) {
   if (levels != Levels::binary && levels != Levels::ternary) return Status::bad_levels;
   if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
   if (out == 0 || batch == 0) return Status::ok;
   const bool tern = levels == Levels::ternary;
   if (!sign || !scale || !mean || !xt || !xsum || !y || (tern && !nonzero))
     return Status::null_pointer;
+  if (product_overflows(out, L.words_per_row()) || product_overflows(batch, L.total_code_cols()) ||
+      product_overflows(batch, out) || product_overflows(batch * out, sizeof(float)))
+    return Status::bad_size;
+  if (!aligned(sign, sizeof(word_t)) || !aligned(nonzero, sizeof(word_t)) ||
+      !aligned(scale, sizeof(uint16_t)) || !aligned(mean, sizeof(uint16_t)) ||
+      !floats_aligned({xt, xsum, y}))
+    return Status::bad_pointer;
   detail::DeviceInfo dev{};
   Status st = detail::device_info(&dev);
   if (st != Status::ok) return st;
@@ -430,6 +450,25 @@ Status addonly_gemm(const BlockLayout& L, Levels levels, const word_t* sign,
     if (e != cudaSuccess) return detail::fail(e);
   }
   return tern ? launch_gemm<true>(a, plan, vec, s) : launch_gemm<false>(a, plan, vec, s);
+}
+
+}  // namespace
+
+Status activation_transform(const BlockLayout& L, bool hadamard, const float* signs,
+                            const float* down_full, const float* down_last, const float* x,
+                            int64_t batch, float* xt, float* xsum, void* stream) noexcept {
+  return sdq::detail::guarded([&] {
+    return act_checked(L, hadamard, signs, down_full, down_last, x, batch, xt, xsum, stream);
+  });
+}
+
+Status addonly_gemm(const BlockLayout& L, Levels levels, const word_t* sign,
+                    const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
+                    int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
+                    void* stream) noexcept {
+  return sdq::detail::guarded([&] {
+    return gemm_checked(L, levels, sign, nonzero, scale, mean, out, xt, xsum, batch, y, stream);
+  });
 }
 
 }  // namespace sdq::cuda

@@ -18,6 +18,12 @@ inline Status check_launch() noexcept {
   return e == cudaSuccess ? Status::ok : fail(e);
 }
 
+// True when p (may be null) is a multiple of `bytes`: a misaligned float or half load faults
+// the whole CUDA context ("misaligned address"), so the entry points refuse such pointers.
+inline bool aligned(const void* p, uintptr_t bytes) noexcept {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
 struct DeviceInfo {
   int sms;           // multiprocessor count
   int smem_optin;    // max dynamic shared memory per block after cudaFuncSetAttribute

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "common.cuh"
+#include "guard.h"
 #include "sdq/cuda.h"
 #include "sdq/fwht.h"
 
@@ -85,14 +86,15 @@ Status set_smem(const void* kernel, int64_t bytes, const detail::DeviceInfo& dev
   return Status::ok;
 }
 
-}  // namespace
-
-Status fwht(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
-            void* stream) noexcept {
+Status fwht_checked(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
+                    void* stream) {
   if (rows < 0 || n <= 0 || n > kMaxLength) return Status::bad_size;
   if (!is_power_of_two(n)) return Status::not_power_of_two;
   if (rows == 0) return Status::ok;
   if (!x) return Status::null_pointer;
+  if (rows > INT64_MAX / n) return Status::bad_size;  // rows * n indexes x
+  if (!detail::aligned(x, sizeof(float)) || !detail::aligned(signs, sizeof(float)))
+    return Status::bad_pointer;
   detail::DeviceInfo dev{};
   Status st = detail::device_info(&dev);
   if (st != Status::ok) return st;
@@ -124,6 +126,13 @@ Status fwht(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
       x, static_cast<int>(plan.n1), plan.n2, log2_int(plan.cols_per_cta), tiles, signs,
       has_signs && inverse, scale);
   return detail::check_launch();
+}
+
+}  // namespace
+
+Status fwht(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
+            void* stream) noexcept {
+  return sdq::detail::guarded([&] { return fwht_checked(x, rows, n, signs, inverse, stream); });
 }
 
 }  // namespace sdq::cuda

@@ -18,11 +18,41 @@ bool built() noexcept { return true; }
 
 const char* last_error() noexcept { return g_last_error; }
 
+Status pointer_info(const void* p, PointerInfo* info) noexcept {
+  if (!p || !info) return Status::null_pointer;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return detail::fail(e);
+  cudaPointerAttributes attr{};
+  e = cudaPointerGetAttributes(&attr, p);
+  if (e == cudaErrorInvalidValue) {
+    // Runtimes before CUDA 11 report an unknown pointer this way; it is an answer, not a failure,
+    // so clear it before a later launch check mistakes it for a launch error.
+    (void)cudaGetLastError();
+    attr.type = cudaMemoryTypeUnregistered;
+    attr.device = -1;
+  } else if (e != cudaSuccess) {
+    return detail::fail(e);
+  }
+  info->current_device = dev;
+  info->device = -1;
+  switch (attr.type) {
+    case cudaMemoryTypeDevice: info->kind = MemoryKind::device; info->device = attr.device; break;
+    case cudaMemoryTypeManaged: info->kind = MemoryKind::managed; info->device = attr.device; break;
+    case cudaMemoryTypeHost: info->kind = MemoryKind::host; break;
+    default: info->kind = MemoryKind::unregistered; break;
+  }
+  return Status::ok;
+}
+
 namespace detail {
 
 Status fail(cudaError_t e) noexcept {
   std::snprintf(g_last_error, sizeof(g_last_error), "%s: %s", cudaGetErrorName(e),
                 cudaGetErrorString(e));
+  // Reported now: clear the runtime's last-error slot so that a later launch check does not report
+  // the same (non-sticky) error again as its own.
+  (void)cudaGetLastError();
   return Status::cuda_error;
 }
 

@@ -1,11 +1,20 @@
 // Binding of the CUDA kernels (cuda.h). Arguments are device pointers passed as Python ints
 // (torch: tensor.data_ptr()) and a stream handle (torch.cuda.current_stream().cuda_stream; 0 =
-// the legacy default stream). Sizes are validated here and raise ValueError naming the argument;
-// Status::not_built and Status::cuda_error raise RuntimeError. Nothing here initialises CUDA:
-// has_cuda() only reports whether the kernels were compiled in, and the plan helpers are host
-// arithmetic.
+// the legacy default stream). Each call checks, in this order, and raises ValueError naming the
+// argument: the sizes (non-negative counts, a valid layout, no int64 overflow of the buffers'
+// extents), the required pointers (non-null), each pointer's alignment to its element type, and,
+// only when there is work to do, that every pointer is memory the current device can read
+// (device memory of the current device, or managed memory: cuda::pointer_info). Python
+// (sdq.ops) checks dtype, device and contiguity of the tensors before; these checks are the
+// native side's own, so that a wrong pointer is an error and not a crash or a wrong answer.
+// Status::not_built, Status::cuda_error and internal errors raise RuntimeError.
+// Nothing here initialises CUDA until a call has work: has_cuda() only reports whether the
+// kernels were compiled in, the plan helpers are host arithmetic, and empty calls return early.
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <string>
+#include <utility>
 
 #include "common.h"
 #include "sdq/cuda.h"
@@ -17,8 +26,28 @@ namespace {
 
 void* as_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
+std::string hex(uintptr_t p) {
+  static const char digits[] = "0123456789abcdef";
+  std::string s;
+  do s.insert(s.begin(), digits[p % 16]); while (p /= 16);
+  return "0x" + s;
+}
+
 void require_ptr(uintptr_t p, const char* name) {
   if (p == 0) throw py::value_error(std::string(name) + " must be a non-null device pointer");
+}
+
+// A misaligned float/half access faults the whole CUDA context, so refuse it here.
+void require_aligned(uintptr_t p, size_t bytes, const char* name, const char* type) {
+  if (p % bytes != 0)
+    throw py::value_error(std::string(name) + " must be " + std::to_string(bytes) +
+                          "-byte aligned (" + type + "), got address " + hex(p));
+}
+
+using NamedPtrs = std::initializer_list<std::pair<const char*, uintptr_t>>;
+
+void require_floats_aligned(NamedPtrs ptrs) {
+  for (const auto& [name, p] : ptrs) require_aligned(p, sizeof(float), name, "float32");
 }
 
 void require_positive(int64_t v, const char* name) {
@@ -29,16 +58,51 @@ void require_nonneg(int64_t v, const char* name) {
   if (v < 0) throw py::value_error(std::string(name) + " must be >= 0, got " + std::to_string(v));
 }
 
-// RuntimeError for a missing build or a CUDA failure, ValueError for the rest.
-void check_cuda_status(Status s, const char* what) {
+// rows * cols elements of `elem` bytes must be addressable (a, b >= 0).
+void require_extent(int64_t rows, int64_t cols, size_t elem, const char* what) {
+  const int64_t max = std::numeric_limits<int64_t>::max() / static_cast<int64_t>(elem);
+  if (cols != 0 && rows > max / cols)
+    throw py::value_error(std::string(what) + " is too large: " + std::to_string(rows) + " x " +
+                          std::to_string(cols) + " elements overflow int64");
+}
+
+// RuntimeError for a missing build or a CUDA failure (with the runtime's message), ValueError
+// for argument errors, MemoryError / RuntimeError for the rest (common.h).
+void check_cuda_status(Status s, const std::string& what) {
   if (s == Status::ok) return;
   if (s == Status::not_built)
-    throw std::runtime_error(std::string(what) + ": " + status_string(s) +
+    throw std::runtime_error(what + ": " + status_string(s) +
                              " (sdq was built without CUDA kernels)");
   if (s == Status::cuda_error)
-    throw std::runtime_error(std::string(what) + ": " + status_string(s) + ": " +
-                             cuda::last_error());
-  check_status(s, what);
+    throw std::runtime_error(what + ": " + status_string(s) + ": " + cuda::last_error());
+  check_status(s, what.c_str());
+}
+
+// ValueError unless p is memory a kernel on the current device may read: device memory of the
+// current device, or managed memory. One cudaPointerGetAttributes per pointer (microseconds).
+void require_device_memory(uintptr_t p, const char* name, const char* fn) {
+  cuda::PointerInfo info{};
+  check_cuda_status(cuda::pointer_info(as_ptr(p), &info),
+                    std::string(fn) + ": cannot check " + name);
+  if (info.usable()) return;
+  const std::string arg = std::string(fn) + ": " + name + " (" + hex(p) + ")";
+  switch (info.kind) {
+    case cuda::MemoryKind::device:
+      throw py::value_error(arg + " is memory of CUDA device " + std::to_string(info.device) +
+                            ", but the current device is " + std::to_string(info.current_device) +
+                            " (run under torch.cuda.device(tensor.device))");
+    case cuda::MemoryKind::host:
+      throw py::value_error(arg + " is pinned host memory, not device memory");
+    default:
+      throw py::value_error(arg + " is not CUDA memory (host memory or an invalid address); "
+                            "pass tensor.data_ptr() of a CUDA tensor");
+  }
+}
+
+// Every non-zero pointer of the list (zero ones are optional arguments already checked).
+void require_device_memory(NamedPtrs ptrs, const char* fn) {
+  for (const auto& [name, p] : ptrs)
+    if (p != 0) require_device_memory(p, name, fn);
 }
 
 void fwht_py(uintptr_t x_ptr, int64_t rows, int64_t n, uintptr_t signs_ptr, bool inverse,
@@ -46,7 +110,13 @@ void fwht_py(uintptr_t x_ptr, int64_t rows, int64_t n, uintptr_t signs_ptr, bool
   require_nonneg(rows, "rows");
   if (n < 1 || n > (int64_t{1} << 24) || !is_power_of_two(n))
     throw py::value_error("n must be a power of two in [1, 2^24], got " + std::to_string(n));
-  if (rows > 0) require_ptr(x_ptr, "x_ptr");
+  require_extent(rows, n, sizeof(float), "x (rows x n)");
+  if (rows > 0) {
+    require_ptr(x_ptr, "x_ptr");
+    require_aligned(x_ptr, sizeof(float), "x_ptr", "float32");
+    require_aligned(signs_ptr, sizeof(float), "signs_ptr", "float32");
+    require_device_memory({{"x_ptr", x_ptr}, {"signs_ptr", signs_ptr}}, "cuda_fwht");
+  }
   Status s;
   {
     py::gil_scoped_release release;
@@ -64,14 +134,24 @@ void activation_transform_py(uintptr_t x_ptr, int64_t batch, int64_t in_features
   require_nonneg(batch, "batch");
   if (L.padded(0) > 32768)
     throw py::value_error("block_size must be <= 32768 on CUDA, got " + std::to_string(block_size));
+  require_extent(batch, in_features, sizeof(float), "x (batch x in_features)");
+  require_extent(batch, L.total_code_cols(), sizeof(float), "xt (batch x total_code_cols)");
+  const bool hadamard = signs_ptr != 0;
   if (batch > 0) {
     require_ptr(x_ptr, "x_ptr");
     require_ptr(down_last_ptr, "down_last_ptr");
     if (L.num_blocks() > 1) require_ptr(down_full_ptr, "down_full_ptr");
     require_ptr(xt_ptr, "xt_ptr");
     require_ptr(xsum_ptr, "xsum_ptr");
+    require_floats_aligned({{"x_ptr", x_ptr}, {"signs_ptr", signs_ptr},
+                            {"down_full_ptr", down_full_ptr}, {"down_last_ptr", down_last_ptr},
+                            {"xt_ptr", xt_ptr}, {"xsum_ptr", xsum_ptr}});
+    require_device_memory({{"x_ptr", x_ptr}, {"signs_ptr", signs_ptr},
+                           {"down_full_ptr", L.num_blocks() > 1 ? down_full_ptr : 0},
+                           {"down_last_ptr", down_last_ptr}, {"xt_ptr", xt_ptr},
+                           {"xsum_ptr", xsum_ptr}},
+                          "cuda_activation_transform");
   }
-  const bool hadamard = signs_ptr != 0;
   Status s;
   {
     py::gil_scoped_release release;
@@ -96,6 +176,9 @@ void addonly_gemm_py(uintptr_t sign_ptr, uintptr_t nonzero_ptr, uintptr_t scale_
   require_nonneg(batch, "batch");
   if (levels == Levels::binary && nonzero_ptr != 0)
     throw py::value_error("nonzero_ptr must be 0 for levels='binary'");
+  require_extent(out, L.words_per_row(), sizeof(word_t), "sign (out x words)");
+  require_extent(batch, L.total_code_cols(), sizeof(float), "xt (batch x total_code_cols)");
+  require_extent(batch, out, sizeof(float), "y (batch x out)");
   if (out > 0 && batch > 0) {
     require_ptr(sign_ptr, "sign_ptr");
     if (levels == Levels::ternary) require_ptr(nonzero_ptr, "nonzero_ptr");
@@ -104,8 +187,15 @@ void addonly_gemm_py(uintptr_t sign_ptr, uintptr_t nonzero_ptr, uintptr_t scale_
     require_ptr(xt_ptr, "xt_ptr");
     require_ptr(xsum_ptr, "xsum_ptr");
     require_ptr(y_ptr, "y_ptr");
-    if (sign_ptr % 4 != 0 || nonzero_ptr % 4 != 0)
-      throw py::value_error("sign_ptr and nonzero_ptr must be 4-byte aligned (uint32 words)");
+    require_aligned(sign_ptr, sizeof(word_t), "sign_ptr", "uint32 words");
+    require_aligned(nonzero_ptr, sizeof(word_t), "nonzero_ptr", "uint32 words");
+    require_aligned(scale_ptr, sizeof(uint16_t), "scale_ptr", "float16");
+    require_aligned(mean_ptr, sizeof(uint16_t), "mean_ptr", "float16");
+    require_floats_aligned({{"xt_ptr", xt_ptr}, {"xsum_ptr", xsum_ptr}, {"y_ptr", y_ptr}});
+    require_device_memory({{"sign_ptr", sign_ptr}, {"nonzero_ptr", nonzero_ptr},
+                           {"scale_ptr", scale_ptr}, {"mean_ptr", mean_ptr}, {"xt_ptr", xt_ptr},
+                           {"xsum_ptr", xsum_ptr}, {"y_ptr", y_ptr}},
+                          "cuda_addonly_gemm");
   }
   Status s;
   {

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -16,9 +17,25 @@ namespace sdq::bind {
 
 namespace py = pybind11;
 
-// Raise ValueError "<what>: <status text>" unless s is ok.
-inline void check_status(Status s, const char* what) {
-  if (s != Status::ok) throw py::value_error(std::string(what) + ": " + status_string(s));
+// Unless s is ok, raise "<what>: <status text>[: <detail>]" as
+//   ValueError   for argument errors (is_argument_error: the caller can fix them),
+//   MemoryError  for out_of_memory,
+//   RuntimeError otherwise (internal_error, cuda_error, not_built).
+// `detail` defaults to the text of the exception the core caught (out_of_memory, internal_error).
+inline void check_status(Status s, const char* what, const std::string& detail = {}) {
+  if (s == Status::ok) return;
+  std::string msg = std::string(what) + ": " + status_string(s);
+  std::string more = detail;
+  if (more.empty() && (s == Status::out_of_memory || s == Status::internal_error))
+    more = last_exception_text();
+  if (!more.empty()) msg += ": " + more;
+  if (is_argument_error(s)) throw py::value_error(msg);
+  if (s == Status::out_of_memory) {
+    // pybind11 has no MemoryError class that keeps a message; set the Python error directly.
+    PyErr_SetString(PyExc_MemoryError, msg.c_str());
+    throw py::error_already_set();
+  }
+  throw std::runtime_error(msg);
 }
 
 // Require a C-contiguous NumPy array of dtype T with `ndim` dimensions; TypeError/ValueError otherwise.

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "guard.h"
 #include "parallel.h"
 #include "sdq/gemv.h"
 
@@ -73,11 +74,9 @@ Status transform_block(const BlockLayout& L, int64_t b, int64_t t0, int64_t t1, 
   return Status::ok;
 }
 
-}  // namespace
-
-Status activation_transform(const BlockLayout& L, bool hadamard, const float* signs,
-                            const float* down_full, const float* down_last, const float* x,
-                            int64_t batch, float* xt, float* xsum, int threads) noexcept {
+Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs,
+                         const float* down_full, const float* down_last, const float* x,
+                         int64_t batch, float* xt, float* xsum, int threads) {
   if (!L.valid() || batch < 0) return Status::bad_size;
   if (batch == 0) return Status::ok;
   if (!x || !xt || !xsum || !down_last) return Status::null_pointer;
@@ -99,6 +98,17 @@ Status activation_transform(const BlockLayout& L, bool hadamard, const float* si
     }
   });
   return result.load();
+}
+
+}  // namespace
+
+Status activation_transform(const BlockLayout& L, bool hadamard, const float* signs,
+                            const float* down_full, const float* down_last, const float* x,
+                            int64_t batch, float* xt, float* xsum, int threads) noexcept {
+  return detail::guarded([&] {
+    return transform_checked(L, hadamard, signs, down_full, down_last, x, batch, xt, xsum,
+                             threads);
+  });
 }
 
 }  // namespace sdq

@@ -1,6 +1,7 @@
 // Bitplane packing (bitplane.h): one pass over the int8 codes per row, 32 codes to a word.
 #include "sdq/bitplane.h"
 
+#include "guard.h"
 #include "parallel.h"
 
 namespace sdq {
@@ -47,10 +48,8 @@ Status check(int64_t rows, int64_t cols, Levels levels, const void* a, const voi
   return Status::ok;
 }
 
-}  // namespace
-
-Status pack_bitplanes(const int8_t* codes, int64_t rows, int64_t cols, Levels levels,
-                      word_t* sign, word_t* nonzero, int threads) noexcept {
+Status pack_checked(const int8_t* codes, int64_t rows, int64_t cols, Levels levels, word_t* sign,
+                    word_t* nonzero, int threads) {
   const Status st = check(rows, cols, levels, codes, sign, nonzero);
   if (st != Status::ok || rows == 0 || cols == 0) return st;
   if (levels == Levels::binary) nonzero = nullptr;
@@ -66,8 +65,8 @@ Status pack_bitplanes(const int8_t* codes, int64_t rows, int64_t cols, Levels le
   return ok ? Status::ok : Status::bad_code;
 }
 
-Status unpack_bitplanes(const word_t* sign, const word_t* nonzero, int64_t rows, int64_t cols,
-                        Levels levels, int8_t* codes, int threads) noexcept {
+Status unpack_checked(const word_t* sign, const word_t* nonzero, int64_t rows, int64_t cols,
+                      Levels levels, int8_t* codes, int threads) {
   const Status st = check(rows, cols, levels, codes, sign, nonzero);
   if (st != Status::ok || rows == 0 || cols == 0) return st;
   if (levels == Levels::binary) nonzero = nullptr;
@@ -78,6 +77,20 @@ Status unpack_bitplanes(const word_t* sign, const word_t* nonzero, int64_t rows,
                  codes + r * cols);
   });
   return Status::ok;
+}
+
+}  // namespace
+
+Status pack_bitplanes(const int8_t* codes, int64_t rows, int64_t cols, Levels levels,
+                      word_t* sign, word_t* nonzero, int threads) noexcept {
+  return detail::guarded(
+      [&] { return pack_checked(codes, rows, cols, levels, sign, nonzero, threads); });
+}
+
+Status unpack_bitplanes(const word_t* sign, const word_t* nonzero, int64_t rows, int64_t cols,
+                        Levels levels, int8_t* codes, int threads) noexcept {
+  return detail::guarded(
+      [&] { return unpack_checked(sign, nonzero, rows, cols, levels, codes, threads); });
 }
 
 }  // namespace sdq

@@ -11,6 +11,8 @@ bool built() noexcept { return false; }
 
 const char* last_error() noexcept { return "sdq was built without CUDA (no nvcc, or SDQ_CUDA=OFF)"; }
 
+Status pointer_info(const void*, PointerInfo*) noexcept { return Status::not_built; }
+
 Status fwht(float*, int64_t, int64_t, const float*, bool, void*) noexcept {
   return Status::not_built;
 }

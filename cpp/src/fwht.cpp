@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "guard.h"
 #include "parallel.h"
 
 namespace sdq {
@@ -34,10 +35,8 @@ void scale_and_sign(float* __restrict x, int64_t n, const float* __restrict sign
   }
 }
 
-}  // namespace
-
-Status fwht(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
-            int threads) noexcept {
+Status fwht_checked(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
+                    int threads) {
   if (rows < 0 || n <= 0 || n > kMaxLength) return Status::bad_size;
   if (!is_power_of_two(n)) return Status::not_power_of_two;
   if (rows == 0) return Status::ok;
@@ -54,6 +53,13 @@ Status fwht(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
     }
   });
   return Status::ok;
+}
+
+}  // namespace
+
+Status fwht(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
+            int threads) noexcept {
+  return detail::guarded([&] { return fwht_checked(x, rows, n, signs, inverse, threads); });
 }
 
 }  // namespace sdq

@@ -1,10 +1,10 @@
 // addonly_gemm (gemv.h): argument checks, the shared look-up tables, run-time choice of variant
 // and the split of output rows over threads. The variants live in gemm_addonly_<isa>.cpp.
 #include <algorithm>
-#include <new>
 #include <vector>
 
 #include "gemm_addonly.h"
+#include "guard.h"
 #include "parallel.h"
 #include "sdq/gemv.h"
 
@@ -125,11 +125,10 @@ Status addonly_gemm_variant(AddonlyKernel kernel, const BlockLayout& L, Levels l
   if (s != Status::ok || out == 0 || batch == 0) return s;
   if (kernel == AddonlyKernel::automatic) kernel = best_kernel();
   if (!cpu_has(kernel)) return Status::not_built;
-  try {
+  // The tables of a huge layer may not fit (out_of_memory); a kernel's worker may throw too.
+  return detail::guarded([&] {
     return run(kernel, L, levels, sign, nonzero, scale, mean, out, xt, xsum, batch, y, threads);
-  } catch (const std::bad_alloc&) {  // the tables of a huge layer; there is no better code
-    return Status::bad_size;
-  }
+  });
 }
 
 Status addonly_gemm(const BlockLayout& L, Levels levels, const word_t* sign,

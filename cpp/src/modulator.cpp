@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "guard.h"
 #include "parallel.h"
 
 namespace sdq {
@@ -92,11 +93,8 @@ void run_tile(const float* z, int64_t z_stride, const float* tau, int64_t r0, in
   }
 }
 
-}  // namespace
-
-Status sigma_delta_modulate(const float* z, int64_t rows, int64_t m, int64_t z_stride,
-                            const float* tau, int order, Levels levels, int8_t* codes,
-                            int threads) noexcept {
+Status modulate_checked(const float* z, int64_t rows, int64_t m, int64_t z_stride,
+                        const float* tau, int order, Levels levels, int8_t* codes, int threads) {
   if (order != 1 && order != 2) return Status::bad_order;
   if (levels != Levels::binary && levels != Levels::ternary) return Status::bad_levels;
   if (rows < 0 || m < 0 || z_stride < m) return Status::bad_size;
@@ -111,6 +109,16 @@ Status sigma_delta_modulate(const float* z, int64_t rows, int64_t m, int64_t z_s
     }
   });
   return Status::ok;
+}
+
+}  // namespace
+
+Status sigma_delta_modulate(const float* z, int64_t rows, int64_t m, int64_t z_stride,
+                            const float* tau, int order, Levels levels, int8_t* codes,
+                            int threads) noexcept {
+  return detail::guarded([&] {
+    return modulate_checked(z, rows, m, z_stride, tau, order, levels, codes, threads);
+  });
 }
 
 }  // namespace sdq

@@ -10,6 +10,8 @@
 
 #include <cmath>
 
+#include "guard.h"
+
 namespace sdq {
 namespace {
 
@@ -32,9 +34,7 @@ double entry(int64_t n, int64_t j, int64_t n_in, int64_t n_out) noexcept {
   return acc / static_cast<double>(n_in);
 }
 
-}  // namespace
-
-Status resample_matrix(int64_t n_in, int64_t n_out, float* out) noexcept {
+Status resample_checked(int64_t n_in, int64_t n_out, float* out) {
   if (n_in <= 0 || n_out <= 0 || n_in > kMaxLength || n_out > kMaxLength) return Status::bad_size;
   if (!out) return Status::null_pointer;
   for (int64_t n = 0; n < n_out; ++n)
@@ -42,6 +42,12 @@ Status resample_matrix(int64_t n_in, int64_t n_out, float* out) noexcept {
       out[n * n_in + j] = static_cast<float>(n_in == n_out ? (n == j ? 1.0 : 0.0)
                                                            : entry(n, j, n_in, n_out));
   return Status::ok;
+}
+
+}  // namespace
+
+Status resample_matrix(int64_t n_in, int64_t n_out, float* out) noexcept {
+  return detail::guarded([&] { return resample_checked(n_in, n_out, out); });
 }
 
 }  // namespace sdq

@@ -3,6 +3,11 @@
 // synchronise the stream and never touch the host. In a build without nvcc every function returns
 // Status::not_built (built() returns false and last_error() says so).
 //
+// What the entry points check themselves (cheap, host-only): sizes, null pointers, alignment of
+// each pointer to its element type (Status::bad_pointer), launch-grid limits. They do not ask the
+// driver where a pointer points, which costs a runtime call per pointer: a caller that cannot
+// vouch for its pointers (the Python binding) checks each with pointer_info() first.
+//
 // The launch plans below are plain host arithmetic (no CUDA), so a CPU-only build can test them.
 #pragma once
 #include <cstdint>
@@ -19,6 +24,28 @@ bool built() noexcept;
 
 // Text of the last CUDA runtime error seen by an entry point on this thread ("" if none).
 const char* last_error() noexcept;
+
+// Where a pointer points, from cudaPointerGetAttributes.
+enum class MemoryKind : int {
+  unregistered = 0,  // not known to CUDA: pageable host memory, or not a valid address at all
+  host = 1,          // page-locked (pinned) host memory
+  device = 2,        // device memory of `device`
+  managed = 3,       // managed (unified) memory: usable from any device
+};
+
+struct PointerInfo {
+  MemoryKind kind;
+  int device;          // the device owning device/managed memory; -1 otherwise
+  int current_device;  // cudaGetDevice() of the calling thread
+  // True when a kernel launched on the current device may dereference the pointer.
+  bool usable() const noexcept {
+    return kind == MemoryKind::managed || (kind == MemoryKind::device && device == current_device);
+  }
+};
+
+// Fills *info for p (non-null). Unlike the entry points' no-work paths, this initialises CUDA.
+// cuda_error (with last_error()) when there is no usable device or driver.
+Status pointer_info(const void* p, PointerInfo* info) noexcept;
 
 // Same contract as sdq::fwht (fwht.h), on device memory. Lengths up to the largest power of two
 // whose row fits the device's shared memory (32768 on A100/H100) take one pass; longer ones (up
