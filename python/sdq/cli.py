@@ -186,7 +186,7 @@ def cmd_quantize(args) -> dict:
 
 
 def _print_coverage(coverage: dict) -> None:
-    from .pipeline import coverage_lines
+    from .coverage import coverage_lines
     for line in coverage_lines(coverage):
         print(f"  {line}")
     if "unsupported" in coverage["full_precision"]:
