@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from sdq.calibration_warnings import CalibrationWarning
 from sdq.gptq import (gptq_blockwise, gptq_columnwise, gptq_quantize, prepare_hessian,
                       uniform_grid, uniform_round)
 from sdq.methods.baselines import rtn
@@ -64,7 +65,7 @@ def test_prepare_hessian_dead_columns():
 
 def test_prepare_hessian_raises_damping_with_warning():
     H = torch.ones(4, 4)  # rank 1: Cholesky fails without damping
-    with pytest.warns(RuntimeWarning, match="percdamp"):
+    with pytest.warns(CalibrationWarning, match="percdamp"):
         Hinv, _ = prepare_hessian(H, torch.randn(2, 4), percdamp=0.0)
     assert torch.isfinite(Hinv).all()
 

@@ -13,15 +13,18 @@ GPTQ baseline must use the very same grid for their comparison to be fair.
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
+from .calibration_warnings import CalibrationNotes
+from .validate import check_weight
+
 __all__ = [
-    "check_weight", "check_bits", "check_positive_int", "uniform_grid", "uniform_round",
-    "prepare_hessian", "gptq_blockwise", "gptq_columnwise", "gptq_quantize",
+    "check_bits", "check_positive_int", "uniform_grid", "uniform_round", "dead_blocks",
+    "damped_inverse_cholesky", "prepare_hessian", "gptq_blockwise", "gptq_columnwise",
+    "gptq_quantize",
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -32,23 +35,6 @@ _FP16_TINY = 2.0 ** -24
 
 
 # ---------------------------------------------------------------------------- validation
-def check_weight(W: Any, name: str = "W") -> None:
-    """Raise TypeError/ValueError unless `W` is a non-empty, finite, 2-D float tensor."""
-    if not isinstance(W, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
-    if not W.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor, got dtype {W.dtype}")
-    if W.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [out, in], got shape {tuple(W.shape)}")
-    if W.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(W.shape)})")
-    finite = torch.isfinite(W)
-    if not bool(finite.all()):
-        n_nan = int(torch.isnan(W).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        raise ValueError(f"{name} has {n_nan} NaN and {n_inf} Inf entries")
-
-
 def check_bits(bits: Any) -> None:
     """Raise ValueError unless `bits` is one of the supported uniform bit widths."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
@@ -114,38 +100,117 @@ def _upper_cholesky_of_inverse(H: Tensor) -> Tensor | None:
     return U
 
 
-def prepare_hessian(H: Tensor, W: Tensor, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
+# Damping grows tenfold per try until the damping term is this many times H's largest entry:
+# H + damp I is then the identity to float32's eyes, and positive definite for any symmetric H of
+# fewer than this many columns (Gershgorin), so the search always ends with a factor.
+_DAMP_TO_IDENTITY = 1e8
+
+
+def _damping_schedule(percdamp: float, largest_over_mean_diag: float) -> Iterator[float]:
+    """percdamp, then tenfold steps (at least 0.01: GPTQ's default) up to 'effectively identity'."""
+    damp = percdamp
+    yield damp
+    while damp < _DAMP_TO_IDENTITY * largest_over_mean_diag:
+        damp = max(damp * 10, 0.01)
+        yield damp
+
+
+def damped_inverse_cholesky(H: Tensor, percdamp: float) -> tuple[Tensor | None, float]:
+    """(U, damp): upper U with U^T U = (H + damp * mean(diag H) I)^-1, in H's dtype (use float64).
+
+    damp is the first of percdamp, then tenfold increases (at least 0.01), for which both
+    Cholesky factorisations succeed; a rank-deficient H (few tokens, MoE experts) needs only
+    percdamp > 0, a badly conditioned one may need more. Returns (None, last damp tried) when H has
+    no positive mean diagonal or nothing factorises before the damping dwarfs H (non-finite H).
+    """
+    mean_diag = float(torch.diagonal(H).mean())
+    if not (math.isfinite(mean_diag) and mean_diag > 0):
+        return None, percdamp
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    largest = max(float(H.max()), -float(H.min()))  # max |H| without an [in, in] temporary
+    damp = percdamp
+    for damp in _damping_schedule(percdamp, largest / mean_diag):
+        U = _upper_cholesky_of_inverse(H + (damp * mean_diag) * eye)
+        if U is not None:
+            return U, damp
+    return None, damp
+
+
+def _reject_non_gram(H: Tensor) -> None:
+    """ValueError if some |H[i, j]| > sqrt(H[i, i] H[j, j]): no Gram matrix X^T X has that, and no
+    damping should paper over it (checked only when the damping had to grow; rows in chunks)."""
+    d = torch.diagonal(H)
+    for r in range(0, H.shape[0], 1024):
+        rows = H[r: r + 1024]
+        bound = d[r: r + 1024, None] * d[None, :]
+        bad = rows.square() > bound * (1 + 1e-2) + 1e-300  # 1%: far beyond float rounding
+        if bool(bad.any()):
+            i, j = (int(k) for k in bad.nonzero()[0])
+            raise ValueError(f"H is not positive definite: |H[{r + i}, {j}]| exceeds "
+                             f"sqrt(H[{r + i}, {r + i}] * H[{j}, {j}]), so it is not a Gram matrix "
+                             "2/n X^T X: check the calibration activations")
+
+
+def dead_blocks(H: Tensor, block_size: int) -> list[int]:
+    """Indices of the blocks of `block_size` input columns whose inputs were all zero
+    (H[i, i] == 0 for every column i of the block)."""
+    dead = torch.diagonal(H) == 0
+    return [b for b, start in enumerate(range(0, H.shape[0], block_size))
+            if bool(dead[start: start + block_size].all())]
+
+
+def _check_percdamp(percdamp: Any) -> None:
+    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
+        raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+
+
+def prepare_hessian(H: Tensor, W: Tensor, percdamp: float = 0.01, *,
+                    block_size: int | None = None,
+                    notes: CalibrationNotes | None = None) -> tuple[Tensor, Tensor]:
     """Turn the Hessian H [in, in] into GPTQ's Hinv; returns (Hinv [in, in], W [out, in]).
 
     Both outputs are new float32 tensors on W's device; the inputs are not modified.
     Dead input columns (H[i, i] == 0: the input is always zero there) get H[i, i] = 1 and a
-    zeroed weight column, since no data can say what they should be. H is dampened by
-    percdamp * mean(diag H) and inverted in float64 (the Cholesky factors of ill-conditioned
-    Hessians lose too much in float32). If Cholesky still fails, the damping is raised tenfold
-    twice, with a RuntimeWarning; after that a ValueError is raised.
+    zeroed weight column (GPTQ's rule): they do not change the layer's output on the data seen,
+    and zero is free to quantize. With `block_size`, a whole dead block of that many columns keeps
+    its weights instead, to be quantized uncalibrated: zeroing it would erase the block for inputs
+    that calibration never showed (an MoE expert that saw no token). Dead columns have no
+    off-diagonal entries, so no error is propagated into or out of them.
+    H is dampened by percdamp * mean(diag H) and inverted in float64 (the Cholesky factors of
+    ill-conditioned Hessians lose too much in float32). If Cholesky fails, the damping grows
+    tenfold until it succeeds (damped_inverse_cholesky), which is reported once in `notes`, or
+    as a CalibrationWarning right away when no notes are given. An H that is no Gram matrix
+    (|H[i, j]| > sqrt(H[i, i] H[j, j])) is a ValueError rather than something to damp away.
     Hinv is upper triangular with Hinv^T Hinv = (H + damp I)^-1.
     """
     check_weight(W)
     _check_hessian(H, W.shape[1])
-    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
-        raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+    _check_percdamp(percdamp)
+    if block_size is not None:
+        check_positive_int(block_size, "block_size")
+    own_notes = notes is None
+    notes = CalibrationNotes() if own_notes else notes
     H = H.detach().to(device=W.device, dtype=torch.float64, copy=True)
     W = W.detach().to(dtype=torch.float32, copy=True)
     dead = torch.diagonal(H) == 0
+    zeroed = dead.clone()
+    for b in dead_blocks(H, block_size) if block_size is not None else ():
+        zeroed[b * block_size: (b + 1) * block_size] = False
+        notes.add("no calibration data (inputs always zero): quantized uncalibrated", b)
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    mean_diag = float(torch.diagonal(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    tries = [percdamp] + [max(percdamp, 0.01) * 10 ** k for k in (1, 2)]
-    for attempt, damp in enumerate(tries):
-        U = _upper_cholesky_of_inverse(H + (damp * mean_diag) * eye)
-        if U is not None:
-            if attempt:
-                warnings.warn(f"Cholesky of H failed with percdamp={percdamp}; "
-                              f"succeeded with percdamp={damp}", RuntimeWarning, stacklevel=2)
-            return U.float(), W
-    raise ValueError(f"H is not positive definite even with percdamp={tries[-1]}: "
-                     "check the calibration activations")
+    W[:, zeroed] = 0.0
+    U, damp = damped_inverse_cholesky(H, percdamp)
+    if U is None or damp != percdamp:
+        _reject_non_gram(H)
+    if U is None:  # unreachable for a finite symmetric H: the damping ends at the identity
+        raise ValueError(f"H is not positive definite even with percdamp={damp:g}: "
+                         "check the calibration activations")
+    if damp != percdamp:
+        notes.add(f"Cholesky of H failed with percdamp={percdamp:g}; succeeded with "
+                  f"percdamp={damp:g}")
+    if own_notes:
+        notes.warn(stacklevel=2)
+    return U.float(), W
 
 
 # ---------------------------------------------------------------------------- engines
@@ -244,17 +309,20 @@ def gptq_columnwise(W: Tensor, Hinv: Tensor, block_size: int,
 
 # ---------------------------------------------------------------------------- GPTQ baseline
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int = 128,
-                  percdamp: float = 0.01) -> Tensor:
+                  percdamp: float = 0.01, *, name: str | None = None) -> Tensor:
     """The GPTQ baseline: W [out, in] -> dequantized W_hat [out, in] float32.
 
     Asymmetric min-max uniform grid (uniform_grid) per row and group of `group_size` input
     columns, fitted on the compensated weights at the start of each group; columns in natural
     order (no act-order). H [in, in] is 2/n * sum(x x^T) of the layer's inputs. Storage is the
     same as RTN's: bits + 32 / group_size bits per weight (fp16 scale and offset per group).
+    A group whose inputs were all zero is quantized like RTN (prepare_hessian keeps its weights
+    and isolates it); that and any extra damping give one CalibrationWarning naming `name`.
     """
     check_bits(bits)
     check_positive_int(group_size, "group_size")
-    Hinv, W = prepare_hessian(H, W, percdamp)
+    notes = CalibrationNotes(name)
+    Hinv, W = prepare_hessian(H, W, percdamp, block_size=group_size, notes=notes)
 
     def grid(start: int, W_group: Tensor) -> tuple[Tensor, Tensor]:
         return uniform_grid(W_group, bits)
@@ -265,4 +333,6 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int = 128,
 
     # 128 columns per lazy batch as in GPTQ, unless the groups do not tile it.
     block_size = 128 if group_size % 128 == 0 or 128 % group_size == 0 else group_size
-    return gptq_columnwise(W, Hinv, block_size, column, grid, group_size)
+    W_hat = gptq_columnwise(W, Hinv, block_size, column, grid, group_size)
+    notes.warn(stacklevel=2)
+    return W_hat

@@ -12,7 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..gptq import check_bits, check_positive_int, check_weight, uniform_grid, uniform_round
+from ..gptq import check_bits, check_positive_int, uniform_grid, uniform_round
+from ..validate import check_weight
 
 __all__ = ["rtn", "absmean_ternary", "sign_rowscale", "bits_all_in"]
 

@@ -8,21 +8,52 @@ calibrated). Choosing the codes one sample at a time and pushing each sample's r
 the samples not yet chosen with G's inverse Cholesky factor is exactly GPTQ on G, so the GPTQ engine
 does it. G has rank <= padded < m, hence the damping (gram_damp * mean diag). Afterwards the scale
 and mean are refitted per row by (weighted) least squares for the chosen codes.
+
+Calibration data can be dead or too thin to pin C down (few tokens, MoE experts): the damping then
+grows until G factorises, a C that stays unusable is replaced by the identity, and a weighted refit
+that C cannot decide falls back to the unweighted one; `note` is told each time (one
+CalibrationWarning per layer, see sdq.calibration_warnings).
 """
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .. import blocks
 from ..config import SDQConfig
-from ..gptq import gptq_columnwise
+from ..gptq import damped_inverse_cholesky, gptq_columnwise
+from .normalise import FP16_MAX, normalise, quantile_lastdim
+
+Note = Callable[[str], None]  # records what had to be done for this block (CalibrationNotes)
 
 
-def _inverse_cholesky(G: torch.Tensor, damp: float) -> torch.Tensor:
-    G = G + damp * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype)
-    L = torch.linalg.cholesky(G)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+def _ignore(what: str) -> None:
+    pass
+
+
+def _gram_factor(D: torch.Tensor, C: torch.Tensor | None, damp: float, note: Note):
+    """(Hinv float32 [m, m], C used): GPTQ's factor of G = D^T C D, damped by `damp` x mean diag.
+
+    A G that does not factorise at that damping gets more (damped_inverse_cholesky); a covariance
+    that no damping makes usable (non-finite, or no mean diagonal) is dropped for the identity,
+    i.e. this block gets uncalibrated codes. D^T D always factorises once damped.
+    """
+    if C is not None:
+        U, used = damped_inverse_cholesky(D.T @ (C @ D), damp)
+        if U is not None:
+            if used != damp:
+                note(f"Gram matrix damped by {used:g} x mean diag (gram_damp={damp:g} failed)")
+            return U.float(), C
+        note("input covariance unusable (no damping made it factorise): uncalibrated codes")
+    U, used = damped_inverse_cholesky(D.T @ D, damp)
+    if U is None:  # unreachable: D^T D is finite with a positive diagonal
+        raise ValueError("the down-sampler's Gram matrix does not factorise: this is a bug in sdq")
+    if used != damp:
+        note(f"Gram matrix damped by {used:g} x mean diag (gram_damp={damp:g} failed)")
+    return U.float(), None
 
 
 def _round(v: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
@@ -31,36 +62,107 @@ def _round(v: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
     return torch.where(v >= tau, 1.0, torch.where(v <= -tau, -1.0, 0.0))
 
 
-def refit_scale_mean(a: torch.Tensor, w: torch.Tensor, C: torch.Tensor | None):
-    """Per row, (s, mu) minimising (s a + mu - w) C (s a + mu - w)^T; C None means identity."""
+def _normal_sums(a: torch.Tensor, w: torch.Tensor, C: torch.Tensor | None):
+    """Per row the entries of min (s a + mu - w) C (...)^T's normal equations:
+    a.a, a.1, 1.1, a.w, 1.w in the C inner product (C None: the plain one)."""
     one = torch.ones_like(a)
-    Ca, C1, Cw = (a, one, w) if C is None else (a @ C, one @ C, w @ C)
-    saa, sa1, s11 = (Ca * a).sum(1), (Ca * one).sum(1), (C1 * one).sum(1)
-    saw, s1w = (Ca * w).sum(1), (C1 * w).sum(1)
+    Ca, C1 = (a, one) if C is None else (a @ C, one @ C)
+    return (Ca * a).sum(1), (Ca * one).sum(1), (C1 * one).sum(1), (Ca * w).sum(1), (C1 * w).sum(1)
+
+
+def _solve_scale_mean(saa, sa1, s11, saw, s1w):
+    """Per row (s, mu, solved) of the 2x2 normal equations. Where they are singular (solved False)
+    s = 0 and mu is the weighted mean of w, or 0 where the constant carries no weight either."""
     det = saa * s11 - sa1 * sa1
-    ok = det.abs() > 1e-12 * (saa * s11).clamp_min(1e-300)
-    s = torch.where(ok, (saw * s11 - sa1 * s1w) / torch.where(ok, det, 1.0), 0.0)
-    mu = torch.where(ok, (saa * s1w - sa1 * saw) / torch.where(ok, det, 1.0), s1w / s11)
-    return s, mu
+    solved = det.abs() > 1e-12 * (saa * s11).clamp_min(1e-300)
+    safe_det = torch.where(solved, det, 1.0)
+    has_mean = s11 > 1e-300
+    mean = torch.where(has_mean, s1w / torch.where(has_mean, s11, 1.0), 0.0)
+    s = torch.where(solved, (saw * s11 - sa1 * s1w) / safe_det, 0.0)
+    mu = torch.where(solved, (saa * s1w - sa1 * saw) / safe_det, mean)
+    return s, mu, solved
+
+
+# C is known to float32 precision only (H is accumulated and rotated in float32), so a weighted
+# system whose determinant is within C's rounding is singular in fact, whatever float64 says. In
+# units of ||C||_F (see _resolved_by) a float32-rounded rank-1 C measures up to 2.5e-9; genuine
+# data, even SmolLM2 down_proj blocks whose one outlier direction holds all but 2e-4 of the
+# trace, measures 4e-7 and more. A quarter of float32's epsilon sits between, 12x from each.
+_COVARIANCE_NOISE = 2.0 ** -25
+
+
+def _resolved_by(C: torch.Tensor, a: torch.Tensor, saa, sa1, s11) -> torch.Tensor:
+    """Rows whose weighted 2x2 system stands above C's rounding: its determinant exceeds the change
+    that a perturbation of C by _COVARIANCE_NOISE * ||C||_F could cause. A rank-1 C rounded to
+    float32 passes the exact-singularity test yet leaves (s, mu) to the noise."""
+    eta = _COVARIANCE_NOISE * float(torch.linalg.matrix_norm(C))
+    na, n1 = a.norm(dim=1), a.shape[1] ** 0.5
+    noise = eta * (s11 * na ** 2 + saa * n1 ** 2 + 2 * sa1.abs() * na * n1)
+    return saa * s11 - sa1 * sa1 > noise
+
+
+# The damping of a weighting that cannot pin (s, mu) down, as a fraction of its mean diagonal:
+# GPTQ's own default percdamp, far above C's float32 noise.
+_REFIT_DAMP = 0.01
+
+
+def _fits_fp16(s: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    return (s.abs() <= FP16_MAX) & (mu.abs() <= FP16_MAX)  # False for NaN too
+
+
+def refit_scale_mean(a: torch.Tensor, w: torch.Tensor, C: torch.Tensor | None):
+    """Per row, (s, mu) minimising (s a + mu - w) C (s a + mu - w)^T; C None means identity.
+
+    A weighting that cannot tell a from the constant (dead or rank-deficient inputs: C blind to
+    one of them, up to its float32 rounding), or whose fit does not fit in fp16, is no basis for a
+    fit on its own: such rows fall back towards the unweighted fit, by least squares under
+    C + _REFIT_DAMP x mean(diag C) I: the weighted optimum along what C sees, the unweighted fit
+    along what it is blind to. A C with nothing on its diagonal (dead inputs) gives exactly the
+    unweighted fit. Never NaN.
+    Returns (s, mu, fell_back), fell_back the bool mask [rows] of rows that fell back while their
+    plain fit was well-posed (rows with constant codes are singular either way).
+    """
+    sums = _normal_sums(a, w, C)
+    s, mu, solved = _solve_scale_mean(*sums)
+    if C is None:
+        return s, mu, torch.zeros_like(solved)
+    usable = solved & _resolved_by(C, a, *sums[:3]) & _fits_fp16(s, mu)
+    if bool(usable.all()):
+        return s, mu, ~usable
+    s_plain, mu_plain, plain_solved = _solve_scale_mean(*_normal_sums(a, w, None))
+    s_fb, mu_fb = s_plain, mu_plain
+    mean_diag = float(C.diagonal().mean())
+    if math.isfinite(mean_diag) and mean_diag > 0:
+        damped = C + _REFIT_DAMP * mean_diag * torch.eye(C.shape[0], dtype=C.dtype)
+        s_d, mu_d, solved_d = _solve_scale_mean(*_normal_sums(a, w, damped))
+        ok_d = solved_d & _fits_fp16(s_d, mu_d)
+        s_fb, mu_fb = torch.where(ok_d, s_d, s_plain), torch.where(ok_d, mu_d, mu_plain)
+    s = torch.where(usable, s, s_fb)
+    mu = torch.where(usable, mu, mu_fb)
+    return s, mu, ~usable & plain_solved
 
 
 def gram_codes(u: torch.Tensor, target: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig,
-               C: torch.Tensor | None = None):
+               C: torch.Tensor | None = None, note: Note | None = None):
     """Codes for rows u [n, m] (up-sampled, rotated) whose block is target [n, padded].
 
+    C: the block's rotated input covariance (None: identity). note(what), if given, is told when
+    the covariance needed more damping, was dropped, or the weighted refit was.
     Returns (codes int8 [n, m], scale fp16 [n], mean fp16 [n]), like the modulator path.
     """
-    from .sdq import normalise, quantile_lastdim  # the paper's normalisation, shared
+    note = note or _ignore
     z, _, _ = normalise(u, cfg)
     D = blocks.resampler(g.m, g.padded)  # [padded, m]
-    G = D.T @ (D if C is None else C @ D)
     tau = None
     if cfg.levels == "ternary":
         tau = quantile_lastdim(z.abs(), cfg.p_cut).float()
-    Hinv = _inverse_cholesky(G, cfg.gram_damp)
+    Hinv, C = _gram_factor(D, C, cfg.gram_damp, note)
     q = gptq_columnwise(z.float(), Hinv, min(128, g.m), lambda j, w, _: _round(w, tau))
-    s, mu = refit_scale_mean(q.double() @ D.T, target, C)
+    s, mu, fell_back = refit_scale_mean(q.double() @ D.T, target, C)
+    if bool(fell_back.any()):
+        note("weighted scale/mean fit singular or out of fp16 range: damped/unweighted fit used")
     s16, mu16 = s.half(), mu.half()
     if not (torch.isfinite(s16).all() and torch.isfinite(mu16).all()):
-        raise ValueError("weights too large for the fp16 scale and mean")
+        raise ValueError(f"weights too large for the fp16 scale and mean (|value| must stay "
+                         f"below {FP16_MAX:g} after rotation and resampling)")
     return np.ascontiguousarray(q.to(torch.int8).numpy()), s16, mu16

@@ -10,34 +10,13 @@ import torch
 
 from .. import blocks
 from .._native import core
+from ..calibration_warnings import CalibrationNotes
 from ..config import SDQConfig
+from ..gptq import dead_blocks, gptq_blockwise, prepare_hessian
 from ..validate import as_weight_matrix
 from ..weight import QuantizedWeight
-
-FP16_MAX = 65504.0
-
-
-def quantile_lastdim(x: torch.Tensor, p: float) -> torch.Tensor:
-    """numpy's default 'linear' quantile along the last axis (torch.quantile caps its input size)."""
-    v, _ = torch.sort(x, dim=-1)
-    pos = p * (x.shape[-1] - 1)
-    lo = int(np.floor(pos))
-    hi = min(lo + 1, x.shape[-1] - 1)
-    frac = pos - lo
-    return v[..., lo] + (v[..., hi] - v[..., lo]) * frac
-
-
-def normalise(u: torch.Tensor, cfg: SDQConfig):
-    """Step 3 on float64 rows u: fp16 mean and scale (rounded before use, exactly as stored), z."""
-    mu = u.mean(dim=1).half()
-    dev = (u - mu.double()[:, None]).abs()
-    s = (quantile_lastdim(dev, cfg.p_scale) * cfg.sd_scale).half()
-    if not (torch.isfinite(mu).all() and torch.isfinite(s).all()):
-        raise ValueError(f"weights too large for the fp16 scale and mean (|value| must stay "
-                         f"below {FP16_MAX:g} after rotation and resampling)")
-    s_safe = torch.where(s.double() > 0, s.double(), torch.ones((), dtype=torch.float64))
-    z = (u - mu.double()[:, None]) / s_safe[:, None]
-    return z, s, mu
+from .gram import Note, gram_codes
+from .normalise import normalise, quantile_lastdim
 
 
 def modulate(z: torch.Tensor, cfg: SDQConfig) -> np.ndarray:
@@ -50,17 +29,17 @@ def modulate(z: torch.Tensor, cfg: SDQConfig) -> np.ndarray:
 
 
 def encode_rows(rows: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig, signs: np.ndarray,
-                C: torch.Tensor | None = None):
+                C: torch.Tensor | None = None, note: Note | None = None):
     """Rows [n, padded] of one block geometry -> (codes int8 [n, m], scale fp16 [n], mean fp16 [n]).
 
     C: the rotated input covariance of this block ("gram" codes only; None = identity).
+    note: told what had to be done when C could not be used as is ("gram" codes only).
     """
     if cfg.hadamard:
         rows = blocks.rotate(rows, signs)
     u = rows.double() @ blocks.resampler(g.padded, g.m).T
     if cfg.codes == "gram":
-        from .gram import gram_codes
-        return gram_codes(u, rows.double(), g, cfg, C)
+        return gram_codes(u, rows.double(), g, cfg, C, note)
     z, s, mu = normalise(u, cfg)
     return modulate(z, cfg), s, mu
 
@@ -88,6 +67,11 @@ class _Assembler:
 
     def put(self, g: blocks.BlockGroup, first: int, count: int, codes, s, mu) -> None:
         """Codes [out * count, m] of blocks first..first+count-1 of group g."""
+        if not (torch.isfinite(s).all() and torch.isfinite(mu).all()):
+            # Every path refits or falls back before this; a NaN here would be a bug, and must
+            # never reach a saved model.
+            raise ValueError(f"non-finite scale or mean in blocks {first}..{first + count - 1}: "
+                             "this is a bug in sdq, please report it")
         c0 = g.code_offset + (first - g.first) * g.code_cols
         view = self.codes[:, c0: c0 + count * g.code_cols].reshape(self.out, count, g.code_cols)
         view[:, :, : g.m] = codes.reshape(self.out, count, g.m)
@@ -128,30 +112,43 @@ def _rotated_block_hessian(H: torch.Tensor, start: int, g: blocks.BlockGroup, cf
 
 
 def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = None,
-                               percdamp: float = 0.01) -> QuantizedWeight:
+                               percdamp: float = 0.01, *, name: str | None = None
+                               ) -> QuantizedWeight:
     """SDQ with GPTQ-style error compensation between blocks (method.md step 6).
 
     H [in, in] = 2/n sum x x^T of the layer's inputs. Blocks are quantized in input order; each
     block's weighted error is pushed onto the later blocks. With config.codes == "gram" the codes of
     each block are also chosen against that block's (rotated) activation covariance.
+    Dead or rank-deficient inputs never fail: dead columns follow GPTQ's rule, a block with no
+    data at all is quantized uncalibrated (as quantize_weight would), damping grows until the
+    factorisations succeed, a block covariance that no damping makes usable is replaced by the
+    identity, and a weighted scale/mean fit it cannot pin down by the unweighted one (gram.py).
+    Any of that gives one CalibrationWarning naming the layer (`name`) and the blocks.
     """
-    from ..gptq import gptq_blockwise, prepare_hessian
     cfg = config or SDQConfig()
+    if not isinstance(cfg, SDQConfig):
+        raise TypeError(f"config must be an SDQConfig, got {type(cfg).__name__}")
     W = as_weight_matrix(W)
     out, n_in = W.shape
     signs = blocks.hadamard_signs(cfg.block_size, cfg.seed)
     asm = _Assembler(out, n_in, cfg, signs)
     groups = blocks.block_groups(n_in, cfg.block_size, cfg.osr)
     group_of = {g.first + i: g for g in groups for i in range(g.count)}
-    Hinv, W = prepare_hessian(H, W, percdamp)
+    notes = CalibrationNotes(name)
+    Hinv, W = prepare_hessian(H, W, percdamp, block_size=cfg.block_size, notes=notes)
+    uncalibrated = set(dead_blocks(H, cfg.block_size))
 
     def quantize_block(b: int, start: int, W_b: torch.Tensor) -> torch.Tensor:
         g = group_of[b]
         rows = torch.nn.functional.pad(W_b, (0, g.padded - g.width))
-        C = _rotated_block_hessian(H, start, g, cfg, signs) if cfg.codes == "gram" else None
-        codes, s, mu = encode_rows(rows, g, cfg, signs, C)
+        C = None
+        if cfg.codes == "gram" and b not in uncalibrated:
+            C = _rotated_block_hessian(H, start, g, cfg, signs)
+        codes, s, mu = encode_rows(rows, g, cfg, signs, C, notes.for_block(b))
         asm.put(g, b, 1, codes, s, mu)
         return decode_rows(codes, s, mu, g, cfg, signs)[:, : g.width]
 
     gptq_blockwise(W, Hinv, cfg.block_size, quantize_block)
-    return asm.finish()
+    qw = asm.finish()
+    notes.warn(stacklevel=2)
+    return qw
