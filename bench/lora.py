@@ -30,12 +30,13 @@ from _common import machine, write_json
 
 
 def packed_digest(model) -> str:
-    """SHA-256 over every SDQLinear's packed tensors (codes, scales, means, signs)."""
+    """SHA-256 over every SDQLinear's packed tensors (codes, scales, means, signs), in module
+    order: independent of module names, which change when the adapters wrap the layers."""
     h = hashlib.sha256()
-    for name, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, SDQLinear):
             for k, t in m.state_dict().items():
-                h.update(f"{name}.{k}".encode())
+                h.update(k.encode())
                 h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
