@@ -7,6 +7,8 @@ namespace sdq::bind {
 void bind_core(py::module_& m);  // bind_core.cpp: modulator, FWHT, resampling, bitplanes, layout
 void bind_gemv(py::module_& m);  // bind_gemv.cpp: CPU add-only kernels
 void bind_cuda(py::module_& m);  // bind_cuda.cpp: CUDA kernels (stubs when built without nvcc)
+void bind_wgm(py::module_& m);   // bind_wgm.cpp: WGM partition of sorted magnitudes
+void bind_wgm_gemm(py::module_& m);  // bind_wgm_gemm.cpp: WGM (dynamic-grouping) add-only kernel
 }  // namespace sdq::bind
 
 PYBIND11_MODULE(_core, m) {
@@ -14,4 +16,6 @@ PYBIND11_MODULE(_core, m) {
   sdq::bind::bind_core(m);
   sdq::bind::bind_gemv(m);
   sdq::bind::bind_cuda(m);
+  sdq::bind::bind_wgm(m);
+  sdq::bind::bind_wgm_gemm(m);
 }

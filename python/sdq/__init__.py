@@ -4,7 +4,7 @@ Importing sdq never initialises CUDA; the compiled core is loaded at first use.
 """
 from .config import SDQConfig
 from .experts import SDQExperts
-from .methods import BaselineConfig
+from .methods import BaselineConfig, CalibrationWarning
 from .methods.sdq import quantize_weight, quantize_weight_calibrated
 from .nn import SDQLinear
 from .pipeline import quantize_
@@ -32,5 +32,5 @@ def load(directory, **kwargs):
 
 
 __all__ = ["SDQConfig", "BaselineConfig", "QuantizedWeight", "SDQLinear", "SDQExperts",
-           "CheckpointError", "quantize_weight",
+           "CheckpointError", "CalibrationWarning", "quantize_weight",
            "quantize_weight_calibrated", "quantize_", "save", "load", "has_cuda", "__version__"]

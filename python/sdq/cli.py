@@ -54,9 +54,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="local Hugging Face folder or hub id; default: the embedded SmolLM2-135M")
     p.add_argument("--method", default="sdq",
-                   choices=["sdq", "rtn", "gptq", "absmean_ternary", "sign_rowscale"],
-                   help="sdq = Sigma-Delta (packed, saved); the others are baselines for comparison "
-                   "(evaluated, not saved)")
+                   choices=["sdq", "wgm", "rtn", "gptq", "absmean_ternary", "sign_rowscale"],
+                   help="sdq = Sigma-Delta, wgm = dynamic-grouping binary (both packed, saved); "
+                   "the others are baselines for comparison (evaluated, not saved)")
     p.add_argument("--osr", type=_positive_float, default=2.0,
                    help="over-sampling ratio (average, with --multi-osr); fractional allowed, <= 16")
     p.add_argument("--levels", choices=["binary", "ternary"], default="ternary",
@@ -72,12 +72,22 @@ def _add_quantize(sub) -> None:
                    help="allocate OSR per layer and linear (MultiOSR), keeping the average --osr")
     p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=None,
                    help="bits for rtn/gptq")
+    p.add_argument("--groups", type=int, default=32,
+                   help="wgm: groups (scales) per matrix, or per 64-weight block (1..256); "
+                   "costs 1 + ceil(log2 groups) bits/weight plus the scales")
+    p.add_argument("--window", type=int, default=512,
+                   help="wgm: sorted weights per starting window of the greedy merge")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.75,
+                   help="wgm: lambda of the group cost |G| Var + lambda / |G|")
+    p.add_argument("--block-mode", action="store_true",
+                   help="wgm: partition each 64 consecutive weights of a row on its own")
     p.add_argument("--calib-samples", type=_nonneg_int, default=128,
-                   help="calibration sequences (0: data-free); gptq needs > 0")
+                   help="calibration sequences (0: data-free); gptq needs > 0; wgm is data-free "
+                   "and ignores it")
     p.add_argument("--seqlen", type=_nonneg_int, default=512, help="calibration/eval window")
     p.add_argument("--eval-tokens", type=_nonneg_int, default=20480,
                    help="tokens of held-out text for perplexity (0: skip evaluation)")
-    p.add_argument("--out", type=Path, default=None, help="folder to write (sdq only)")
+    p.add_argument("--out", type=Path, default=None, help="folder to write (sdq and wgm only)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", type=Path, default=None, help="also write a JSON summary here")
     p.add_argument("--strict", action="store_true",
@@ -111,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _method_config(args):
     from .config import SDQConfig
-    from .methods import BaselineConfig
+    from .methods import BaselineConfig, WGMConfig
+    if args.method == "wgm":
+        return WGMConfig(groups=args.groups, window=args.window, lam=args.lam,
+                         block_mode=args.block_mode)
     if args.method == "sdq":
         return SDQConfig(osr=args.osr, levels=args.levels, order=args.order,
                          block_size=args.block_size, hadamard=not args.no_hadamard,
@@ -122,9 +135,9 @@ def _method_config(args):
 
 
 def _check_quantize_args(args) -> None:
-    if args.method != "sdq" and args.out is not None:
-        raise CliError("only --method sdq writes a packed model; baselines are evaluated only "
-                       "(drop --out)")
+    if args.method not in ("sdq", "wgm") and args.out is not None:
+        raise CliError("only --method sdq and wgm write a packed model; baselines are evaluated "
+                       "only (drop --out)")
     if args.method != "sdq" and args.multi_osr:
         raise CliError("--multi-osr applies to --method sdq only")
     if args.method == "gptq" and args.calib_samples == 0:
@@ -139,9 +152,11 @@ def _perplexity(model, tok, args) -> float | None:
     if args.eval_tokens == 0:
         return None
     from .nn import set_max_kernel_tokens
+    from .wgm_nn import set_max_kernel_tokens as set_wgm_max_kernel_tokens
     # Windows of hundreds of tokens run faster as dense matmuls on the dequantized weights; the
     # add-only kernels serve decoding (few tokens). Both compute the same product.
     set_max_kernel_tokens(model, 32)
+    set_wgm_max_kernel_tokens(model, 32)
     from .data import eval_tokens
     from .evaluate import perplexity
     return perplexity(model, eval_tokens(tok, args.eval_tokens), seqlen=args.seqlen)
@@ -160,7 +175,7 @@ def cmd_quantize(args) -> dict:
     if summary["ppl_before"] is not None:
         print(f"perplexity before: {summary['ppl_before']:.2f}", flush=True)
     calib = None
-    if args.calib_samples:
+    if args.calib_samples and args.method != "wgm":  # wgm is data-free
         calib = calibration_tokens(tok, args.calib_samples, args.seqlen)
     osr_for = None
     if args.multi_osr:
@@ -274,19 +289,32 @@ def cmd_info(args) -> dict:
     print(f"  config: {json.dumps(q['config'], sort_keys=True)}")
     print(f"  quantized linears: {len(q['modules'])}, {packed_weights:,} weights in "
           f"{packed_bytes / 2**20:.2f} MiB = {8 * packed_bytes / packed_weights:.3f} bits/weight "
-          "(codes, scales, means, signs, metadata)")
+          "(codes or signs and group indices, scales, means, metadata)")
     print(f"  other tensors (embeddings, norms, biases): {other / 2**20:.2f} MiB")
-    distinct = sorted({info["osr"] for info in q["modules"].values()})
-    print(f"  OSR values used: {', '.join(f'{o:g}' for o in distinct)}")
-    if len(distinct) > 1:
-        for name, info in q["modules"].items():
-            print(f"    {name}: OSR {info['osr']:g}")
+    if q.get("method") == "wgm":
+        _print_wgm_groups(q)
+    else:
+        _print_osr(q)
     if "summary" in q:
         s = q["summary"]
         print(f"  perplexity before/after: {s.get('ppl_before')} / {s.get('ppl_after')}")
         if "coverage" in s:
             _print_coverage(s["coverage"])
     return {"bytes": size, "packed_bits_per_weight": 8 * packed_bytes / packed_weights}
+
+
+def _print_osr(q: dict) -> None:
+    distinct = sorted({info["osr"] for info in q["modules"].values()})
+    print(f"  OSR values used: {', '.join(f'{o:g}' for o in distinct)}")
+    if len(distinct) > 1:
+        for name, info in q["modules"].items():
+            print(f"    {name}: OSR {info['osr']:g}")
+
+
+def _print_wgm_groups(q: dict) -> None:
+    groups = sorted({info["groups"] for info in q["modules"].values()})
+    where = "per 64-weight block" if q["config"].get("block_mode") else "per matrix"
+    print(f"  method wgm (dynamic grouping): groups {', '.join(map(str, groups))} {where}")
 
 
 def _numel(shape) -> int:

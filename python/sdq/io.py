@@ -3,7 +3,8 @@
 Layout of the folder:
   config.json        the model's config with a `quantization_config` (method "sdq", every
                      SDQConfig field, the per-linear OSR, the quantized module names, and the
-                     SHA-256 of model.safetensors)
+                     SHA-256 of model.safetensors; a WGM model adds `method: "wgm"`, holds a
+                     WGMConfig and per-linear group counts, and packs WGMLinear modules)
   model.safetensors  packed codes (int32 words), fp16 scales and means, int8 Hadamard signs and a
                      uint8 JSON metadata tensor per SDQLinear; the other parameters (embeddings,
                      norms, an untied LM head) in their own dtype. Never dequantized weights.
@@ -33,8 +34,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import SDQConfig
+from .methods.wgm import WGMConfig
 from .nn import SDQLinear
 from .weight import STATE_KEYS, CheckpointError, QuantizedWeight
+from .wgm_nn import WGMLinear
+from .wgm_weight import PACKED_FORMAT as WGM_PACKED_FORMAT
+from .wgm_weight import STATE_KEYS as WGM_STATE_KEYS
+from .wgm_weight import WGMWeight
 
 WEIGHTS = "model.safetensors"
 FORMAT = "sdq-v1"
@@ -48,8 +54,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def quantized_modules(model: nn.Module) -> dict[str, SDQLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SDQLinear)}
+def quantized_modules(model: nn.Module) -> dict[str, SDQLinear | WGMLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (SDQLinear, WGMLinear))}
+
+
+def _module_entry(m: SDQLinear | WGMLinear) -> dict:
+    """config.json's entry of one packed module: its OSR (SDQ) or group count (WGM), and bias."""
+    if isinstance(m, WGMLinear):
+        return {"method": "wgm", "groups": m.config.groups, "bias": m.bias is not None}
+    return {"osr": m.config.osr, "bias": m.bias is not None}
 
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -58,7 +71,7 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     seen, out = set(), {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:
+        if key not in seen or t.numel() == 0:  # empty tensors (WGM G = 1 index) tie nothing
             seen.add(key)
             out[name] = t.contiguous()
     return out
@@ -94,9 +107,10 @@ def _write_folder(folder: Path, model: nn.Module, modules: dict[str, SDQLinear],
     save_file(_unique_tensors(model), str(folder / WEIGHTS))
     first = next(iter(modules.values()))
     qconf = {"quant_method": "sdq", "format": FORMAT, "config": first.config.to_dict(),
-             "modules": {n: {"osr": m.config.osr, "bias": m.bias is not None}
-                         for n, m in modules.items()},
+             "modules": {n: _module_entry(m) for n, m in modules.items()},
              "sha256": _sha256(folder / WEIGHTS), **(extra or {})}
+    if isinstance(first, WGMLinear):
+        qconf["method"] = "wgm"  # `config` is then a WGMConfig
     config = model.config.to_dict()
     config["quantization_config"] = qconf
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -148,7 +162,7 @@ def _check_quantization_config(q: dict, directory: Path) -> dict:
     if not (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha)):
         raise CheckpointError(f"{where}: sha256 should be 64 hex digits, got {sha!r}")
     try:
-        SDQConfig.from_dict(q.get("config"))
+        (WGMConfig if q.get("method") == "wgm" else SDQConfig).from_dict(q.get("config"))
     except (ValueError, TypeError, AttributeError) as e:  # AttributeError: not an object
         raise CheckpointError(f"{where}: config is invalid: {e}") from e
     modules = q.get("modules")
@@ -160,7 +174,12 @@ def _check_quantization_config(q: dict, directory: Path) -> dict:
         if not isinstance(info, dict):
             raise CheckpointError(f"{where}: modules[{name!r}] should be an object")
         osr, bias = info.get("osr"), info.get("bias")
-        if isinstance(osr, bool) or not isinstance(osr, (int, float)):
+        if info.get("method") == "wgm":
+            groups = info.get("groups")
+            if isinstance(groups, bool) or not isinstance(groups, int):
+                raise CheckpointError(f"{where}: modules[{name!r}].groups should be an integer, "
+                                      f"got {groups!r}")
+        elif isinstance(osr, bool) or not isinstance(osr, (int, float)):
             raise CheckpointError(f"{where}: modules[{name!r}].osr should be a number, got {osr!r}")
         if not isinstance(bias, bool):
             raise CheckpointError(f"{where}: modules[{name!r}].bias should be true or false, "
@@ -186,12 +205,16 @@ def _check_packed_weights(tensors: dict[str, torch.Tensor], modules: dict[str, d
     metadata tensor by its canonical JSON, so that the SDQLinear shell built from it has a meta
     buffer of the same length whatever the file's JSON spacing."""
     for name, info in modules.items():
-        packed = {k: tensors[f"{name}.{k}"] for k in (*STATE_KEYS, "meta")
-                  if f"{name}.{k}" in tensors}
+        wgm = info.get("method") == "wgm"
+        packed = {k: tensors[f"{name}.{k}"] for k in (*(WGM_STATE_KEYS if wgm else STATE_KEYS),
+                                                      "meta") if f"{name}.{k}" in tensors}
         if not packed:
             raise CheckpointError(f"corrupt checkpoint: no packed weight for {name} in {WEIGHTS}")
-        qw = QuantizedWeight.from_state_dict(packed, name=name)
-        if qw.config.osr != info["osr"]:  # exact: both come from the same float at save
+        qw = (WGMWeight if wgm else QuantizedWeight).from_state_dict(packed, name=name)
+        if wgm and qw.config.groups != info["groups"]:
+            raise CheckpointError(f"corrupt packed weight {name}: tensor meta says groups "
+                                  f"{qw.config.groups}, config.json says {info['groups']!r}")
+        if not wgm and qw.config.osr != info["osr"]:  # exact: both from the same float at save
             raise CheckpointError(f"corrupt packed weight {name}: tensor meta says osr "
                                   f"{qw.config.osr:g}, config.json says {info['osr']!r}")
         if (f"{name}.bias" in tensors) != info["bias"]:
@@ -215,7 +238,7 @@ def _build_model(config_dict: dict, dtype: torch.dtype, directory: Path):
                               f"the model it describes: {type(e).__name__}: {e}") from e
 
 
-def _slot_parent(model: nn.Module, name: str, shell: SDQLinear) -> nn.Module:
+def _slot_parent(model: nn.Module, name: str, shell: SDQLinear | WGMLinear) -> nn.Module:
     """The parent of module `name` in the model config.json describes, after checking that the
     module there is one the shell can replace: the shells take their shapes from the packed
     metadata, so without this check a config.json that changed a layer's width (e.g. its
@@ -270,7 +293,10 @@ def load(directory, *, device: str | torch.device = "cpu", with_tokenizer: bool 
         meta = tensors.get(f"{name}.meta")
         if meta is None:
             raise ValueError(f"corrupt checkpoint: no packed weight for {name}")
-        shell = SDQLinear.empty_like(bytes(meta.tolist()).decode(), info["bias"])
+        meta_json = bytes(meta.tolist()).decode()
+        shell_class = WGMLinear if json.loads(meta_json)["format"] == WGM_PACKED_FORMAT \
+            else SDQLinear
+        shell = shell_class.empty_like(meta_json, info["bias"])
         parent, _, child = name.rpartition(".")
         setattr(_slot_parent(model, name, shell), child, shell)
     _check_tensors_fit(model, tensors)

@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 from . import experts as moe
 from .config import SDQConfig
 from .coverage import check_strict, coverage_lines, model_coverage
-from .methods import DenseQuantized, needs_calibration, quantize_linear
+from .methods import DenseQuantized, WGMConfig, needs_calibration, quantize_linear
 from .nn import SDQLinear
 from .traversal import (
     HessianAccumulator, LayerPlan, capture_layer_inputs, decoder_layers, plan_layer, run_layer,
 )
+from .wgm_nn import WGMLinear
+from .wgm_weight import WGMWeight
 
 @dataclasses.dataclass
 class QuantizeReport:
@@ -64,9 +66,13 @@ def _replace(layer: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _apply(layer: nn.Module, name: str, linear: nn.Linear, result) -> None:
-    """Put the quantized weight in place: packed SDQLinear, or the baseline's dense weight."""
+    """Put the quantized weight in place: packed SDQLinear or WGMLinear, or the baseline's dense
+    weight."""
     if isinstance(result, DenseQuantized):
         linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
+    elif isinstance(result, WGMWeight):
+        bias = None if linear.bias is None else linear.bias.data
+        _replace(layer, name, WGMLinear.from_quantized(result, bias))
     else:
         bias = None if linear.bias is None else linear.bias.data
         _replace(layer, name, SDQLinear.from_quantized(result, bias))
@@ -125,6 +131,17 @@ def _selected(index: int, plan: LayerPlan, filter_fn) -> tuple[dict, dict]:
             {n: m for n, m in plan.experts.items() if filter_fn(index, n, m)})
 
 
+def _check_wgm_request(config, calibration, selected: list) -> None:
+    """WGM is data-free, and its packed form has no fused-experts module (SDQExperts holds
+    SDQLinear children only): refuse both before any work."""
+    if not isinstance(config, WGMConfig):
+        return
+    if calibration is not None:
+        raise ValueError("wgm is data-free: pass no calibration data (no GPTQ compensation)")
+    if any(experts for _, experts in selected):
+        raise ValueError("wgm does not pack fused MoE experts; leave them out with filter_fn")
+
+
 @torch.no_grad()
 def quantize_(model: nn.Module, config, calibration: torch.Tensor | None = None, *,
               osr_for: Callable[[int, str], float] | None = None,
@@ -132,8 +149,9 @@ def quantize_(model: nn.Module, config, calibration: torch.Tensor | None = None,
               strict: bool = False, progress: bool = True) -> QuantizeReport:
     """Quantize the nn.Linear modules and fused MoE experts of every decoder layer, in place.
 
-    config:      SDQConfig (packed SDQLinear / SDQExperts modules) or methods.BaselineConfig
-                 (dense, for comparisons). Embeddings, the LM head and MoE routers are left alone.
+    config:      SDQConfig (packed SDQLinear / SDQExperts modules), WGMConfig (packed WGMLinear,
+                 data-free, no fused experts) or methods.BaselineConfig (dense, for
+                 comparisons). Embeddings, the LM head and MoE routers are left alone.
     calibration: LongTensor [n, seqlen] of token ids; enables the calibrated variants (SDQ with
                  GPTQ compensation; required by GPTQ).
     osr_for:     (layer index, weight name) -> OSR, e.g. a MultiOSR allocation (SDQ only); fused
@@ -152,6 +170,7 @@ def quantize_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     if strict:
         check_strict(plans)
     selected = [_selected(i, plan, filter_fn) for i, plan in enumerate(plans)]
+    _check_wgm_request(config, calibration, selected)
     excluded = {(i, n) for i, plan in enumerate(plans)
                 for n in (*plan.linears, *plan.experts)
                 if n not in selected[i][0] and n not in selected[i][1]}

@@ -10,8 +10,15 @@ import dataclasses
 
 import torch
 
+from ..calibration_warnings import CalibrationWarning
 from ..config import SDQConfig
+from ..gptq import gptq_quantize
 from . import baselines
+from .sdq import quantize_weight, quantize_weight_calibrated
+from .wgm import WGMConfig, quantize_weight_wgm
+
+__all__ = ["BASELINES", "BaselineConfig", "CalibrationWarning", "DenseQuantized", "WGMConfig",
+           "needs_calibration", "quantize_linear"]
 
 BASELINES = ("rtn", "gptq", "absmean_ternary", "sign_rowscale")
 
@@ -47,21 +54,29 @@ def needs_calibration(config) -> bool:
     return isinstance(config, BaselineConfig) and config.method == "gptq"
 
 
-def quantize_linear(W: torch.Tensor, config, hessian: torch.Tensor | None = None):
-    """Quantize one weight [out, in] with `config`; `hessian` (2/n sum x x^T) enables calibration."""
-    from .sdq import quantize_weight, quantize_weight_calibrated
+def quantize_linear(W: torch.Tensor, config, hessian: torch.Tensor | None = None, *,
+                    name: str | None = None):
+    """Quantize one weight [out, in] with `config`; `hessian` (2/n sum x x^T) enables calibration.
+
+    name: the layer, e.g. "layer 3 mlp.down_proj", for the CalibrationWarning that says when its
+    calibration data needed extra damping or a fallback (dead or rank-deficient inputs).
+    """
     if isinstance(config, SDQConfig):
         if hessian is None:
             return quantize_weight(W, config)
-        return quantize_weight_calibrated(W, hessian, config)
+        return quantize_weight_calibrated(W, hessian, config, name=name)
+    if isinstance(config, WGMConfig):  # packed WGMWeight (dynamic grouping, methods/wgm.py)
+        if hessian is not None:
+            raise ValueError("wgm is data-free: it takes no calibration data (Hessian)")
+        return quantize_weight_wgm(W, config)
     if not isinstance(config, BaselineConfig):
-        raise TypeError(f"config must be an SDQConfig or BaselineConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be an SDQConfig, WGMConfig or BaselineConfig, got "
+                        f"{type(config).__name__}")
     m, n_in = config.method, W.shape[1]
     if m == "gptq":
         if hessian is None:
             raise ValueError("gptq needs calibration data (a Hessian)")
-        from ..gptq import gptq_quantize
-        W_hat = gptq_quantize(W, hessian, config.bits, config.group_size)
+        W_hat = gptq_quantize(W, hessian, config.bits, config.group_size, name=name)
     elif m == "rtn":
         W_hat = baselines.rtn(W, config.bits, config.group_size)
     elif m == "absmean_ternary":
