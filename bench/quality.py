@@ -62,9 +62,10 @@ def _runs():
         SDQ(osr=2.5, levels="binary", codes="gram"), True, True)
     # WGM (dynamic grouping, data-free): 1 sign + ceil(log2 G) index bits + fp16 scales
     for g in (32, 8, 4):
-        add(f"wgm-g{g}", "WGM dynamic grouping, per matrix, data-free", WGMConfig(groups=g))
+        add(f"wgm-g{g}", "WGM dynamic grouping, per matrix, data-free",
+            WGMConfig(groups=g, method="windowed"))
     add("wgm-block-g4", "WGM dynamic grouping, 64-weight blocks, data-free",
-        WGMConfig(groups=4, block_mode=True))
+        WGMConfig(groups=4, block_mode=True, method="windowed"))
     # Greedy merging from singletons: the 512-weight windows of the default cannot isolate the
     # largest weights (the top group spans the top 512 |w|), greedy can, at the same bits.
     for g in (32, 8, 4):
@@ -88,9 +89,8 @@ def _multi_osr(model, budget):
 
 def run_one(base, tok, spec, calib, eval_ids) -> dict:
     from sdq.evaluate import perplexity
-    from sdq.nn import set_max_kernel_tokens
+    from sdq.packed_linear import set_max_kernel_tokens
     from sdq.pipeline import quantize_
-    from sdq.wgm_nn import set_max_kernel_tokens as set_wgm_max_kernel_tokens
     name, family, cfg, calibrated, multi = spec
     model = copy.deepcopy(base)
     t0 = time.time()
@@ -98,7 +98,6 @@ def run_one(base, tok, spec, calib, eval_ids) -> dict:
                        osr_for=_multi_osr(model, cfg.osr) if multi else None)
     t_quant = time.time() - t0
     set_max_kernel_tokens(model, 32)
-    set_wgm_max_kernel_tokens(model, 32)
     ppl = perplexity(model, eval_ids)
     return {"family": family, "config": cfg.to_dict(), "calibrated": calibrated,
             "multi_osr": multi, "bits_all_in": report.bits_per_weight_all_in,

@@ -33,7 +33,7 @@ def _weight(out, n_in, seed=0):
 def test_config_defaults_round_trip_and_replace():
     c = WGMConfig()
     assert (c.groups, c.window, c.lam, c.block_mode, c.method) == (32, 512, 0.75, False,
-                                                                   "windowed")
+                                                                   "greedy")
     assert c.index_bits == 5
     assert WGMConfig.from_dict(c.to_dict()) == c
     assert WGMConfig.from_json(c.to_json()) == c

@@ -76,9 +76,13 @@ def _add_quantize(sub) -> None:
                    help="wgm: groups (scales) per matrix, or per 64-weight block (1..256); "
                    "costs 1 + ceil(log2 groups) bits/weight plus the scales")
     p.add_argument("--window", type=int, default=512,
-                   help="wgm: sorted weights per starting window of the greedy merge")
+                   help="wgm: sorted weights per starting window (--partition windowed)")
     p.add_argument("--lambda", dest="lam", type=float, default=0.75,
                    help="wgm: lambda of the group cost |G| Var + lambda / |G|")
+    p.add_argument("--partition", choices=["greedy", "windowed", "dp"], default="greedy",
+                   help="wgm: how groups are found: greedy merging from single weights, the "
+                   "paper's windowed greedy (from --window sorted weights; clips outliers on "
+                   "whole matrices), or exact dynamic programming (small layers only)")
     p.add_argument("--block-mode", action="store_true",
                    help="wgm: partition each 64 consecutive weights of a row on its own")
     p.add_argument("--calib-samples", type=_nonneg_int, default=128,
@@ -124,7 +128,7 @@ def _method_config(args):
     from .methods import BaselineConfig, WGMConfig
     if args.method == "wgm":
         return WGMConfig(groups=args.groups, window=args.window, lam=args.lam,
-                         block_mode=args.block_mode)
+                         block_mode=args.block_mode, method=args.partition)
     if args.method == "sdq":
         return SDQConfig(osr=args.osr, levels=args.levels, order=args.order,
                          block_size=args.block_size, hadamard=not args.no_hadamard,
@@ -151,12 +155,10 @@ def _check_quantize_args(args) -> None:
 def _perplexity(model, tok, args) -> float | None:
     if args.eval_tokens == 0:
         return None
-    from .nn import set_max_kernel_tokens
-    from .wgm_nn import set_max_kernel_tokens as set_wgm_max_kernel_tokens
+    from .packed_linear import set_max_kernel_tokens
     # Windows of hundreds of tokens run faster as dense matmuls on the dequantized weights; the
     # add-only kernels serve decoding (few tokens). Both compute the same product.
     set_max_kernel_tokens(model, 32)
-    set_wgm_max_kernel_tokens(model, 32)
     from .data import eval_tokens
     from .evaluate import perplexity
     return perplexity(model, eval_tokens(tok, args.eval_tokens), seqlen=args.seqlen)
