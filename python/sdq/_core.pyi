@@ -1,4 +1,8 @@
-"""Type stub of the compiled core (cpp/bindings). Arrays are NumPy; torch callers pass .numpy()."""
+"""Type stub of the compiled core (cpp/bindings). Arrays are NumPy; torch callers pass .numpy().
+
+Errors: bad arguments raise ValueError (TypeError for a wrong array type), a failed allocation
+MemoryError, anything else RuntimeError; no C++ exception reaches Python unconverted.
+"""
 from typing import Optional
 
 import numpy as np
@@ -37,3 +41,5 @@ def cuda_last_error() -> str: ...
 def wgm_partition(values: np.ndarray, groups: int, window: int = 512, lam: float = 0.75,
                   method: str = "windowed", threads: int = 0) -> np.ndarray: ...
 def wgm_cost(values: np.ndarray, boundaries: np.ndarray, lam: float = 0.75) -> np.ndarray: ...
+def wgm_gemm(x: np.ndarray, sign: np.ndarray, index: np.ndarray, scale: np.ndarray,
+             block: int = 0, threads: int = 0) -> np.ndarray: ...
