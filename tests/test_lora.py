@@ -57,9 +57,22 @@ def test_adapters_start_at_the_quantized_model_and_train():
     assert all(torch.equal(packed[k], after[k]) for k in packed)
 
 
-def test_adapter_gradient_equals_dense_reference():
+def _sdq_layer():
     qw = sdq.quantize_weight(torch.randn(12, 200), sdq.SDQConfig(osr=2, levels="ternary"))
-    layer = LoRALinear(SDQLinear.from_quantized(qw), rank=3)
+    return SDQLinear.from_quantized(qw), qw
+
+
+def _wgm_layer():
+    from sdq.methods.wgm import WGMConfig, quantize_weight_wgm
+    from sdq.wgm_nn import WGMLinear
+    qw = quantize_weight_wgm(torch.randn(12, 200), WGMConfig(groups=8))
+    return WGMLinear.from_quantized(qw), qw
+
+
+@pytest.mark.parametrize("make", [_sdq_layer, _wgm_layer])
+def test_adapter_gradient_equals_dense_reference(make):
+    base, qw = make()
+    layer = LoRALinear(base, rank=3)
     torch.nn.init.normal_(layer.up.weight)
     x = torch.randn(5, 200)
     layer(x).square().sum().backward()

@@ -1,7 +1,7 @@
 """Low-rank adapters (LoRA) on top of a quantized model: the packed codes stay frozen.
 
     model = sdq.load("out")
-    params = sdq.lora.add_lora(model, rank=8)        # wraps every SDQLinear
+    params = sdq.lora.add_lora(model, rank=8)        # wraps every SDQLinear / WGMLinear
     opt = torch.optim.AdamW(params, lr=1e-3)
 
 Each wrapped layer computes base(x) + (alpha / rank) * up(down(dropout(x))) with `up` initialised
@@ -15,13 +15,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .nn import SDQLinear
+from .packed_linear import PackedLinear
 
 
 class LoRALinear(nn.Module):
-    """An SDQLinear plus a trainable low-rank update."""
+    """A packed layer (SDQLinear or WGMLinear) plus a trainable low-rank update."""
 
-    def __init__(self, base: SDQLinear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+    def __init__(self, base: PackedLinear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
         super().__init__()
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank!r}")
@@ -44,13 +44,15 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-             filter_fn: Callable[[str, SDQLinear], bool] | None = None) -> list[nn.Parameter]:
-    """Wrap the SDQLinear modules of `model` (those `filter_fn(name, module)` accepts) in
-    LoRALinear, in place; freeze every other parameter; return the adapters' parameters."""
+             filter_fn: Callable[[str, PackedLinear], bool] | None = None) -> list[nn.Parameter]:
+    """Wrap the packed layers of `model` (SDQLinear, WGMLinear; those `filter_fn(name, module)`
+    accepts) in LoRALinear, in place; freeze every other parameter; return the adapters'
+    parameters."""
     targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, SDQLinear) and (filter_fn is None or filter_fn(n, m))]
+               if isinstance(m, PackedLinear) and (filter_fn is None or filter_fn(n, m))]
     if not targets:
-        raise ValueError("no SDQLinear modules to adapt: quantize or load an sdq model first")
+        raise ValueError("no SDQLinear or WGMLinear modules to adapt: quantize or load an sdq "
+                         "model first")
     for p in model.parameters():
         p.requires_grad_(False)
     params = []
