@@ -3,11 +3,12 @@
 // by every output row, so it is cheap next to the GEMM; it may multiply.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
-#include <vector>
 
 #include "guard.h"
 #include "parallel.h"
+#include "scratch.h"
 #include "sdq/gemv.h"
 
 namespace sdq {
@@ -22,6 +23,9 @@ namespace {
 #endif
 
 constexpr int64_t kTokens = 16;  // tokens projected together: each row of D is read once for all
+// The least work worth a chunk of its own, in multiply-adds of the projection (~50 us): waking a
+// worker costs tens of microseconds, so batch 1 of a 576-wide layer runs inline.
+constexpr double kMinChunkMacs = 1 << 18;
 
 // out_t[j] = sum_i down[i, j] * v_t[i] for `tokens` vectors v_t (stride padded) and outputs out_t
 // (stride out_stride): row-by-row accumulation so the inner loop is contiguous, and each row of D
@@ -82,15 +86,22 @@ Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs
   if (!x || !xt || !xsum || !down_last) return Status::null_pointer;
   const int64_t nb = L.num_blocks();
   if (nb > 1 && !down_full) return Status::null_pointer;
-  const int64_t chunks = (batch + kTokens - 1) / kTokens;
+  const int64_t chunks = (batch + kTokens - 1) / kTokens, tokens = std::min(batch, kTokens);
+  // A unit is one block of one token chunk; double: a huge layout must not overflow the estimate.
+  const double unit_macs = static_cast<double>(tokens) * static_cast<double>(L.padded(0)) *
+                           static_cast<double>(L.m(0));
+  const int64_t grain =
+      unit_macs >= kMinChunkMacs ? 1 : static_cast<int64_t>(std::ceil(kMinChunkMacs / unit_macs));
   std::atomic<Status> result{Status::ok};
-  detail::parallel_for(nb * chunks, threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(static_cast<size_t>(kTokens * (L.padded(0) + L.m(0))));
+  detail::parallel_for(nb * chunks, threads, grain, [&](int64_t begin, int64_t end) {
+    // Reused per thread; transform_block writes every element before reading it.
+    float* buf = detail::scratch<float>(detail::ScratchSlot::transform,
+                                        tokens * (L.padded(0) + L.m(0)));
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / chunks, t0 = (u % chunks) * kTokens;
       const float* down = b == nb - 1 ? down_last : down_full;
       const Status s = transform_block(L, b, t0, std::min(batch, t0 + kTokens), hadamard, signs,
-                                       down, x, xt, xsum, buf.data());
+                                       down, x, xt, xsum, buf);
       if (s != Status::ok) {
         result.store(s);
         return;

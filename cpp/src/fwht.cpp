@@ -42,7 +42,7 @@ Status fwht_checked(float* x, int64_t rows, int64_t n, const float* signs, bool 
   if (rows == 0) return Status::ok;
   if (!x) return Status::null_pointer;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
-  // Small rows: give each thread many of them so a thread start is paid back.
+  // Small rows: give each chunk many of them so waking a pool worker is paid back.
   const int64_t grain = n >= 4096 ? 1 : 4096 / n;
   detail::parallel_for(rows, threads, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {

@@ -1,11 +1,12 @@
 // addonly_gemm (gemv.h): argument checks, the shared look-up tables, run-time choice of variant
 // and the split of output rows over threads. The variants live in gemm_addonly_<isa>.cpp.
 #include <algorithm>
-#include <vector>
+#include <cmath>
 
 #include "gemm_addonly.h"
 #include "guard.h"
 #include "parallel.h"
+#include "scratch.h"
 #include "sdq/gemv.h"
 
 namespace sdq {
@@ -15,7 +16,17 @@ using detail::GemmCtx;
 using detail::kGroup;
 using detail::kLutEntries;
 
-constexpr int64_t kTokenChunk = 16;            // tokens whose tables are built together
+constexpr int64_t kTokenChunk = 16;  // tokens whose tables are built together
+constexpr int64_t kTileRows = 16;    // rows split between threads in multiples of this: whole
+                                     // SIMD tiles (16 lanes for avx512, two tiles for avx2)
+// The least work worth a chunk of its own (waking a worker costs ~10-50 us on a loaded machine):
+constexpr double kMinChunkWords = 32768;    // code words looked up (~1 ns each)
+constexpr double kMinChunkEntries = 65536;  // table entries built
+
+// Units per chunk so that a chunk holds at least `least` work when a unit costs `unit_cost`.
+int64_t grain_for(double least, double unit_cost) noexcept {
+  return unit_cost >= least ? 1 : static_cast<int64_t>(std::ceil(least / unit_cost));
+}
 
 bool cpu_has(AddonlyKernel k) noexcept {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -81,8 +92,11 @@ Status run(AddonlyKernel kernel, const BlockLayout& L, Levels levels, const word
   const int64_t nb = L.num_blocks(), cols = L.total_code_cols(), groups = cols / kGroup;
   const int64_t chunk = std::min(batch, kTokenChunk);
   const bool tables = kernel != AddonlyKernel::avx512_mask;
-  std::vector<float> lut(tables ? static_cast<size_t>(chunk * groups * kLutEntries) : 0);
-  std::vector<float> xtsum(static_cast<size_t>(chunk * nb));
+  // Reused per thread: every entry read is written first (build_tables, block_sums).
+  float* lut = tables ? detail::scratch<float>(detail::ScratchSlot::gemm_tables,
+                                               chunk * groups * kLutEntries)
+                      : nullptr;
+  float* xtsum = detail::scratch<float>(detail::ScratchSlot::gemm_sums, chunk * nb);
   GemmCtx c{};
   c.ternary = levels == Levels::ternary;
   c.sign = sign;
@@ -94,23 +108,31 @@ Status run(AddonlyKernel kernel, const BlockLayout& L, Levels levels, const word
   c.nb = nb;
   c.words_per_block = L.code_cols(0) / kWordBits;
   c.last_words = L.code_cols(nb - 1) / kWordBits;
-  c.lut = lut.data();
+  c.lut = lut;
   c.lut_stride = groups * kLutEntries;
-  c.xtsum = xtsum.data();
+  c.xtsum = xtsum;
   const detail::GemmKernel fn = kernel_fn(kernel);
+  const int64_t tiles = (out + kTileRows - 1) / kTileRows;
+  const double planes = c.ternary ? 2.0 : 1.0;
+  const int64_t token_grain =
+      grain_for(kMinChunkEntries, static_cast<double>(tables ? c.lut_stride : nb));
   for (int64_t t0 = 0; t0 < batch; t0 += chunk) {
     c.tokens = std::min(chunk, batch - t0);
     c.xt = xt + t0 * cols;
     c.xsum = xsum + t0 * nb;
     c.y = y + t0 * out;
-    // A token's tables take microseconds: a thread start only pays off for many tokens.
-    detail::parallel_for(c.tokens, threads, 8, [&](int64_t b, int64_t e) {
+    detail::parallel_for(c.tokens, threads, token_grain, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        if (tables) build_tables(xt + (t0 + t) * cols, groups, lut.data() + t * c.lut_stride);
-        block_sums(L, xt + (t0 + t) * cols, xtsum.data() + t * nb);
+        if (tables) build_tables(xt + (t0 + t) * cols, groups, lut + t * c.lut_stride);
+        block_sums(L, xt + (t0 + t) * cols, xtsum + t * nb);
       }
     });
-    detail::parallel_for(out, threads, 16, [&](int64_t b, int64_t e) { fn(c, b, e); });
+    const double tile_words =
+        static_cast<double>(kTileRows) * static_cast<double>(c.words) * c.tokens * planes;
+    detail::parallel_for(tiles, threads, grain_for(kMinChunkWords, tile_words),
+                         [&](int64_t b, int64_t e) {
+                           fn(c, b * kTileRows, std::min(out, e * kTileRows));
+                         });
   }
   return Status::ok;
 }

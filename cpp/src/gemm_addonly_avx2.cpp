@@ -4,12 +4,12 @@
 // half, indexed by the low 3 bits) and a blend on the nibble's top bit.
 // Compiled with a target attribute so the build needs no -mavx2; chosen at run time.
 #include "gemm_addonly.h"
+#include "scratch.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
 #include <algorithm>
-#include <vector>
 
 #define SDQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -162,7 +162,9 @@ SDQ_AVX2 Tile make_tile(const GemmCtx& c, int64_t r0, int rows) {
 }  // namespace
 
 SDQ_AVX2 void gemm_rows_avx2(const GemmCtx& c, int64_t begin, int64_t end) {
-  std::vector<float> s(static_cast<size_t>(kRows * c.nb)), mu(s.size());
+  // Scales of one tile: converted for the blocks of a chunk before they are read.
+  float* s = scratch<float>(ScratchSlot::gemm_rows, 2 * kRows * c.nb);
+  float* mu = s + kRows * c.nb;
   // Block chunks outermost: their tables (all tokens) stay in cache while every row passes.
   const int64_t block_bytes = c.words_per_block * kNibblesPerWord * kLutEntries * 4;
   const int64_t chunk = std::max<int64_t>(1, kL2Bytes / (block_bytes * c.tokens));
@@ -171,11 +173,11 @@ SDQ_AVX2 void gemm_rows_avx2(const GemmCtx& c, int64_t begin, int64_t end) {
     for (int64_t r0 = begin; r0 < end; r0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, end - r0));
       const Tile tile = make_tile(c, r0, rows);
-      convert_scales(c, r0, rows, b0, b1, s.data(), mu.data());
+      convert_scales(c, r0, rows, b0, b1, s, mu);
       if (c.ternary)
-        tile_all_tokens<true>(c, tile, b0, b1, s.data(), mu.data());
+        tile_all_tokens<true>(c, tile, b0, b1, s, mu);
       else
-        tile_all_tokens<false>(c, tile, b0, b1, s.data(), mu.data());
+        tile_all_tokens<false>(c, tile, b0, b1, s, mu);
     }
   }
 }

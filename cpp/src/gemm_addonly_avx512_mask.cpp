@@ -6,6 +6,7 @@
 //   ternary: <q, x> = sum(x where sign) - sum(x where nonzero & ~sign)
 // Compiled with a target attribute so the build needs no -mavx512f; chosen at run time.
 #include "gemm_addonly.h"
+#include "scratch.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // See gemm_addonly_avx512.cpp: GCC 12's masked intrinsics trip its own -Wmaybe-uninitialized.
@@ -13,7 +14,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <vector>
 
 #define SDQ_AVX512 __attribute__((target("avx512f")))
 
@@ -87,17 +87,18 @@ SDQ_AVX512 void row_tokens(const GemmCtx& c, int64_t r, int64_t t0, const float*
 
 template <bool kTernary>
 SDQ_AVX512 void rows(const GemmCtx& c, int64_t begin, int64_t end) {
-  std::vector<float> s(static_cast<size_t>(c.nb)), mu(s.size());
+  float* s = scratch<float>(ScratchSlot::gemm_rows, 2 * c.nb);  // one row's scales, converted
+  float* mu = s + c.nb;
   const int64_t cols = c.words * kWordBits;
   for (int64_t r = begin; r < end; ++r) {
-    convert_row(c.scale + r * c.nb, c.nb, s.data());
-    convert_row(c.mean + r * c.nb, c.nb, mu.data());
+    convert_row(c.scale + r * c.nb, c.nb, s);
+    convert_row(c.mean + r * c.nb, c.nb, mu);
     for (int64_t t0 = 0; t0 < c.tokens; t0 += kMaxTokens) {
       switch (std::min<int64_t>(kMaxTokens, c.tokens - t0)) {
-        case 1: row_tokens<1, kTernary>(c, r, t0, s.data(), mu.data(), cols); break;
-        case 2: row_tokens<2, kTernary>(c, r, t0, s.data(), mu.data(), cols); break;
-        case 3: row_tokens<3, kTernary>(c, r, t0, s.data(), mu.data(), cols); break;
-        default: row_tokens<4, kTernary>(c, r, t0, s.data(), mu.data(), cols); break;
+        case 1: row_tokens<1, kTernary>(c, r, t0, s, mu, cols); break;
+        case 2: row_tokens<2, kTernary>(c, r, t0, s, mu, cols); break;
+        case 3: row_tokens<3, kTernary>(c, r, t0, s, mu, cols); break;
+        default: row_tokens<4, kTernary>(c, r, t0, s, mu, cols); break;
       }
     }
   }

@@ -1,8 +1,8 @@
 // The portable add-only GEMM: one row at a time, one table look-up per 4 codes. Plain C++, no
 // intrinsics; the reference shape of what the SIMD variants do for 8 or 16 rows at once.
-#include <vector>
 
 #include "gemm_addonly.h"
+#include "scratch.h"
 
 namespace sdq::detail {
 namespace {
@@ -30,8 +30,10 @@ float block_dot(const GemmCtx& c, int64_t r, int64_t b, int64_t t,
 }  // namespace
 
 void gemm_rows_portable(const GemmCtx& c, int64_t begin, int64_t end) {
-  std::vector<float> s(static_cast<size_t>(c.nb)), mu(static_cast<size_t>(c.nb));
-  std::vector<word_t> neg(c.ternary ? static_cast<size_t>(c.words) : 0);
+  // One row's scales and -1 codes, rebuilt per row. word_t is 4 bytes like a float.
+  float* s = scratch<float>(ScratchSlot::gemm_rows, 2 * c.nb + c.words);
+  float* mu = s + c.nb;
+  word_t* neg = reinterpret_cast<word_t*>(mu + c.nb);
   for (int64_t r = begin; r < end; ++r) {
     for (int64_t b = 0; b < c.nb; ++b) {
       s[b] = half_to_float(c.scale[r * c.nb + b]);
@@ -43,7 +45,7 @@ void gemm_rows_portable(const GemmCtx& c, int64_t begin, int64_t end) {
     for (int64_t t = 0; t < c.tokens; ++t) {
       float y = 0.0f;
       for (int64_t b = 0; b < c.nb; ++b)
-        y += s[b] * block_dot(c, r, b, t, neg.data()) + mu[b] * c.xsum[t * c.nb + b];
+        y += s[b] * block_dot(c, r, b, t, neg) + mu[b] * c.xsum[t * c.nb + b];
       c.y[t * c.out + r] = y;
     }
   }

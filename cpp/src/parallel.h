@@ -1,17 +1,20 @@
-// Internal: split [0, n) into contiguous chunks, one per thread. No pool: the core's calls are
-// long (milliseconds and up), so a thread start (~20 us) is noise, and no state outlives a call.
+// Internal: split [0, n) into contiguous chunks run on the process's thread pool (thread_pool.h).
+// Work too small to pay for waking a worker (fewer than two grains) runs inline, with no
+// synchronisation at all; callers size `grain` by cost so that a chunk is worth tens of
+// microseconds.
 //
-// Exceptions: an exception escaping a std::thread calls std::terminate, and so does destroying a
-// thread that was not joined. So every chunk runs inside a catch-all that keeps the first
-// exception (std::exception_ptr); parallel_for joins every worker and only then rethrows it on the
-// calling thread, where the entry point's guard (guard.h) turns it into a Status.
+// Exceptions: an exception escaping a worker would call std::terminate. So every chunk runs
+// inside a catch-all that keeps the first exception (std::exception_ptr); parallel_for waits for
+// every chunk and only then rethrows it on the calling thread, where the entry point's guard
+// (guard.h) turns it into a Status.
 #pragma once
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <exception>
 #include <thread>
-#include <vector>
+
+#include "thread_pool.h"
 
 namespace sdq::detail {
 
@@ -22,7 +25,7 @@ inline int resolve_threads(int threads) noexcept {
 }
 
 // The first exception captured by any of several threads. capture() is called inside a catch
-// block; rethrow() only after every capturing thread has been joined (join orders the write).
+// block; rethrow() only after run_tasks returned (the pool's handshake orders the write).
 class FirstException {
  public:
   void capture() noexcept {
@@ -37,43 +40,38 @@ class FirstException {
   std::exception_ptr first_;
 };
 
-// Calls fn(begin, end) on disjoint chunks covering [0, n). Chunks are multiples of `grain` (but the
-// last); at most `threads` chunks, and none when n == 0. The calling thread runs the first chunk;
-// a chunk whose thread cannot be started runs on the calling thread too. Rethrows the first
-// exception thrown by fn (the other chunks still run to completion).
+// Calls fn(begin, end) on disjoint chunks covering [0, n): min(threads, n / grain) chunks (at
+// least one, none when n == 0) whose sizes differ by at most one. One chunk runs inline on the
+// caller, exceptions propagating as they are. Otherwise rethrows the first exception thrown by
+// fn, after every chunk ran to completion.
 template <typename Fn>
 void parallel_for(int64_t n, int threads, int64_t grain, Fn&& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  const int64_t units = (n + grain - 1) / grain;
-  const int64_t t = std::min<int64_t>(resolve_threads(threads), units);
-  if (t <= 1) {  // no other thread: an exception may propagate as it is
+  const int64_t chunks = std::min<int64_t>(resolve_threads(threads), std::max<int64_t>(1, n / grain));
+  if (chunks <= 1) {
     fn(int64_t{0}, n);
     return;
   }
-  const int64_t per = (units + t - 1) / t * grain;
-  FirstException error;
-  auto chunk = [&fn, &error](int64_t b, int64_t e) noexcept {
+  struct Job {
+    Fn* fn;
+    int64_t n, chunks;
+    FirstException error;
+  } job;
+  job.fn = &fn;
+  job.n = n;
+  job.chunks = chunks;
+  run_tasks(chunks, static_cast<int>(chunks), [](void* ctx, int64_t i) {
+    Job& j = *static_cast<Job*>(ctx);
+    const int64_t q = j.n / j.chunks, r = j.n % j.chunks;
+    const int64_t begin = i * q + std::min(i, r), end = begin + q + (i < r ? 1 : 0);
     try {
-      fn(b, e);
+      (*j.fn)(begin, end);
     } catch (...) {
-      error.capture();
+      j.error.capture();
     }
-  };
-  std::vector<std::thread> workers;
-  workers.reserve(static_cast<size_t>(t - 1));  // may throw, but before any thread exists
-  for (int64_t i = 1; i < t; ++i) {
-    const int64_t b = i * per, e = std::min(n, b + per);
-    if (b >= e) continue;
-    try {
-      workers.emplace_back(chunk, b, e);  // reserved: only the thread start can fail
-    } catch (...) {
-      chunk(b, e);  // no thread (std::system_error): do the work here rather than fail
-    }
-  }
-  chunk(int64_t{0}, std::min(n, per));
-  for (auto& w : workers) w.join();
-  error.rethrow();
+  }, &job);
+  job.error.rethrow();
 }
 
 }  // namespace sdq::detail

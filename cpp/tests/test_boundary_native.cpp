@@ -71,7 +71,7 @@ void guarded_maps_exceptions() {
   expect(guarded([] { return Status::bad_code; }) == Status::bad_code, "guarded: passes a Status");
 }
 
-// Blocks of 2^44 columns: each worker's scratch buffer (16 tokens x (padded + m) floats, 2^51
+// Blocks of 2^44 columns: each worker's scratch buffer (1 token x (padded + m) floats, 2^47
 // bytes) exceeds every address space, so operator new throws inside the worker threads. The
 // pointers are never read: the allocation comes first.
 void activation_transform_worker_bad_alloc() {

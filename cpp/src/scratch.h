@@ -1,0 +1,28 @@
+// Internal: per-thread scratch memory that outlives a call, so the kernels of a small layer do
+// not allocate (and zero) their look-up tables and buffers on every call.
+//
+// Each thread has one buffer per slot; a slot is used by one kind of caller at a time (the GEMM's
+// tables are held by the calling thread while its row chunks, possibly on the same thread, use
+// another slot). A buffer only grows; its contents are whatever the last user left, so callers
+// write every element they read. Growing may throw (bad_alloc, length_error) like a vector.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+
+namespace sdq::detail {
+
+enum class ScratchSlot : int { gemm_tables, gemm_sums, gemm_rows, transform, count };
+
+// At least `bytes` bytes, 64-byte aligned, owned by this thread and slot.
+void* scratch_bytes(ScratchSlot slot, size_t bytes);
+
+template <typename T>
+T* scratch(ScratchSlot slot, int64_t count) {
+  if (count < 0 || static_cast<uint64_t>(count) > std::numeric_limits<size_t>::max() / sizeof(T))
+    throw std::length_error("scratch: size overflows");
+  return static_cast<T*>(scratch_bytes(slot, static_cast<size_t>(count) * sizeof(T)));
+}
+
+}  // namespace sdq::detail

@@ -1,0 +1,145 @@
+// The worker pool behind run_tasks (thread_pool.h).
+//
+// One job at a time: the caller holding busy_ publishes (task, ctx, count) under m_, bumps the
+// generation and offers `seats_` places; woken workers take a seat, then every participant
+// claims task indices from one atomic counter until none is left. The caller closes the seats
+// and waits until no worker is inside the job, so nothing touches the caller's ctx after return.
+#include "thread_pool.h"
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace sdq::detail {
+namespace {
+
+class Pool {
+ public:
+  // Runs the job with up to `helpers` workers; false (nothing run) when another caller has the
+  // pool, so the caller runs the tasks itself instead of waiting.
+  bool try_run(int64_t count, int helpers, TaskFn task, void* ctx) noexcept {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    helpers = static_cast<int>(std::min<int64_t>(grow(helpers), count - 1));
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      task_ = task;
+      ctx_ = ctx;
+      count_ = count;
+      next_.store(0, std::memory_order_relaxed);
+      seats_ = helpers;
+      ++generation_;
+    }
+    if (helpers > 0) wake_.notify_all();
+    claim(task, ctx, count);
+    std::unique_lock<std::mutex> lk(m_);
+    seats_ = 0;  // a worker waking late must not join a job whose ctx is gone
+    idle_.wait(lk, [this] { return inside_ == 0; });
+    return true;
+  }
+
+  int size() const noexcept { return size_.load(std::memory_order_relaxed); }
+
+ private:
+  void claim(TaskFn task, void* ctx, int64_t count) noexcept {
+    for (int64_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < count;) task(ctx, i);
+  }
+
+  // Starts workers until there are `want` (at most hardware threads - 1: the caller works too).
+  // Called only by the busy_ holder. A worker that cannot start leaves the pool smaller.
+  int grow(int want) noexcept {
+    const unsigned hw = std::thread::hardware_concurrency();
+    want = std::min(want, hw > 1 ? static_cast<int>(hw) - 1 : 0);
+    try {
+      threads_.reserve(static_cast<size_t>(std::max(want, 0)));
+      while (static_cast<int>(threads_.size()) < want) {
+        const uint64_t seen = generation_;  // only the busy_ holder writes it
+        threads_.emplace_back([this, seen] { work(seen); });
+        size_.store(static_cast<int>(threads_.size()), std::memory_order_relaxed);
+      }
+    } catch (...) {  // std::system_error (no thread) or bad_alloc: fewer helpers
+    }
+    return static_cast<int>(threads_.size());
+  }
+
+  // A worker's life: wait for a job with a free seat, help with it, report leaving. It never
+  // ends: the pool lives until the process exits.
+  void work(uint64_t seen) noexcept {
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      wake_.wait(lk, [&] { return generation_ != seen && seats_ > 0; });
+      seen = generation_;
+      --seats_;
+      ++inside_;
+      const TaskFn task = task_;
+      void* const ctx = ctx_;
+      const int64_t count = count_;
+      lk.unlock();
+      claim(task, ctx, count);
+      lk.lock();
+      if (--inside_ == 0) idle_.notify_all();
+    }
+  }
+
+  std::mutex busy_;  // held by the caller whose job is on the pool
+  std::mutex m_;     // the job's fields and the seat handshake
+  std::condition_variable wake_, idle_;
+  std::vector<std::thread> threads_;
+  std::atomic<int> size_{0};
+  uint64_t generation_ = 0;
+  int seats_ = 0;   // workers that may still join the current job
+  int inside_ = 0;  // workers between taking a seat and leaving
+  TaskFn task_ = nullptr;
+  void* ctx_ = nullptr;
+  int64_t count_ = 0;
+  std::atomic<int64_t> next_{0};
+};
+
+// The process's pool, created on first use and never destroyed: destroying it at exit would
+// have to join workers that may be blocked. After fork the child starts with none, since the
+// parent's workers do not exist there (and its pool may be mid-job, its mutexes held): the old
+// object is abandoned, not touched. pthread_atfork keeps g_lock consistent across the fork.
+std::mutex g_lock;
+Pool* g_pool = nullptr;
+
+void before_fork() { g_lock.lock(); }
+void after_fork_parent() { g_lock.unlock(); }
+void after_fork_child() {
+  g_pool = nullptr;
+  g_lock.unlock();
+}
+
+Pool* pool() noexcept {
+  try {
+    std::lock_guard<std::mutex> lk(g_lock);
+    static const bool registered =
+        pthread_atfork(before_fork, after_fork_parent, after_fork_child) == 0;
+    (void)registered;
+    if (!g_pool) g_pool = new Pool;
+    return g_pool;
+  } catch (...) {  // no memory for the pool: the caller works alone
+    return nullptr;
+  }
+}
+
+}  // namespace
+
+void run_tasks(int64_t count, int threads, TaskFn task, void* ctx) noexcept {
+  if (count > 1 && threads > 1) {
+    Pool* p = pool();
+    if (p && p->try_run(count, threads - 1, task, ctx)) return;
+  }
+  for (int64_t i = 0; i < count; ++i) task(ctx, i);
+}
+
+int pool_workers() noexcept {
+  std::lock_guard<std::mutex> lk(g_lock);
+  return g_pool ? g_pool->size() : 0;
+}
+
+}  // namespace sdq::detail
