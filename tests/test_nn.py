@@ -67,3 +67,22 @@ def test_state_dict_is_packed():
     empty.load_state_dict(sd)
     x = torch.randn(2, 128)
     torch.testing.assert_close(empty(x), mod(x))
+
+
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_fast_path_equals_the_ops(levels, dtype):
+    """Plain eager CPU calls skip the op dispatch; they must compute exactly what the ops do."""
+    from sdq import ops
+    mod, _ = _module(40, 300, 1.5, levels)
+    x = torch.randn(3, 300).to(dtype)
+    assert ops._eager_cpu_ok(mod, x)
+    fast = mod(x)
+    xg = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        assert not ops._eager_cpu_ok(mod, xg)
+        through_ops = mod(xg)
+    assert torch.equal(fast, through_ops.detach())
+    # a replaced buffer (a load, an assignment) rebuilds the prepared views
+    mod.scale, mod.mean = mod.scale * 2, mod.mean * 2  # exact in fp16: y doubles exactly
+    assert torch.equal(mod(x), 2 * fast)

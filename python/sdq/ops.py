@@ -185,8 +185,11 @@ def sdq_linear(module, x: Tensor) -> Tensor:
     """y = x W_hat^T through the add-only ops; x [..., in] of any float dtype, y in x's dtype.
 
     fp16 and bf16 inputs run the float32 kernels (fp32 accumulation) and are rounded back;
-    float64 runs sdq.torch_ops in float64.
+    float64 runs sdq.torch_ops in float64. Plain eager CPU calls that need no gradient skip the
+    op dispatch (_eager_cpu): the same kernels, called with the layer's prepared NumPy views.
     """
+    if _eager_cpu_ok(module, x):
+        return _eager_cpu(module, x)
     cfg = module.config
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     x2 = x.reshape(-1, module.in_features).to(compute)
@@ -196,3 +199,50 @@ def sdq_linear(module, x: Tensor) -> Tensor:
     y = torch.ops.sdq.addonly_gemm(module.sign, module.nonzero, module.scale, module.mean, xt,
                                    xsum, module.in_features, cfg.block_size, cfg.osr)
     return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
+
+
+# ----------------------------------------------------------------------------- eager fast path
+_EAGER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _eager_cpu_ok(module, x: Tensor) -> bool:
+    """The op dispatch buys tracing, autograd and tensor subclasses/modes; a plain eager CPU call
+    that needs none of them can call the kernels directly (the ops' CPU kernel does the same)."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type != "cpu":
+        return False
+    if x.dtype not in _EAGER_DTYPES or module.scale.dtype != torch.float16 \
+            or module.mean.dtype != torch.float16:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or module.scale.requires_grad
+                                    or module.mean.requires_grad):
+        return False
+    # no __torch_function__ / __torch_dispatch__ mode active (FakeTensorMode, FlopCounterMode...)
+    return not torch._C._is_torch_function_mode_enabled() and \
+        torch._C._len_torch_dispatch_stack() == 0
+
+
+def _plan(module) -> tuple:
+    """NumPy views of the layer's packed tensors and constants, built once per set of tensors
+    (rebuilt when a buffer is replaced: device moves, loads, assignment)."""
+    tensors = (module.sign, module.nonzero, module.scale, module.mean, module.transform_signs,
+               module.down_full, module.down_last)
+    key = tuple(None if t is None else (t.data_ptr(), t.shape, t.dtype) for t in tensors)
+    cached = module.__dict__.get("_eager_plan")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    sign, nonzero, scale, mean, signs, down_full, down_last = tensors
+    views = (_np(sign, np.uint32), None if nonzero is None else _np(nonzero, np.uint32),
+             _np(scale, np.uint16), _np(mean, np.uint16), None if signs is None else _np(signs),
+             _np(down_full), _np(down_last))
+    module.__dict__["_eager_plan"] = (key, views)
+    return views
+
+
+def _eager_cpu(module, x: Tensor) -> Tensor:
+    sign, nonzero, scale, mean, signs, down_full, down_last = _plan(module)
+    cfg, c = module.config, core()
+    x2 = x.detach().reshape(-1, module.in_features).to(torch.float32).contiguous().numpy()
+    xt, xsum = c.activation_transform(x2, cfg.block_size, cfg.osr, signs, down_full, down_last)
+    y = c.addonly_gemm(sign, nonzero, scale, mean, xt, xsum, module.in_features, cfg.block_size,
+                       cfg.osr)
+    return torch.from_numpy(y).to(x.dtype).reshape(*x.shape[:-1], module.out_features)
