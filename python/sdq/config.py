@@ -10,8 +10,39 @@ LEVELS = ("binary", "ternary")
 CODE_SELECTIONS = ("sigma_delta", "gram")
 
 
+class ConfigIO:
+    """JSON round trip and replace() for the frozen config dataclasses (SDQConfig, WGMConfig):
+    unknown fields and newer versions are errors, so an old sdq never misreads a new file."""
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        name = cls.__name__
+        if not isinstance(d, dict):
+            raise TypeError(f"a {name} is read from a dict, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {name} fields: {sorted(unknown)}")
+        version = d.get("version", 1)
+        if isinstance(version, int) and version > 1:
+            raise ValueError(f"{name} version {version} is newer than this sdq (1)")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str):
+        return cls.from_dict(json.loads(s))
+
+
 @dataclasses.dataclass(frozen=True)
-class SDQConfig:
+class SDQConfig(ConfigIO):
     """How one weight matrix is Sigma-Delta quantized (method.md section 1).
 
     osr:        over-sampling ratio, 0 < osr <= 16, fractional allowed. Each block of B (padded)
@@ -72,25 +103,3 @@ class SDQConfig:
     def code_bits_per_sample(self) -> int:
         return 1 if self.levels == "binary" else 2
 
-    def replace(self, **changes) -> "SDQConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SDQConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown SDQConfig fields: {sorted(unknown)}")
-        if d.get("version", 1) > 1:
-            raise ValueError(f"SDQConfig version {d['version']} is newer than this sdq (1)")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, s: str) -> "SDQConfig":
-        return cls.from_dict(json.loads(s))

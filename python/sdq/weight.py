@@ -122,7 +122,7 @@ class QuantizedWeight:
         # make the core lay out billions of blocks.
         nb = -(-n_in // config.block_size)
         for key in ("scale", "mean"):
-            _check_tensor(d, key, torch.float16, (out, nb), where)
+            check_tensor(d, key, torch.float16, (out, nb), where)
         qw = cls(out, n_in, config, d.get("sign"), d.get("nonzero") if config.levels == "ternary"
                  else None, d["scale"], d["mean"], d.get("hadamard_signs"))
         qw.validate(name)
@@ -163,7 +163,7 @@ class QuantizedWeight:
             raise CheckpointError(f"{where}: tensor nonzero present in a binary layer")
         tensors = {k: getattr(self, k) for k in want}
         for key, (dtype, shape) in want.items():
-            _check_tensor(tensors, key, dtype, shape, where)
+            check_tensor(tensors, key, dtype, shape, where)
         return {"sign": self.sign, **({"nonzero": self.nonzero} if ternary else {})}
 
 
@@ -172,13 +172,18 @@ def _where(name: str) -> str:
 
 
 def _parse_meta(t: torch.Tensor | None, where: str) -> tuple[int, int, SDQConfig]:
-    """(out_features, in_features, config) from the uint8 JSON metadata tensor, each field
-    checked."""
+    return parse_meta(t, where, PACKED_FORMAT, SDQConfig)
+
+
+def parse_meta(t: torch.Tensor | None, where: str, packed_format: str, config_cls):
+    """(out_features, in_features, config) from a packed weight's uint8 JSON metadata tensor,
+    each field checked; shared by every packed weight type (its format string and config)."""
     if t is None:
         raise CheckpointError(f"{where}: tensor meta (the metadata) is missing")
-    if t.dtype != torch.uint8 or t.dim() != 1:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise CheckpointError(f"{where}: tensor meta (the metadata) should be 1-D uint8, got "
-                              f"{t.dtype} {tuple(t.shape)}")
+                              f"{got}")
     try:
         meta = json.loads(bytes(t.tolist()).decode())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -187,13 +192,14 @@ def _parse_meta(t: torch.Tensor | None, where: str) -> tuple[int, int, SDQConfig
         got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{where}: metadata should have the fields {sorted(META_KEYS)}, "
                               f"got {got}")
-    if meta["format"] != PACKED_FORMAT:
-        raise CheckpointError(f"{where}: unknown packed format {meta['format']!r} in the metadata")
+    if meta["format"] != packed_format:
+        raise CheckpointError(f"{where}: unknown packed format {meta['format']!r} in the metadata "
+                              f"(expected {packed_format!r})")
     out, n_in = (_positive_int(meta, k, where) for k in ("out_features", "in_features"))
     if not isinstance(meta["config"], dict):
         raise CheckpointError(f"{where}: metadata config should be an object")
     try:
-        config = SDQConfig.from_dict(meta["config"])
+        config = config_cls.from_dict(meta["config"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: metadata config is invalid: {e}") from e
     return out, n_in, config
@@ -206,7 +212,7 @@ def _positive_int(meta: dict, key: str, where: str) -> int:
     return v
 
 
-def _check_tensor(d: dict, key: str, dtype: torch.dtype, shape: tuple, where: str) -> None:
+def check_tensor(d: dict, key: str, dtype: torch.dtype, shape: tuple, where: str) -> None:
     t = d.get(key)
     if t is None:
         raise CheckpointError(f"{where}: tensor {key} is missing (should be {dtype} {shape})")

@@ -12,11 +12,10 @@ import json
 import numpy as np
 import torch
 
-from .weight import CheckpointError
+from .weight import CheckpointError, check_tensor, parse_meta
 
 PACKED_FORMAT = "sdq-wgm-v1"
 STATE_KEYS = ("sign", "index", "scale")
-META_KEYS = ("out_features", "in_features", "config", "format")
 BLOCK = 64  # block mode: consecutive weights of a row that share G scales
 _BITS = 32
 
@@ -153,7 +152,7 @@ class WGMWeight:
         where = _where(name)
         tensors = {k: getattr(self, k) for k in STATE_KEYS}
         for key, (dtype, shape) in self.expected_shapes().items():
-            _check_tensor(tensors, key, dtype, shape, where)
+            check_tensor(tensors, key, dtype, shape, where)
         for key in ("sign", "index"):
             _check_padding(tensors[key], self.in_features, key, where)
         _check_index_range(self, where)
@@ -165,42 +164,8 @@ def _where(name: str) -> str:
 
 
 def _parse_meta(t: torch.Tensor | None, where: str):
-    """(out_features, in_features, config) from the uint8 JSON metadata tensor."""
     from .methods.wgm import WGMConfig
-    if t is None:
-        raise CheckpointError(f"{where}: tensor meta (the metadata) is missing")
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
-        raise CheckpointError(f"{where}: tensor meta (the metadata) should be 1-D uint8")
-    try:
-        meta = json.loads(bytes(t.tolist()).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{where}: metadata is not UTF-8 JSON: {e}") from e
-    if not isinstance(meta, dict) or set(meta) != set(META_KEYS):
-        got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{where}: metadata should have the fields {sorted(META_KEYS)}, "
-                              f"got {got}")
-    if meta["format"] != PACKED_FORMAT:
-        raise CheckpointError(f"{where}: unknown packed format {meta['format']!r} in the metadata "
-                              f"(expected {PACKED_FORMAT!r})")
-    for key in ("out_features", "in_features"):
-        v = meta[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise CheckpointError(f"{where}: metadata {key} should be a positive integer, got "
-                                  f"{v!r}")
-    try:
-        config = WGMConfig.from_dict(meta["config"])
-    except (ValueError, TypeError, AttributeError) as e:  # AttributeError: not an object
-        raise CheckpointError(f"{where}: metadata config is invalid: {e}") from e
-    return meta["out_features"], meta["in_features"], config
-
-
-def _check_tensor(d: dict, key: str, dtype: torch.dtype, shape: tuple, where: str) -> None:
-    t = d.get(key)
-    if t is None:
-        raise CheckpointError(f"{where}: tensor {key} is missing (should be {dtype} {shape})")
-    if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise CheckpointError(f"{where}: tensor {key} should be {dtype} {shape}, got {got}")
+    return parse_meta(t, where, PACKED_FORMAT, WGMConfig)
 
 
 def _check_padding(planes: torch.Tensor, cols: int, key: str, where: str) -> None:

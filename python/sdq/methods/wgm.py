@@ -15,13 +15,13 @@ not the ~1.007 of the paper's first version, which did not count the indices.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import numpy as np
 import torch
 
 from .._native import core
+from ..config import ConfigIO
 from ..validate import as_weight_matrix
 from ..wgm_weight import BLOCK, WGMWeight, index_bits, pack_bits
 
@@ -31,7 +31,7 @@ FP16_MAX = 65504.0
 
 
 @dataclasses.dataclass(frozen=True)
-class WGMConfig:
+class WGMConfig(ConfigIO):
     """How one weight matrix is quantized by dynamic grouping.
 
     groups:     G, 1 <= G <= 256 groups (scales) per matrix, or per 64-weight block.
@@ -80,28 +80,6 @@ class WGMConfig:
     @property
     def index_bits(self) -> int:
         return index_bits(self.groups)
-
-    def replace(self, **changes) -> "WGMConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WGMConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"a WGMConfig is read from a dict, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown WGMConfig fields: {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, s: str) -> "WGMConfig":
-        return cls.from_dict(json.loads(s))
 
 
 def quantize_weight_wgm(W, config: WGMConfig | None = None) -> WGMWeight:
