@@ -1,9 +1,13 @@
 """WGM partition time on every decoder linear of the default model (SmolLM2-135M), core vs NumPy.
 
-Two modes, as method.md section 2 describes them:
+Three modes, as method.md section 2 describes them:
   per-matrix: each linear's |W| flattened and sorted, windowed greedy (windows of --window values
               merged to --groups groups). Matrices of the same size go to the core as the rows of
               one call, so threads split them.
+  per-matrix greedy: the same matrices, greedy merging from single values (sdq's default). The
+              O(n^2) NumPy reference cannot run on whole matrices (331k-885k values): it runs on
+              an evenly strided sample of --ref-greedy-values sorted values of each subset matrix,
+              and the core on that same sample for the ratio.
   block:      each row of W cut into blocks of --block consecutive weights, each block's |w| sorted
               and partitioned on its own into --block-groups groups (greedy from singletons: a
               block is shorter than one window). All the model's blocks in one call.
@@ -99,6 +103,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--block-groups", type=int, default=4)
     ap.add_argument("--ref-layers", type=int, default=1)
+    ap.add_argument("--ref-greedy-values", type=int, default=4096)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
     layers = model_weights()
@@ -112,6 +117,12 @@ def main() -> None:
     per_matrix = measure("per-matrix", matrices, per_matrix_rows(subset),
                          dict(groups=args.groups, window=args.window, method="windowed"),
                          args.threads)
+    sampled = [b[:, :: max(1, b.shape[1] // args.ref_greedy_values)] for b in
+               per_matrix_rows(subset)]
+    greedy = measure("greedy", matrices, [np.ascontiguousarray(b) for b in sampled],
+                     dict(groups=args.groups, window=args.window, method="greedy"),
+                     args.threads, repeat_model=1)
+    greedy["reference_sample_values"] = int(sampled[0].shape[1])
     block = measure("block", [block_rows(everything, args.block)], [block_rows(subset, args.block)],
                     dict(groups=args.block_groups, window=args.block, method="greedy"),
                     args.threads, repeat_model=1)  # seconds per run: one timed run is enough
@@ -121,7 +132,8 @@ def main() -> None:
     path = write_json("wgm.json", {
         "model": "SmolLM2-135M (sdq.data.load_model default)", "linears": len(everything),
         "reference_subset": f"first {args.ref_layers} decoder layer(s)",
-        "sort_per_matrix_s": t_sort, "per_matrix": per_matrix, "block": block,
+        "sort_per_matrix_s": t_sort, "per_matrix": per_matrix, "per_matrix_greedy": greedy,
+        "block": block,
         "load_average_1m": load, "torch_threads": torch.get_num_threads(),
         "machine": machine()})
     print(f"wrote {path}")

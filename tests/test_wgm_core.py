@@ -245,3 +245,14 @@ def test_bad_boundaries_are_clear_errors(boundaries, err, match):
 def test_cost_ignores_trailing_empty_groups():
     np.testing.assert_allclose(C.wgm_cost(GOOD, np.array([[0, 4, 4, 4]])),
                                C.wgm_cost(GOOD, np.array([[0, 4]])), rtol=0)
+
+
+@pytest.mark.parametrize("n", [500, 4096])
+def test_heap_greedy_equals_reference_on_a_grid_with_many_equal_merge_costs(n):
+    """Values on an fp16-like grid (as real weights stored in low precision are) make many adjacent
+    merges cost exactly the same; a heap that compared a node with its sibling's children broke
+    these ties differently from the reference (regression)."""
+    rng = np.random.default_rng(0)
+    v = _sorted_rows((rng.integers(0, n // 2, n) * 2.0 ** -15)[None, :])
+    got = C.wgm_partition(v, 32, method="greedy")
+    np.testing.assert_array_equal(got, ref.wgm_partition_ref(v, 32, 512, 0.75, "greedy"))

@@ -125,11 +125,16 @@ class MinHeap {
   void down(int64_t s) {
     const Entry e = heap_[s];
     const int64_t n = static_cast<int64_t>(heap_.size());
-    for (int64_t c; (c = 4 * s + 1) < n; s = c) {
-      for (int64_t k = c + 1; k < std::min(c + 4, n); ++k)
+    for (int64_t first; (first = 4 * s + 1) < n; ) {
+      // the least of the (up to) four children first .. first + 3; the bound is fixed before the
+      // scan moves c, or it would reach into the next node's children
+      const int64_t last = std::min(first + 4, n);
+      int64_t c = first;
+      for (int64_t k = first + 1; k < last; ++k)
         if (heap_[k].before(heap_[c])) c = k;
       if (!heap_[c].before(e)) break;
       place(s, heap_[c]);
+      s = c;
     }
     place(s, e);
   }
