@@ -42,8 +42,9 @@ class WGMConfig(ConfigIO):
                 "windowed" (the paper's, from windows of `window` sorted weights), "dp" (exact,
                 O(G n^2): small inputs only). Windowed groups never split a window, so on a
                 whole matrix its top group holds the 512 largest |w| together and clips the
-                outliers; greedy keeps them, at about the same cost (0.6 s per 576x576 matrix).
-                On SmolLM2-135M at G = 32: perplexity 25.5 greedy, 1.6e4 windowed
+                outliers; greedy keeps them, at more partition time (whole default model: 35 s vs
+                0.15 s on one thread, bench/wgm.py).
+                On SmolLM2-135M at G = 32: perplexity 25.2 greedy, 1.6e4 windowed
                 (bench/quality.py, the wgm-* rows), hence the default.
     """
 
