@@ -38,7 +38,6 @@ from .methods.wgm import WGMConfig
 from .nn import SDQLinear
 from .weight import STATE_KEYS, CheckpointError, QuantizedWeight
 from .wgm_nn import WGMLinear
-from .wgm_weight import PACKED_FORMAT as WGM_PACKED_FORMAT
 from .wgm_weight import STATE_KEYS as WGM_STATE_KEYS
 from .wgm_weight import WGMWeight
 
@@ -199,11 +198,13 @@ def _load_tensors(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupt or truncated: {e}") from e
 
 
-def _check_packed_weights(tensors: dict[str, torch.Tensor], modules: dict[str, dict]) -> None:
+def _check_packed_weights(tensors: dict[str, torch.Tensor], modules: dict[str, dict]) -> dict:
     """Every quantized module's packed tensors through QuantizedWeight.from_state_dict (metadata,
-    shapes, invariants), and its metadata against config.json's entry (OSR, bias). Replaces each
-    metadata tensor by its canonical JSON, so that the SDQLinear shell built from it has a meta
-    buffer of the same length whatever the file's JSON spacing."""
+    shapes, invariants), and its metadata against config.json's entry (OSR, bias). Returns the
+    checked packed weights by module name, which load() builds the layers from (so nothing is
+    checked twice). Replaces each metadata tensor by its canonical JSON, so that the file's
+    tensors match the layers' whatever the file's JSON spacing."""
+    checked = {}
     for name, info in modules.items():
         wgm = info.get("method") == "wgm"
         packed = {k: tensors[f"{name}.{k}"] for k in (*(WGM_STATE_KEYS if wgm else STATE_KEYS),
@@ -223,6 +224,8 @@ def _check_packed_weights(tensors: dict[str, torch.Tensor], modules: dict[str, d
                                   f"{'has' if f'{name}.bias' in tensors else 'has no'} tensor "
                                   f"{name}.bias")
         tensors[f"{name}.meta"] = qw.state_dict()["meta"]
+        checked[name] = qw
+    return checked
 
 
 def _build_model(config_dict: dict, dtype: torch.dtype, directory: Path):
@@ -285,22 +288,21 @@ def load(directory, *, device: str | torch.device = "cpu", with_tokenizer: bool 
     config_dict = read_quantization_config(directory)
     qconf = _check_quantization_config(config_dict.pop("quantization_config"), directory)
     tensors = _load_tensors(directory / WEIGHTS, qconf["sha256"])
-    _check_packed_weights(tensors, qconf["modules"])
+    packed = _check_packed_weights(tensors, qconf["modules"])
     hf_config, model = _build_model(config_dict, _dtype_of(tensors), directory)
     from .experts import rebuild_experts
-    rebuild_experts(model, tensors)  # SDQExperts shells first: their SDQLinear children follow
-    for name, info in qconf["modules"].items():
-        meta = tensors.get(f"{name}.meta")
-        if meta is None:
-            raise ValueError(f"corrupt checkpoint: no packed weight for {name}")
-        meta_json = bytes(meta.tolist()).decode()
-        shell_class = WGMLinear if json.loads(meta_json)["format"] == WGM_PACKED_FORMAT \
-            else SDQLinear
-        shell = shell_class.empty_like(meta_json, info["bias"])
+    rebuild_experts(model, tensors)  # SDQExperts shells first: their packed children follow
+    for name, qw in packed.items():
+        layer_class = WGMLinear if isinstance(qw, WGMWeight) else SDQLinear
+        layer = layer_class.from_quantized(qw, tensors.get(f"{name}.bias"))
         parent, _, child = name.rpartition(".")
-        setattr(_slot_parent(model, name, shell), child, shell)
+        setattr(_slot_parent(model, name, layer), child, layer)
     _check_tensors_fit(model, tensors)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    # The packed layers already hold their checked tensors: load the rest into the model.
+    held = {f"{name}.{k}" for name, qw in packed.items() for k in qw.state_dict()}
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in tensors.items() if k not in held}, strict=False)
+    missing = [k for k in missing if k not in held]
     if getattr(hf_config, "tie_word_embeddings", False):
         missing = [k for k in missing if k != "lm_head.weight"]  # re-tied below
     if missing or unexpected:

@@ -28,10 +28,16 @@ def unpack_codes(sign: Tensor, nonzero: Tensor | None, dtype: torch.dtype) -> Te
     Binary: bit 1 -> +1, bit 0 -> -1 (padding columns read -1 and meet zero activations);
     ternary: nonzero 0 -> 0, else +1 / -1 by the sign bit (cpp/include/sdq/bitplane.h).
     """
-    shifts = torch.arange(_BITS, device=sign.device, dtype=torch.int32)
-    bit = lambda w: ((w.unsqueeze(-1) >> shifts) & 1).reshape(w.shape[0], -1).to(dtype)  # noqa: E731
-    plus_minus = bit(sign) * 2 - 1
-    return plus_minus if nonzero is None else plus_minus * bit(nonzero)
+    plus_minus = unpack_bits(sign).to(dtype) * 2 - 1
+    return plus_minus if nonzero is None else plus_minus * unpack_bits(nonzero).to(dtype)
+
+
+def unpack_bits(words: Tensor, cols: int | None = None) -> Tensor:
+    """int32 words [..., words] -> int32 bits [..., cols] (all 32 * words without cols), bit c % 32
+    of word c // 32; any device."""
+    shifts = torch.arange(_BITS, device=words.device, dtype=torch.int32)
+    bits = ((words.unsqueeze(-1) >> shifts) & 1).flatten(-2)
+    return bits if cols is None else bits[..., :cols]
 
 
 def _hadamard(n: int, like: Tensor) -> Tensor:

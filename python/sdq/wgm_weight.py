@@ -12,6 +12,8 @@ import json
 import numpy as np
 import torch
 
+from ._native import core
+from .torch_ops import unpack_bits
 from .weight import CheckpointError, check_tensor, parse_meta
 
 PACKED_FORMAT = "sdq-wgm-v1"
@@ -36,20 +38,11 @@ def num_blocks(in_features: int) -> int:
 
 def pack_bits(bits: np.ndarray) -> torch.Tensor:
     """bool [..., cols] -> int32 words [..., words_for(cols)], bit c % 32 of word c // 32 (padding
-    bits 0)."""
-    cols = bits.shape[-1]
-    padded = np.zeros((*bits.shape[:-1], words_for(cols) * _BITS), dtype=bool)
-    padded[..., :cols] = bits
-    packed = np.packbits(padded, axis=-1, bitorder="little")      # 4 bytes per word, LSB first
-    words = np.ascontiguousarray(packed).view("<u4").astype(np.uint32)
-    return torch.from_numpy(words.view(np.int32).copy())
-
-
-def unpack_bits(words: torch.Tensor, cols: int) -> torch.Tensor:
-    """int32 words [..., words] -> int32 bits [..., cols] (any device)."""
-    shifts = torch.arange(_BITS, device=words.device, dtype=torch.int32)
-    bits = (words.unsqueeze(-1) >> shifts) & 1
-    return bits.flatten(-2)[..., :cols]
+    bits 0): the core's binary bitplane packing, with True as the +1 code."""
+    lead, cols = bits.shape[:-1], bits.shape[-1]
+    codes = np.where(bits.reshape(-1, cols), 1, -1).astype(np.int8)
+    words, _ = core().pack_bitplanes(codes, "binary")
+    return torch.from_numpy(words.view(np.int32).reshape(*lead, words_for(cols)))
 
 
 def unpack_index(index: torch.Tensor, cols: int) -> torch.Tensor:
