@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sdq.cli import COMMANDS, main
+from tiny_models import tiny_llama
 
 T = pytest.importorskip("transformers")
 torch.set_grad_enabled(False)
@@ -29,10 +30,7 @@ class _Tokenizer:
 @pytest.fixture
 def tiny_model(monkeypatch):
     """`sdq quantize` without a MODEL argument gets this tiny random Llama."""
-    cfg = T.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(vocab=64, intermediate=96, layers=1, tie=False, seed=0)
     monkeypatch.setattr("sdq.data.load_model", lambda *a, **kw: (model, _Tokenizer()))
     return model
 

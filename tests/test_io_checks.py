@@ -2,7 +2,6 @@
 safe overwrite of sdq.save."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from sdq.weight import QuantizedWeight, _code_mask
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (after the importorskip)
+from tiny_models import ternary_then_binary, tiny_llama  # noqa: E402
 
 IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
 Q = "model.layers.0.self_attn.q_proj"  # ternary, OSR 1.25: 16 padding columns per row
@@ -153,18 +153,7 @@ def test_each_broken_invariant_gives_its_error(case):
 
 def _tiny_model() -> torch.nn.Module:
     """Two layers, the first ternary and the second binary, OSR 1.25, attention biases."""
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, tie_word_embeddings=True,
-                                   attention_bias=True)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg).eval()
-    models = {}
-    for levels in ("ternary", "binary"):
-        models[levels] = copy.deepcopy(base)
-        sdq.quantize_(models[levels], sdq.SDQConfig(osr=1.25, levels=levels), progress=False)
-    models["ternary"].model.layers[1] = models["binary"].model.layers[1]
-    return models["ternary"]
+    return ternary_then_binary(tiny_llama(vocab=128, seed=0, attention_bias=True))
 
 
 def _logits(model) -> torch.Tensor:

@@ -31,6 +31,7 @@ from sdq.nn import SDQLinear
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (after the importorskip)
+from tiny_models import ternary_then_binary, tiny_llama  # noqa: E402
 
 SEED = 20240611
 CASES = 240
@@ -55,19 +56,7 @@ def _osr_for(layer: int, name: str) -> float:
 def _tiny_model() -> torch.nn.Module:
     """Layer 0 ternary, layer 1 binary; OSR 1.25 leaves block padding (m = 80 of 96 code columns
     for in = 64; 40 of 64 in down_proj's last block), 1.5 and 2 leave none."""
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, tie_word_embeddings=True,
-                                   attention_bias=True)
-    base = transformers.LlamaForCausalLM(cfg).eval()
-    models = {}
-    for levels in ("ternary", "binary"):
-        models[levels] = copy.deepcopy(base)
-        sdq.quantize_(models[levels], sdq.SDQConfig(osr=1.25, levels=levels), osr_for=_osr_for,
-                      progress=False)
-    model = models["ternary"]
-    model.model.layers[1] = models["binary"].model.layers[1]
-    return model
+    return ternary_then_binary(tiny_llama(vocab=128, attention_bias=True), osr_for=_osr_for)
 
 
 def _logits(model: torch.nn.Module, use_kernels: bool) -> torch.Tensor:

@@ -7,6 +7,7 @@ import sdq.lora
 from sdq.lora import LoRALinear
 from sdq.nn import SDQLinear
 from sdq.pipeline import quantize_
+from tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,10 +20,7 @@ def _grad_on():
 
 
 def _quantized_llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(vocab=64, intermediate=128)
     with torch.no_grad():
         quantize_(model, sdq.SDQConfig(osr=1.5, levels="binary"), progress=False)
     return model

@@ -8,16 +8,14 @@ import torch
 import sdq
 from sdq.nn import SDQLinear
 from sdq.pipeline import quantize_
+from tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 IDS = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def _quantized_llama():
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama()
     quantize_(model, sdq.SDQConfig(osr=1.5, levels="ternary"), progress=False,
               osr_for=lambda i, name: 2.0 if "mlp" in name else 1.5)
     return model

@@ -14,15 +14,13 @@ from sdq.io import load, save
 from sdq.methods import BaselineConfig
 from sdq.nn import SDQLinear
 from sdq.pipeline import quantize_
+from tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 
 def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama()
 
 
 def _qwen2():

@@ -1,7 +1,6 @@
 """WGM (dynamic-grouping binary quantization): config, quantizer, packed form, CPU kernel, op,
 module, checks, and the plumbing through quantize_, save/load and the CLI."""
 import copy
-import dataclasses
 import json
 import pathlib
 
@@ -15,6 +14,7 @@ from sdq.methods import quantize_linear
 from sdq.methods.wgm import WGMConfig, quantize_weight_wgm
 from sdq.wgm_nn import WGMLinear
 from sdq.wgm_weight import BLOCK, WGMWeight, index_bits, pack_bits, unpack_index
+from tiny_models import tiny_llama
 
 torch.set_grad_enabled(False)
 
@@ -419,11 +419,7 @@ IDS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(0))
 
 
 def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed=0)
 
 
 @pytest.fixture(scope="module")
