@@ -14,15 +14,11 @@
 #include "parallel.h"
 #include "sdq/gemv.h"
 #include "sdq/status.h"
+#include "expect.h"
 
 namespace {
 
-int g_failures = 0;
-
-void expect(bool ok, const char* what) {
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what);
-  if (!ok) ++g_failures;
-}
+using sdq_test::expect;
 
 // fn throws in the chunk starting at `thrower` (0: the calling thread's chunk, else a worker's).
 // Returns the message that reached the caller ("" if none); counts the chunks that ran.
@@ -125,6 +121,5 @@ int main() {
   activation_transform_worker_bad_alloc();
   addonly_gemm_bad_alloc();
   status_texts();
-  std::printf("%s\n", g_failures == 0 ? "PASS" : "FAIL");
-  return g_failures == 0 ? 0 : 1;
+  return sdq_test::finish();
 }

@@ -5,15 +5,11 @@
 #include <cstdio>
 
 #include "sdq/cuda.h"
+#include "expect.h"
 
 namespace {
 
-int g_failures = 0;
-
-void expect(bool ok, const char* what) {
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what);
-  if (!ok) ++g_failures;
-}
+using sdq_test::expect;
 
 // Addresses that are never dereferenced: every check below fails before a launch.
 template <typename T>
@@ -105,6 +101,5 @@ int main() {
     addonly_gemm_checks();
     pointer_info_of_host_memory();
   }
-  std::printf("%s\n", g_failures == 0 ? "PASS" : "FAIL");
-  return g_failures == 0 ? 0 : 1;
+  return sdq_test::finish();
 }

@@ -16,15 +16,11 @@
 #include "parallel.h"
 #include "scratch.h"
 #include "thread_pool.h"
+#include "expect.h"
 
 namespace {
 
-int g_failures = 0;
-
-void expect(bool ok, const char* what) {
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what);
-  if (!ok) ++g_failures;
-}
+using sdq_test::expect;
 
 // Runs parallel_for(n, threads, grain) and checks that each index was covered exactly once.
 bool covers_once(int64_t n, int threads, int64_t grain) {
@@ -179,6 +175,5 @@ int main() {
   worker_exception();
   fork_child();
   scratch_reuse();
-  std::printf("%s\n", g_failures == 0 ? "PASS" : "FAIL");
-  return g_failures == 0 ? 0 : 1;
+  return sdq_test::finish();
 }

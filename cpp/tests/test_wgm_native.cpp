@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "sdq/wgm.h"
+#include "expect.h"
 
 namespace {
 
@@ -17,12 +18,7 @@ using sdq::Status;
 using sdq::WgmIssue;
 using sdq::WgmMethod;
 
-int g_failures = 0;
-
-void expect(bool ok, const char* what) {
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what);
-  if (!ok) ++g_failures;
-}
+using sdq_test::expect;
 
 std::vector<int64_t> partition(const std::vector<float>& v, int64_t groups, WgmMethod method,
                                int64_t window = 512, double lam = 0.75, int threads = 1) {
@@ -163,6 +159,5 @@ int main() {
   threads_do_not_change_results();
   errors_are_statuses();
   cost_checks_boundaries();
-  std::printf("%s\n", g_failures ? "FAILED" : "all passed");
-  return g_failures ? 1 : 0;
+  return sdq_test::finish();
 }
