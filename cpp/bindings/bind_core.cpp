@@ -1,8 +1,12 @@
 // Binding of the encoder side of the core: modulator, FWHT, resampling, bitplanes, block layout.
 #include <pybind11/stl.h>
 
+#include <cmath>
+#include <cstring>
+
 #include "common.h"
 #include "sdq/bitplane.h"
+#include "sdq/encode.h"
 #include "sdq/fwht.h"
 #include "sdq/layout.h"
 #include "sdq/modulator.h"
@@ -139,6 +143,66 @@ py::dict layout(int64_t in_features, int64_t block_size, double osr) {
   return d;
 }
 
+// The whole data-free encoder over rows [row_begin, row_end) of W (encode.h). The outputs cover
+// the whole matrix; rows outside the range are left zero.
+py::tuple encode(const py::object& W_obj, const py::object& signs_obj, const std::string& levels,
+                 double osr, int64_t block_size, int order, bool hadamard, double sd_scale,
+                 double p_scale, double p_cut, int64_t row_begin, int64_t row_end, int threads) {
+  auto W = require_array<float>(W_obj, "W", 2);
+  const int64_t out = W.shape(0);
+  EncodeParams p;
+  p.layout = make_layout(W.shape(1), block_size, osr);
+  p.levels = parse_levels(levels);
+  p.order = order;
+  p.hadamard = hadamard;
+  p.sd_scale = sd_scale;
+  p.p_scale = p_scale;
+  p.p_cut = p_cut;
+  if (!(sd_scale > 0.0 && std::isfinite(sd_scale)))
+    throw py::value_error("sd_scale must be positive and finite, got " + std::to_string(sd_scale));
+  if (!(p_scale >= 0.0 && p_scale <= 1.0 && p_cut >= 0.0 && p_cut <= 1.0))
+    throw py::value_error("p_scale and p_cut must be in [0, 1], got " + std::to_string(p_scale) +
+                          ", " + std::to_string(p_cut));
+  if (row_end < 0) row_end = out;
+  if (row_begin < 0 || row_begin > row_end || row_end > out)
+    throw py::value_error("rows [" + std::to_string(row_begin) + ", " + std::to_string(row_end) +
+                          ") are not inside [0, " + std::to_string(out) + ")");
+  py::array_t<float> signs;
+  if (hadamard) {
+    if (signs_obj.is_none()) throw py::value_error("signs are required when hadamard is true");
+    signs = require_array<float>(signs_obj, "signs", 1);
+    require_shape(signs, "signs", {block_size});
+  }
+  const int64_t words = p.layout.words_per_row(), nb = p.layout.num_blocks();
+  auto zeros = [](py::array a) {
+    std::memset(a.mutable_data(), 0, static_cast<size_t>(a.nbytes()));
+    return a;
+  };
+  py::array_t<uint32_t> sign = zeros(py::array_t<uint32_t>({out, words}));
+  py::object nonzero = py::none();
+  word_t* nz_ptr = nullptr;
+  if (p.levels == Levels::ternary) {
+    py::array_t<uint32_t> nz = zeros(py::array_t<uint32_t>({out, words}));
+    nz_ptr = nz.mutable_data();
+    nonzero = nz;
+  }
+  py::array_t<uint16_t> scale = zeros(py::array_t<uint16_t>({out, nb}));
+  py::array_t<uint16_t> mean = zeros(py::array_t<uint16_t>({out, nb}));
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = encode_rows(p, hadamard ? signs.data() : nullptr, W.data(), row_begin, row_end,
+                     sign.mutable_data(), nz_ptr, scale.mutable_data(), mean.mutable_data(),
+                     threads);
+  }
+  if (st == Status::bad_value)  // the parameters were checked above: the data is at fault
+    throw py::value_error(
+        "weights too large for the fp16 scale and mean (|value| must stay below 65504 after "
+        "rotation and resampling), or not finite");
+  check_status(st, "encode_rows");
+  return py::make_tuple(sign, nonzero, scale, mean);
+}
+
 }  // namespace
 
 void bind_core(py::module_& m) {
@@ -157,6 +221,15 @@ void bind_core(py::module_& m) {
         "int8 codes [rows, cols] -> (sign uint32 [rows, words], nonzero uint32 or None).");
   m.def("unpack_bitplanes", &unpack, py::arg("sign"), py::arg("nonzero"), py::arg("cols"),
         py::arg("threads") = 0, "Inverse of pack_bitplanes (ternary iff nonzero is not None).");
+  m.def("encode_rows", &encode, py::arg("W"), py::arg("signs"), py::arg("levels"), py::arg("osr"),
+        py::arg("block_size") = 128, py::arg("order") = 1, py::arg("hadamard") = true,
+        py::arg("sd_scale") = 0.95, py::arg("p_scale") = 0.93, py::arg("p_cut") = 0.55,
+        py::arg("row_begin") = 0, py::arg("row_end") = -1, py::arg("threads") = 0,
+        "Data-free SDQ of rows [row_begin, row_end) of W (float32 [out, in]; row_end -1: out):\n"
+        "rotate, up-sample, normalise, modulate, pack (encode.h). signs: float32 [block_size]\n"
+        "(ignored without hadamard). Returns (sign uint32 [out, words], nonzero uint32 or None,\n"
+        "scale uint16 [out, blocks], mean uint16 [out, blocks]) over the whole matrix, fp16\n"
+        "bits; rows outside the range are zero.");
   m.def("layout", &layout, py::arg("in_features"), py::arg("block_size"), py::arg("osr"),
         "Block geometry of a layer: widths, padded widths, samples m and code offsets per block.");
 }

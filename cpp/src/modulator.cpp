@@ -10,20 +10,15 @@
 #include <cstring>
 
 #include "guard.h"
+#include "modulator_lanes.h"
 #include "parallel.h"
 
 namespace sdq {
 namespace {
 
-constexpr int64_t kLanes = 16;
+using detail::ModState;
+constexpr int64_t kLanes = detail::kModLanes;
 constexpr int64_t kChunk = 128;
-
-struct TileState {
-  float v1[kLanes] = {};
-  float v2[kLanes] = {};
-  float q[kLanes] = {};
-  float tau[kLanes] = {};
-};
 
 // The lanes as one GCC vector: the compiler lowers it to SSE, AVX2 or AVX-512 registers.
 typedef float lanes_f __attribute__((vector_size(kLanes * sizeof(float))));
@@ -31,7 +26,7 @@ typedef int8_t lanes_i8 __attribute__((vector_size(kLanes)));
 
 template <int Order, bool Ternary>
 __attribute__((always_inline)) inline void run_chunk_impl(const float* __restrict zt,
-                                                          int64_t cols, TileState& s,
+                                                          int64_t cols, ModState& s,
                                                           int8_t* __restrict ct) {
   lanes_f v1, v2, q, tau;
   std::memcpy(&v1, s.v1, sizeof v1);
@@ -61,22 +56,12 @@ __attribute__((always_inline)) inline void run_chunk_impl(const float* __restric
   std::memcpy(s.q, &q, sizeof q);
 }
 
-// One non-template entry so GCC can clone it per instruction set and pick at load time.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void run_chunk(
-    const float* zt, int64_t cols, TileState& s, int8_t* ct, int order, bool ternary) {
-  if (order == 1) {
-    ternary ? run_chunk_impl<1, true>(zt, cols, s, ct) : run_chunk_impl<1, false>(zt, cols, s, ct);
-  } else {
-    ternary ? run_chunk_impl<2, true>(zt, cols, s, ct) : run_chunk_impl<2, false>(zt, cols, s, ct);
-  }
-}
-
 // Modulates rows [r0, r0 + lanes) (lanes <= kLanes); missing lanes run on zeros and are dropped.
 void run_tile(const float* z, int64_t z_stride, const float* tau, int64_t r0, int64_t lanes,
               int64_t m, int order, bool ternary, int8_t* codes) {
   alignas(64) float zt[kChunk * kLanes];
   alignas(64) int8_t ct[kChunk * kLanes];
-  TileState s;
+  ModState s;
   for (int64_t l = 0; l < lanes; ++l) s.tau[l] = tau ? tau[r0 + l] : 0.0f;
   for (int64_t c0 = 0; c0 < m; c0 += kChunk) {
     const int64_t cols = std::min(kChunk, m - c0);
@@ -85,7 +70,7 @@ void run_tile(const float* z, int64_t z_stride, const float* tau, int64_t r0, in
       const float* src = z + (r0 + l) * z_stride + c0;
       for (int64_t n = 0; n < cols; ++n) zt[n * kLanes + l] = src[n];
     }
-    run_chunk(zt, cols, s, ct, order, ternary);
+    detail::modulate_lanes(zt, cols, s, ct, order, ternary);
     for (int64_t l = 0; l < lanes; ++l) {
       int8_t* dst = codes + (r0 + l) * m + c0;
       for (int64_t n = 0; n < cols; ++n) dst[n] = ct[n * kLanes + l];
@@ -112,6 +97,20 @@ Status modulate_checked(const float* z, int64_t rows, int64_t m, int64_t z_strid
 }
 
 }  // namespace
+
+namespace detail {
+
+// One non-template entry so GCC can clone it per instruction set and pick at load time.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void modulate_lanes(
+    const float* zt, int64_t cols, ModState& s, int8_t* ct, int order, bool ternary) noexcept {
+  if (order == 1) {
+    ternary ? run_chunk_impl<1, true>(zt, cols, s, ct) : run_chunk_impl<1, false>(zt, cols, s, ct);
+  } else {
+    ternary ? run_chunk_impl<2, true>(zt, cols, s, ct) : run_chunk_impl<2, false>(zt, cols, s, ct);
+  }
+}
+
+}  // namespace detail
 
 Status sigma_delta_modulate(const float* z, int64_t rows, int64_t m, int64_t z_stride,
                             const float* tau, int order, Levels levels, int8_t* codes,

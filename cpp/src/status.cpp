@@ -23,6 +23,7 @@ const char* status_string(Status s) noexcept {
     case Status::out_of_memory: return "out of memory for a scratch buffer";
     case Status::internal_error: return "internal error (an exception inside the core)";
     case Status::bad_pointer: return "a pointer is misaligned for its element type";
+    case Status::bad_value: return "a value is out of range";
   }
   return "unknown status";
 }
@@ -37,7 +38,8 @@ bool is_argument_error(Status s) noexcept {
     case Status::bad_order:
     case Status::bad_levels:
     case Status::bad_code:
-    case Status::bad_pointer: return true;
+    case Status::bad_pointer:
+    case Status::bad_value: return true;
     default: return false;
   }
 }

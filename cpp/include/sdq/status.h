@@ -20,6 +20,7 @@ enum class Status : int {
   out_of_memory = 9,     // a scratch buffer could not be allocated (std::bad_alloc)
   internal_error = 10,   // any other exception raised inside the core (a bug, or the system)
   bad_pointer = 11,      // a pointer misaligned for its element type
+  bad_value = 12,        // a value out of range (a parameter, or data the format cannot hold)
 };
 
 // A short English description, for logs and exception messages.

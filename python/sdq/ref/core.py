@@ -13,7 +13,7 @@ import numpy as np
 __all__ = [
     "sigma_delta_ref", "sigma_delta_columnwise_ref", "fwht_ref", "hadamard_matrix",
     "resample_ref", "pack_ref", "unpack_ref", "block_layout_ref", "quantile_ref",
-    "quantize_weight_ref", "dequantize_ref",
+    "quantize_weight_ref", "quantize_weight_columnwise_ref", "dequantize_ref",
 ]
 
 
@@ -148,6 +148,20 @@ def quantile_ref(a, p):
     return np.quantile(a, p, axis=-1)
 
 
+def _encode_rows_ref(wb, m, levels, order, hadamard, signs, sd_scale, p_scale, p_cut, modulator):
+    """Steps 1-4 on padded row-blocks wb [rows, padded] (float64): (codes, scale, mean)."""
+    if hadamard:
+        wb = fwht_ref(wb, signs[:wb.shape[1]])
+    u = resample_ref(wb, m)
+    mu = u.mean(axis=1).astype(np.float16)
+    s = (quantile_ref(np.abs(u - mu.astype(np.float64)[:, None]), p_scale) * sd_scale)
+    s = s.astype(np.float16)
+    s_safe = np.where(s.astype(np.float64) > 0, s.astype(np.float64), 1.0)
+    z = ((u - mu.astype(np.float64)[:, None]) / s_safe[:, None]).astype(np.float32)
+    tau = quantile_ref(np.abs(z.astype(np.float64)), p_cut).astype(np.float32)
+    return modulator(z, tau, order, levels), s, mu
+
+
 def quantize_weight_ref(W, osr, levels="ternary", order=1, block_size=128, hadamard=True,
                         signs=None, sd_scale=0.95, p_scale=0.93, p_cut=0.55):
     """method.md steps 1-5 for one weight matrix, per row-block.
@@ -163,20 +177,43 @@ def quantize_weight_ref(W, osr, levels="ternary", order=1, block_size=128, hadam
     for start, width, padded, m, _ in block_layout_ref(W.shape[1], block_size, osr):
         wb = np.zeros((out, padded))
         wb[:, :width] = W[:, start:start + width]
-        if hadamard:
-            wb = fwht_ref(wb, signs[:padded])
-        u = resample_ref(wb, m)
-        mu = u.mean(axis=1).astype(np.float16)
-        s = (quantile_ref(np.abs(u - mu.astype(np.float64)[:, None]), p_scale) * sd_scale)
-        s = s.astype(np.float16)
-        s_safe = np.where(s.astype(np.float64) > 0, s.astype(np.float64), 1.0)
-        z = ((u - mu.astype(np.float64)[:, None]) / s_safe[:, None]).astype(np.float32)
-        tau = quantile_ref(np.abs(z.astype(np.float64)), p_cut).astype(np.float32)
-        codes.append(sigma_delta_ref(z, tau, order, levels))
+        c, s, mu = _encode_rows_ref(wb, m, levels, order, hadamard, signs, sd_scale, p_scale,
+                                    p_cut, sigma_delta_ref)
+        codes.append(c)
         scales.append(s)
         means.append(mu)
     return {"codes": codes, "scale": np.stack(scales, 1), "mean": np.stack(means, 1),
             "signs": np.asarray(signs)}
+
+
+def quantize_weight_columnwise_ref(W, osr, levels="ternary", order=1, block_size=128,
+                                   hadamard=True, signs=None, sd_scale=0.95, p_scale=0.93,
+                                   p_cut=0.55):
+    """quantize_weight_ref as research code would write it in NumPy, for speed comparisons.
+
+    The same arithmetic (so the same result), but every block of one geometry at once: one
+    rotation, one FFT resampling and one pair of quantiles over all row-blocks, and the modulator
+    as a Python loop over columns with all chains in NumPy (sigma_delta_columnwise_ref).
+    """
+    W = np.asarray(W, dtype=np.float64)
+    out = W.shape[0]
+    if signs is None:
+        signs = np.ones(block_size)
+    layout = block_layout_ref(W.shape[1], block_size, osr)
+    full = [b for b in layout if b[1] == block_size]
+    groups = ([full] if full else []) + ([[layout[-1]]] if layout[-1][1] < block_size else [])
+    codes, scales, means = [], [], []
+    for group in groups:
+        _, width, padded, m, _ = group[0]
+        wb = np.zeros((out, len(group), padded))
+        wb[:, :, :width] = W[:, group[0][0]:group[-1][0] + width].reshape(out, len(group), width)
+        c, s, mu = _encode_rows_ref(wb.reshape(-1, padded), m, levels, order, hadamard, signs,
+                                    sd_scale, p_scale, p_cut, sigma_delta_columnwise_ref)
+        codes += list(c.reshape(out, len(group), m).transpose(1, 0, 2))
+        scales.append(s.reshape(out, len(group)))
+        means.append(mu.reshape(out, len(group)))
+    return {"codes": codes, "scale": np.concatenate(scales, 1),
+            "mean": np.concatenate(means, 1), "signs": np.asarray(signs)}
 
 
 def dequantize_ref(q, in_features, osr, block_size=128, hadamard=True):
