@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import experts as moe
 from .config import SDQConfig
 from .coverage import check_strict, coverage_lines, model_coverage
+from .device import resolve as resolve_device
 from .methods import DenseQuantized, WGMConfig, needs_calibration, quantize_linear
 from .nn import SDQLinear
 from .traversal import (
@@ -60,9 +61,13 @@ class QuantizeReport:
 
 
 def _replace(layer: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in the place of the module `name`, on that module's device (packed weights are
+    built on the CPU; a layer quantized on a GPU stays there)."""
     parent_name, _, child = name.rpartition(".")
     parent = layer.get_submodule(parent_name) if parent_name else layer
-    setattr(parent, child, new)
+    old = getattr(parent, child)
+    place = next(old.parameters(), None)
+    setattr(parent, child, new if place is None else new.to(place.device))
 
 
 def _apply(layer: nn.Module, name: str, linear: nn.Linear, result) -> None:
@@ -131,12 +136,12 @@ def _selected(index: int, plan: LayerPlan, filter_fn) -> tuple[dict, dict]:
             {n: m for n, m in plan.experts.items() if filter_fn(index, n, m)})
 
 
-def _check_wgm_request(config, calibration, selected: list) -> None:
+def _check_wgm_request(config, calibrated: bool, selected: list) -> None:
     """WGM is data-free, and its packed form has no fused-experts module (SDQExperts holds
     SDQLinear children only): refuse both before any work."""
     if not isinstance(config, WGMConfig):
         return
-    if calibration is not None:
+    if calibrated:
         raise ValueError("wgm is data-free: pass no calibration data (no GPTQ compensation)")
     if any(experts for _, experts in selected):
         raise ValueError("wgm does not pack fused MoE experts; leave them out with filter_fn")
@@ -146,7 +151,8 @@ def _check_wgm_request(config, calibration, selected: list) -> None:
 def quantize_(model: nn.Module, config, calibration: torch.Tensor | None = None, *,
               osr_for: Callable[[int, str], float] | None = None,
               filter_fn: Callable[[int, str, nn.Module], bool] | None = None,
-              strict: bool = False, progress: bool = True) -> QuantizeReport:
+              strict: bool = False, progress: bool = True,
+              device: str | torch.device | None = None) -> QuantizeReport:
     """Quantize the nn.Linear modules and fused MoE experts of every decoder layer, in place.
 
     config:      SDQConfig (packed SDQLinear / SDQExperts modules), WGMConfig (packed WGMLinear,
@@ -160,39 +166,65 @@ def quantize_(model: nn.Module, config, calibration: torch.Tensor | None = None,
                  as a whole) to quantize.
     strict:      raise, before any work, if a linear-like weight of the decoder layers cannot be
                  quantized (it would stay in full precision).
+    device:      move the model there first ("cuda", "cpu", "auto": a GPU when one is visible);
+                 None: where it is. Capture, Hessians, code selection, compensation and refits
+                 run on the model's device (sdq.device); the model stays there.
     """
-    if needs_calibration(config) and calibration is None:
-        raise ValueError(f"{config.method} needs calibration data")
-    if osr_for is not None and not isinstance(config, SDQConfig):
-        raise ValueError("a per-linear OSR allocation only applies to SDQ")
+    target = None if device is None else resolve_device(device)
     layers = decoder_layers(model)
-    plans = [plan_layer(layer) for layer in layers]
-    if strict:
-        check_strict(plans)
-    selected = [_selected(i, plan, filter_fn) for i, plan in enumerate(plans)]
-    _check_wgm_request(config, calibration, selected)
-    excluded = {(i, n) for i, plan in enumerate(plans)
-                for n in (*plan.linears, *plan.experts)
-                if n not in selected[i][0] and n not in selected[i][1]}
-    report = QuantizeReport(config.to_dict(), calibration is not None,
-                            coverage=model_coverage(model, plans, excluded))
-    quantize = _Quantizer(config, osr_for, report)
+    plans, selected, quantize = prepare(model, config, calibration is not None,
+                                        osr_for=osr_for, filter_fn=filter_fn, strict=strict)
+    if target is not None:
+        model.to(target)
+    report = quantize.report
     hidden = kwargs = None
     if calibration is not None:
         hidden, kwargs = capture_layer_inputs(model, calibration)
     bar = tqdm(list(enumerate(layers)), desc="quantize", unit="layer", disable=not progress)
     for index, layer in bar:
-        linears, experts = selected[index]
-        hessians = {} if hidden is None else _layer_hessians(
-            layer, linears, experts, plans[index].routed & set(linears), hidden, kwargs)
-        for name, linear in linears.items():
-            result = quantize(index, name, linear.weight.data, hessians.get(name))
-            _apply(layer, name, linear, result)
-        for name, fused in experts.items():
-            results = {sub: quantize(index, f"{name}.{sub}", w, hessians.get(f"{name}.{sub}"))
-                       for sub, w in moe.expert_weights(fused).items()}
-            _apply_experts(layer, name, fused, results)
-        del hessians
-        if hidden is not None:
-            hidden = run_layer(layer, hidden, kwargs)
+        hidden = quantize_layer(index, layer, plans[index], selected[index], quantize, hidden,
+                                kwargs)
     return report
+
+
+def prepare(model: nn.Module, config, calibrated: bool, *, osr_for=None, filter_fn=None,
+            strict: bool = False) -> tuple[list[LayerPlan], list[tuple[dict, dict]], _Quantizer]:
+    """Check the request and plan every decoder layer of `model` (its parameters may be on the
+    meta device): (plans, the selected (linears, experts) of each layer, the quantizer whose
+    report holds the coverage). Raises, before any work, on a request that cannot be served."""
+    if needs_calibration(config) and not calibrated:
+        raise ValueError(f"{config.method} needs calibration data")
+    if osr_for is not None and not isinstance(config, SDQConfig):
+        raise ValueError("a per-linear OSR allocation only applies to SDQ")
+    plans = [plan_layer(layer) for layer in decoder_layers(model)]
+    if strict:
+        check_strict(plans)
+    selected = [_selected(i, plan, filter_fn) for i, plan in enumerate(plans)]
+    _check_wgm_request(config, calibrated, selected)
+    excluded = {(i, n) for i, plan in enumerate(plans)
+                for n in (*plan.linears, *plan.experts)
+                if n not in selected[i][0] and n not in selected[i][1]}
+    report = QuantizeReport(config.to_dict(), calibrated,
+                            coverage=model_coverage(model, plans, excluded))
+    return plans, selected, _Quantizer(config, osr_for, report)
+
+
+def quantize_layer(index: int, layer: nn.Module, plan: LayerPlan, selected: tuple[dict, dict],
+                   quantize: _Quantizer, hidden: torch.Tensor | None = None,
+                   kwargs: dict | None = None) -> torch.Tensor | None:
+    """Quantize the selected linears and fused experts of decoder layer `index` in place
+    (calibrated when `hidden`, the layer's inputs, is given). Returns the next layer's inputs:
+    `hidden` run through the quantized layer (None data-free). quantize_ calls it for every layer
+    of a model in memory; sdq.streaming for one layer at a time read from disk."""
+    linears, experts = selected
+    hessians = {} if hidden is None else _layer_hessians(
+        layer, linears, experts, plan.routed & set(linears), hidden, kwargs)
+    for name, linear in linears.items():
+        result = quantize(index, name, linear.weight.data, hessians.get(name))
+        _apply(layer, name, linear, result)
+    for name, fused in experts.items():
+        results = {sub: quantize(index, f"{name}.{sub}", w, hessians.get(f"{name}.{sub}"))
+                   for sub, w in moe.expert_weights(fused).items()}
+        _apply_experts(layer, name, fused, results)
+    del hessians
+    return None if hidden is None else run_layer(layer, hidden, kwargs)

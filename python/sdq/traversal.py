@@ -173,13 +173,35 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     """Run one decoder layer on each sequence of `hidden` [n, seqlen, d]; returns [n, seqlen, d].
 
     Sequence by sequence, so the layer's internal activations exist for one sequence at a time.
-    Layers that return a tuple (older transformers, OPT) give their first element.
+    Layers that return a tuple (older transformers, OPT) give their first element. Packed
+    (already quantized) layers compute from their dequantized weights here: the same values at
+    dense matmul speed (sdq.dense_forward).
     """
+    from .dense_forward import dense_packed_layers
     out = torch.empty_like(hidden)
-    for i in range(hidden.shape[0]):
-        result = layer(hidden[i:i + 1], **kwargs)
-        out[i] = result[0][0] if isinstance(result, (tuple, list)) else result[0]
+    with dense_packed_layers(layer):
+        for i in range(hidden.shape[0]):
+            result = layer(hidden[i:i + 1], **kwargs)
+            out[i] = result[0][0] if isinstance(result, (tuple, list)) else result[0]
     return out
+
+
+class _GramSum:
+    """sum x^T x over the inputs given to a group of Linears that all received the same tensors
+    (q/k/v of one attention read one normalised input, gate/up of one MLP another): each distinct
+    input is multiplied once. `last` is the last input added; `members` the Linears' names."""
+
+    def __init__(self, n: int, device, members: list[str]):
+        self.sum = torch.zeros(n, n, dtype=torch.float32, device=device)
+        self.count = 0
+        self.last: torch.Tensor | None = None
+        self.members = members
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(rows.T, rows)
+        self.count += rows.shape[0]
+        self.last = x
 
 
 class HessianAccumulator:
@@ -187,6 +209,11 @@ class HessianAccumulator:
 
     n counts tokens (every row of every batch). Sums are kept in float32 and scaled once at the
     end. Use as a context manager around forward passes, then read `hessians()`.
+    Linears that receive the very same input tensor (q/k/v, gate/up) share one sum: a Linear whose
+    first input is the tensor its predecessor just received joins that one's group, and its later
+    calls only count when they pass that same tensor again. Should a group's members ever receive
+    different tensors, the group splits into exact per-Linear sums; the result never depends on
+    the sharing, only the work does.
     """
 
     def __init__(self, layer: nn.Module, names=None):
@@ -195,19 +222,69 @@ class HessianAccumulator:
         missing = [n for n in names if n not in linears]
         if missing:
             raise ValueError(f"not nn.Linear modules of this layer: {missing}; have {list(linears)}")
-        self._sums = {n: torch.zeros(linears[n].in_features, linears[n].in_features,
-                                     dtype=torch.float32, device=linears[n].weight.device)
-                      for n in names}
+        self._groups = {n: _GramSum(linears[n].in_features, linears[n].weight.device, [n])
+                        for n in names}
         self._counts = dict.fromkeys(names, 0)
         self._linears = {n: linears[n] for n in names}
+        self._previous: tuple[str, torch.Tensor] | None = None  # the last hook's (name, input)
         self._handles = []
 
     def _hook(self, name):
         def hook(_module, args, _output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            self._sums[name].addmm_(x.T, x)
-            self._counts[name] += x.shape[0]
+            self._accumulate(name, args[0])  # not detach(): that makes a new tensor object
         return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        rows = x.numel() // x.shape[-1]
+        group = self._groups[name]
+        if group.last is x and self._counts[name] < group.count:  # a group-mate added it
+            self._counts[name] += rows
+        elif self._joins_previous(name, x):
+            pass
+        else:
+            if any(self._counts[m] != group.count for m in group.members):
+                self._split(group)
+                group = self._groups[name]
+            group.add(x)
+            self._counts[name] += rows
+        self._previous = (name, x)
+
+    def _joins_previous(self, name: str, x: torch.Tensor) -> bool:
+        """On its first call, `name` joins the group of the Linear called just before it with
+        this same tensor, while that group has seen nothing else."""
+        if self._previous is None or self._counts[name] or self._previous[1] is not x:
+            return False
+        group = self._groups[self._previous[0]]
+        rows = x.numel() // x.shape[-1]
+        if group.last is not x or group.count != rows or group.sum.shape != \
+                self._groups[name].sum.shape:
+            return False
+        group.members.append(name)
+        self._groups[name] = group
+        self._counts[name] = rows
+        return True
+
+    def _split(self, group: _GramSum) -> None:
+        """Exact sums per member: a member that has not received the group's last input yet gets
+        the sum without it."""
+        last_term = None
+        for m in group.members:
+            own = _GramSum(group.sum.shape[0], group.sum.device, [m])
+            own.sum.copy_(group.sum)
+            own.count = self._counts[m]
+            if own.count != group.count:
+                if last_term is None:
+                    rows = group.last.detach().reshape(-1, group.last.shape[-1]).float()
+                    last_term = rows.T @ rows
+                own.sum -= last_term
+            self._groups[m] = own
+
+    def _settle(self) -> None:
+        """Split the groups whose members do not all count the same inputs (a forward that
+        stopped between group-mates), while their last input is still at hand."""
+        for group in {id(g): g for g in self._groups.values()}.values():
+            if any(self._counts[m] != group.count for m in group.members):
+                self._split(group)
 
     def __enter__(self):
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self._linears.items()]
@@ -217,14 +294,27 @@ class HessianAccumulator:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._previous = None
+        self._settle()
+        for group in self._groups.values():
+            group.last = None  # the inputs themselves are not needed any more
 
     def hessians(self, optional=()) -> dict[str, torch.Tensor]:
         """`{name: Tensor[in, in]}`; raises if a linear never saw an input, unless it is named
-        in `optional` (an expert no token was routed to), which is then left out."""
+        in `optional` (an expert no token was routed to), which is then left out. Linears that
+        shared their inputs get the same tensor object."""
         unseen = [n for n, c in self._counts.items() if c == 0 and n not in optional]
         if unseen:
             raise ValueError(f"no inputs reached {unseen}; run the layer inside the context")
-        return {n: s * (2.0 / self._counts[n]) for n, s in self._sums.items() if self._counts[n]}
+        self._settle()
+        scaled: dict[int, torch.Tensor] = {}
+        out = {}
+        for n, group in self._groups.items():
+            if self._counts[n]:
+                if id(group) not in scaled:
+                    scaled[id(group)] = group.sum * (2.0 / self._counts[n])
+                out[n] = scaled[id(group)]
+        return out
 
 
 def collect_hessians(layer: nn.Module, hidden: torch.Tensor, kwargs: dict,

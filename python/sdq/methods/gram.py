@@ -22,9 +22,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import blocks
+from .. import blocks, device
 from ..config import SDQConfig
-from ..gptq import damped_inverse_cholesky, gptq_columnwise
+from ..gptq import damped_inverse_cholesky
 from .normalise import FP16_MAX, normalise, quantile_lastdim
 
 Note = Callable[[str], None]  # records what had to be done for this block (CalibrationNotes)
@@ -56,10 +56,46 @@ def _gram_factor(D: torch.Tensor, C: torch.Tensor | None, damp: float, note: Not
     return U.float(), None
 
 
-def _round(v: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
+def _round_into(out: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | None,
+                one: torch.Tensor, zero: torch.Tensor) -> None:
+    """out = the nearest level of v: sign (binary), or -1/0/+1 with threshold tau (ternary)."""
     if tau is None:
-        return torch.where(v > 0, 1.0, -1.0)
-    return torch.where(v >= tau, 1.0, torch.where(v <= -tau, -1.0, 0.0))
+        torch.where(v > 0, one, -one, out=out)
+    else:
+        torch.where(v <= -tau, -one, zero, out=out)
+        torch.where(v >= tau, one, out, out=out)
+
+
+def select_codes(z: torch.Tensor, Hinv: torch.Tensor, tau: torch.Tensor | None,
+                 batch: int = 128) -> torch.Tensor:
+    """GPTQ's sequential rounding of rows z [n, m] against Hinv [m, m] (upper, from
+    damped_inverse_cholesky); float32 codes [n, m] on z's device.
+
+    Sample j is rounded, and its error (z_j - q_j) / Hinv[j, j] is pushed onto the samples after
+    it through row j of Hinv; inside a batch of `batch` samples at once, onto later batches in
+    one matmul (what gptq_columnwise does, without its per-column checks and copies: this loop
+    runs m times per block of every linear). The work is laid out sample-major so that each step
+    touches contiguous memory.
+    """
+    n, m = z.shape
+    Zt = z.T.to(torch.float32, copy=True).contiguous()  # [m, n]: row j = sample j of every row
+    Hinv = Hinv.to(device=z.device, dtype=torch.float32)
+    inv_diag = (1.0 / torch.diagonal(Hinv)).tolist()
+    Q = torch.empty_like(Zt)
+    one = torch.ones((), dtype=Zt.dtype, device=Zt.device)
+    zero = torch.zeros((), dtype=Zt.dtype, device=Zt.device)
+    E = torch.empty(min(batch, m), n, dtype=Zt.dtype, device=Zt.device)
+    for start in range(0, m, batch):
+        end = min(start + batch, m)
+        for j in range(start, end):
+            _round_into(Q[j], Zt[j], tau, one, zero)
+            err = E[j - start]
+            torch.sub(Zt[j], Q[j], out=err).mul_(inv_diag[j])
+            if j + 1 < end:
+                Zt[j + 1:end].addr_(Hinv[j, j + 1:end], err, alpha=-1.0)
+        if end < m:
+            Zt[end:].addmm_(Hinv[start:end, end:].T, E[: end - start], alpha=-1.0)
+    return Q.T
 
 
 def _normal_sums(a: torch.Tensor, w: torch.Tensor, C: torch.Tensor | None):
@@ -133,7 +169,8 @@ def refit_scale_mean(a: torch.Tensor, w: torch.Tensor, C: torch.Tensor | None):
     s_fb, mu_fb = s_plain, mu_plain
     mean_diag = float(C.diagonal().mean())
     if math.isfinite(mean_diag) and mean_diag > 0:
-        damped = C + _REFIT_DAMP * mean_diag * torch.eye(C.shape[0], dtype=C.dtype)
+        damped = C + _REFIT_DAMP * mean_diag * torch.eye(C.shape[0], dtype=C.dtype,
+                                                          device=C.device)
         s_d, mu_d, solved_d = _solve_scale_mean(*_normal_sums(a, w, damped))
         ok_d = solved_d & _fits_fp16(s_d, mu_d)
         s_fb, mu_fb = torch.where(ok_d, s_d, s_plain), torch.where(ok_d, mu_d, mu_plain)
@@ -152,12 +189,12 @@ def gram_codes(u: torch.Tensor, target: torch.Tensor, g: blocks.BlockGroup, cfg:
     """
     note = note or _ignore
     z, _, _ = normalise(u, cfg)
-    D = blocks.resampler(g.m, g.padded)  # [padded, m]
+    D = device.resampler(g.m, g.padded, u.device)  # [padded, m]
     tau = None
     if cfg.levels == "ternary":
         tau = quantile_lastdim(z.abs(), cfg.p_cut).float()
     Hinv, C = _gram_factor(D, C, cfg.gram_damp, note)
-    q = gptq_columnwise(z.float(), Hinv, min(128, g.m), lambda j, w, _: _round(w, tau))
+    q = select_codes(z, Hinv, tau)
     s, mu, fell_back = refit_scale_mean(q.double() @ D.T, target, C)
     if bool(fell_back.any()):
         note("weighted scale/mean fit singular or out of fp16 range: damped/unweighted fit used")
@@ -165,4 +202,14 @@ def gram_codes(u: torch.Tensor, target: torch.Tensor, g: blocks.BlockGroup, cfg:
     if not (torch.isfinite(s16).all() and torch.isfinite(mu16).all()):
         raise ValueError(f"weights too large for the fp16 scale and mean (|value| must stay "
                          f"below {FP16_MAX:g} after rotation and resampling)")
-    return np.ascontiguousarray(q.to(torch.int8).numpy()), s16, mu16
+    return np.ascontiguousarray(q.to(torch.int8).cpu().numpy()), s16, mu16
+
+
+def encode_gram(rows: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig, signs: np.ndarray,
+                C: torch.Tensor | None = None, note: Note | None = None):
+    """Rows [n, padded] of one block geometry -> (codes int8 [n, m] numpy, scale fp16 [n], mean
+    fp16 [n] on rows' device): rotate, up-sample, gram_codes; on any device (sdq.device)."""
+    if cfg.hadamard:
+        rows = device.rotate(rows, signs)
+    rows = rows.double()
+    return gram_codes(rows @ device.resampler(g.padded, g.m, rows.device).T, rows, g, cfg, C, note)

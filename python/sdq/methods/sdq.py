@@ -1,31 +1,34 @@
 """SDQ: Sigma-Delta quantization of a weight matrix (method.md section 1, steps 1-5 and 6).
 
 Data flow per block: rotate (Hadamard) -> up-sample (U) -> normalise (mean, quantile scale) ->
-choose codes (the core's modulator, or the Gram-matrix rounding of gram.py) -> pack.
+choose codes (the paper's modulator, or the Gram-matrix rounding of gram.py) -> pack.
+With the modulator every step runs in the core's encoder (cpp/include/sdq/encode.h); the Gram
+path runs in gram.py, batched over rows.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .. import blocks
+from .. import blocks, device
 from .._native import core
 from ..calibration_warnings import CalibrationNotes
 from ..config import SDQConfig
 from ..gptq import dead_blocks, gptq_blockwise, prepare_hessian
 from ..validate import as_weight_matrix
 from ..weight import QuantizedWeight
-from .gram import Note, gram_codes
-from .normalise import normalise, quantile_lastdim
+from .gram import Note, encode_gram
 
 
-def modulate(z: torch.Tensor, cfg: SDQConfig) -> np.ndarray:
-    """Step 4: codes int8 [rows, m] from normalised float64 rows z, with the core's modulator."""
-    z32 = np.ascontiguousarray(z.float().numpy())
-    tau = None
-    if cfg.levels == "ternary":
-        tau = np.ascontiguousarray(quantile_lastdim(z.abs(), cfg.p_cut).float().numpy())
-    return core().sigma_delta_modulate(z32, tau, cfg.order, cfg.levels)
+def encode_planes(W: torch.Tensor, cfg: SDQConfig, signs: np.ndarray):
+    """The modulator path (method.md steps 1-4 and packing) of every row of W [n, in] (CPU), whole
+    in the core (cpp/include/sdq/encode.h): (sign, nonzero | None) uint32 [n, words] and fp16
+    (scale, mean) [n, blocks]."""
+    sign, nonzero, s, mu = core().encode_rows(
+        np.ascontiguousarray(W.numpy(), dtype=np.float32), signs, cfg.levels, cfg.osr,
+        cfg.block_size, cfg.order, cfg.hadamard, cfg.sd_scale, cfg.p_scale, cfg.p_cut)
+    as_f16 = lambda a: torch.from_numpy(a.view(np.float16))  # noqa: E731  (fp16 bits in)
+    return sign, nonzero, as_f16(s), as_f16(mu)
 
 
 def encode_rows(rows: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig, signs: np.ndarray,
@@ -35,23 +38,29 @@ def encode_rows(rows: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig, signs:
     C: the rotated input covariance of this block ("gram" codes only; None = identity).
     note: told what had to be done when C could not be used as is ("gram" codes only).
     """
-    if cfg.hadamard:
-        rows = blocks.rotate(rows, signs)
-    u = rows.double() @ blocks.resampler(g.padded, g.m).T
     if cfg.codes == "gram":
-        return gram_codes(u, rows.double(), g, cfg, C, note)
-    z, s, mu = normalise(u, cfg)
-    return modulate(z, cfg), s, mu
+        return encode_gram(rows, g, cfg, signs, C, note)
+    # The core encodes the padded rows as a layer of one block (CPU).
+    sign, nonzero, s, mu = encode_planes(rows.cpu(), cfg, signs)
+    codes = core().unpack_bitplanes(sign, nonzero, sign.shape[1] * 32)[:, : g.m]
+    return codes, s[:, 0], mu[:, 0]
 
 
 def decode_rows(codes: np.ndarray, s: torch.Tensor, mu: torch.Tensor, g: blocks.BlockGroup,
                 cfg: SDQConfig, signs: np.ndarray) -> torch.Tensor:
-    """Step 5 for rows of one block geometry: (s * D(q) + mu), rotated back; float32 [n, padded]."""
-    q = torch.from_numpy(codes).double()
-    rows = s.double()[:, None] * (q @ blocks.resampler(g.m, g.padded).T) + mu.double()[:, None]
+    """Step 5 for rows of one block geometry: (s * D(q) + mu), rotated back; float32 [n, padded]
+    on the device of s and mu."""
+    q = torch.from_numpy(codes).to(s.device).double()
+    rows = s.double()[:, None] * (q @ device.resampler(g.m, g.padded, s.device).T) \
+        + mu.double()[:, None]
     if cfg.hadamard:
-        rows = blocks.rotate(rows.float(), signs, inverse=True)
+        rows = device.rotate(rows.float(), signs, inverse=True)
     return rows.float()
+
+
+def _as_i32(words: np.ndarray | None) -> torch.Tensor | None:
+    """uint32 packed words as the int32 tensor QuantizedWeight stores (no copy)."""
+    return None if words is None else torch.from_numpy(words.view(np.int32))
 
 
 class _Assembler:
@@ -80,20 +89,24 @@ class _Assembler:
 
     def finish(self) -> QuantizedWeight:
         sign, nonzero = core().pack_bitplanes(self.codes, self.cfg.levels)
-        as_i32 = lambda a: None if a is None else torch.from_numpy(a.view(np.int32))  # noqa: E731
-        return QuantizedWeight(self.out, self.in_features, self.cfg, as_i32(sign), as_i32(nonzero),
-                               self.scale, self.mean,
+        return QuantizedWeight(self.out, self.in_features, self.cfg, _as_i32(sign),
+                               _as_i32(nonzero), self.scale, self.mean,
                                torch.from_numpy(self.signs.astype(np.int8)))
 
 
 def quantize_weight(W, config: SDQConfig | None = None) -> QuantizedWeight:
-    """Data-free SDQ of W [out, in] (method.md steps 1-5); all blocks batched per geometry."""
+    """Data-free SDQ of W [out, in] (method.md steps 1-5). The paper's modulator runs whole in
+    the core (encode_planes); "gram" codes batch all blocks of a geometry."""
     cfg = config or SDQConfig()
     if not isinstance(cfg, SDQConfig):
         raise TypeError(f"config must be an SDQConfig, got {type(cfg).__name__}")
     W = as_weight_matrix(W)
     out = W.shape[0]
     signs = blocks.hadamard_signs(cfg.block_size, cfg.seed)
+    if cfg.codes != "gram":
+        sign, nonzero, s, mu = encode_planes(W, cfg, signs)
+        return QuantizedWeight(out, W.shape[1], cfg, _as_i32(sign), _as_i32(nonzero), s, mu,
+                               torch.from_numpy(signs.astype(np.int8)))
     asm = _Assembler(out, W.shape[1], cfg, signs)
     for g in blocks.block_groups(W.shape[1], cfg.block_size, cfg.osr):
         codes, s, mu = encode_rows(blocks.gather_blocks(W, g), g, cfg, signs)
@@ -104,10 +117,10 @@ def quantize_weight(W, config: SDQConfig | None = None) -> QuantizedWeight:
 def _rotated_block_hessian(H: torch.Tensor, start: int, g: blocks.BlockGroup, cfg: SDQConfig,
                            signs: np.ndarray) -> torch.Tensor:
     """Hb^T H_bb Hb: the block of the input Hessian in the rotated, zero-padded coordinates."""
-    Hbb = torch.zeros(g.padded, g.padded, dtype=torch.float64)
+    Hbb = torch.zeros(g.padded, g.padded, dtype=torch.float64, device=H.device)
     Hbb[: g.width, : g.width] = H[start: start + g.width, start: start + g.width]
     if cfg.hadamard:
-        Hbb = blocks.rotate(blocks.rotate(Hbb.float(), signs).T.contiguous(), signs).double()
+        Hbb = device.rotate(device.rotate(Hbb.float(), signs).T.contiguous(), signs).double()
     return Hbb / Hbb.diagonal().mean().clamp_min(1e-30)
 
 
@@ -124,11 +137,12 @@ def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = No
     factorisations succeed, a block covariance that no damping makes usable is replaced by the
     identity, and a weighted scale/mean fit it cannot pin down by the unweighted one (gram.py).
     Any of that gives one CalibrationWarning naming the layer (`name`) and the blocks.
+    Everything runs on H's device (the layer's: sdq.device); the result is on the CPU.
     """
     cfg = config or SDQConfig()
     if not isinstance(cfg, SDQConfig):
         raise TypeError(f"config must be an SDQConfig, got {type(cfg).__name__}")
-    W = as_weight_matrix(W)
+    W = as_weight_matrix(W).to(H.device if isinstance(H, torch.Tensor) else "cpu")
     out, n_in = W.shape
     signs = blocks.hadamard_signs(cfg.block_size, cfg.seed)
     asm = _Assembler(out, n_in, cfg, signs)
@@ -144,11 +158,16 @@ def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = No
         C = None
         if cfg.codes == "gram" and b not in uncalibrated:
             C = _rotated_block_hessian(H, start, g, cfg, signs)
-        codes, s, mu = encode_rows(rows, g, cfg, signs, C, notes.for_block(b))
+        if cfg.codes == "gram":
+            codes, s, mu = encode_gram(rows, g, cfg, signs, C, notes.for_block(b))
+        else:  # the core's modulator runs on the CPU
+            codes, s, mu = encode_rows(rows.cpu(), g, cfg, signs)
+            s, mu = s.to(W_b.device), mu.to(W_b.device)
         asm.put(g, b, 1, codes, s, mu)
         return decode_rows(codes, s, mu, g, cfg, signs)[:, : g.width]
 
-    gptq_blockwise(W, Hinv, cfg.block_size, quantize_block)
+    with device.single_thread_on_cpu(W.device):
+        gptq_blockwise(W, Hinv, cfg.block_size, quantize_block)
     qw = asm.finish()
     notes.warn(stacklevel=2)
     return qw
