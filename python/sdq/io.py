@@ -42,7 +42,10 @@ from .wgm_weight import STATE_KEYS as WGM_STATE_KEYS
 from .wgm_weight import WGMWeight
 
 WEIGHTS = "model.safetensors"
-FORMAT = "sdq-v1"
+INDEX = "model.safetensors.index.json"  # Hugging Face's shard index: tensor name -> file
+FORMAT = "sdq-v1"  # one model.safetensors, its SHA-256 in quantization_config.sha256
+SHARDED_FORMAT = "sdq-v2"  # shards listed by INDEX, each one's SHA-256 in quantization_config.shards
+FORMATS = (FORMAT, SHARDED_FORMAT)
 
 
 def _sha256(path: Path) -> str:
@@ -67,8 +70,14 @@ def _module_entry(m: SDQLinear | WGMLinear) -> dict:
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with tensors that share storage (tied embeddings) stored once, under the
     first name: load() re-ties them."""
+    return unique_tensors(model.state_dict())
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (a state dict or a part of one) with tensors that share storage kept once, under
+    the first name, each made contiguous."""
     seen, out = set(), {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key not in seen or t.numel() == 0:  # empty tensors (WGM G = 1 index) tie nothing
             seen.add(key)
@@ -101,16 +110,26 @@ def save(model: nn.Module, directory, tokenizer=None, *, overwrite: bool = False
     return directory
 
 
+def quantization_entry(config, modules: dict[str, dict], extra: dict | None = None) -> dict:
+    """config.json's quantization_config but for the format and the checksums: the method's
+    config, each packed module's entry (_module_entry), and `extra` (e.g. the CLI's summary)."""
+    entry = {"quant_method": "sdq", "config": config.to_dict(), "modules": modules, **(extra or {})}
+    if isinstance(config, WGMConfig):
+        entry["method"] = "wgm"  # `config` is then a WGMConfig
+    return entry
+
+
 def _write_folder(folder: Path, model: nn.Module, modules: dict[str, SDQLinear], tokenizer,
                   extra: dict | None) -> None:
-    save_file(_unique_tensors(model), str(folder / WEIGHTS))
+    tensors = _unique_tensors(model)
+    save_file(tensors, str(folder / WEIGHTS))
     first = next(iter(modules.values()))
-    qconf = {"quant_method": "sdq", "format": FORMAT, "config": first.config.to_dict(),
-             "modules": {n: _module_entry(m) for n, m in modules.items()},
-             "sha256": _sha256(folder / WEIGHTS), **(extra or {})}
-    if isinstance(first, WGMLinear):
-        qconf["method"] = "wgm"  # `config` is then a WGMConfig
+    qconf = {"format": FORMAT, "sha256": _sha256(folder / WEIGHTS),
+             **quantization_entry(first.config, {n: _module_entry(m) for n, m in modules.items()},
+                                  extra)}
     config = model.config.to_dict()
+    # the stored dtype, which from_pretrained's dtype="auto" reads (sdq.load uses the same)
+    config["dtype"] = str(_dtype_of(tensors)).removeprefix("torch.")
     config["quantization_config"] = qconf
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if tokenizer is not None:
@@ -138,6 +157,55 @@ def _move_into_place(new: Path, target: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)  # the new folder is in place: the save succeeded
 
 
+# --- sharded folders: written shard by shard (sdq.streaming), read by load() -----------------
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor],
+                metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file to a temporary sibling, then rename it onto `path`: `path` is
+    absent or complete even if the process is killed. (No fsync: this guards against a killed
+    process, not a power cut.)"""
+    specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    write_shard_lazily(path, specs, tensors.__getitem__, metadata)
+
+
+def write_shard_lazily(path: Path, specs: dict, get, metadata: dict[str, str] | None = None):
+    """write_shard for tensors fetched one at a time: `specs` name -> (dtype, shape), `get(name)`
+    the tensor (sdq.shard_writer), so only one is in memory at a time."""
+    from .data import atomic_write
+    from .shard_writer import write_safetensors
+    atomic_write(Path(path), lambda tmp: write_safetensors(tmp, specs, get, metadata))
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets; and
+    `__metadata__`), read without touching the tensor data."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise CheckpointError(f"corrupt {path}: its safetensors header is not a JSON object")
+    return header
+
+
+def write_sharded_config(folder: Path, config: dict, qconf: dict, shards: list[str]) -> None:
+    """Complete a folder whose shards are written: INDEX (every tensor -> its shard, and the
+    total size of the tensors, as Hugging Face writes it) and config.json, whose
+    quantization_config is `qconf` with format sdq-v2 and each shard's SHA-256."""
+    weight_map, total = {}, 0
+    for shard in shards:
+        for key, info in read_header(folder / shard).items():
+            if key != "__metadata__":
+                weight_map[key] = shard
+                total += info["data_offsets"][1] - info["data_offsets"][0]
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=2))
+    qconf = {**qconf, "quant_method": "sdq", "format": SHARDED_FORMAT,
+             "shards": {shard: _sha256(folder / shard) for shard in shards}}
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": qconf},
+                                                   indent=2, sort_keys=True))
+
+
 def read_quantization_config(directory) -> dict:
     path = Path(directory) / "config.json"
     try:
@@ -149,17 +217,18 @@ def read_quantization_config(directory) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"corrupt {path}: not a JSON object")
     q = config.get("quantization_config")
-    if not isinstance(q, dict) or q.get("quant_method") != "sdq" or q.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an sdq ({FORMAT}) checkpoint")
+    if not isinstance(q, dict) or q.get("quant_method") != "sdq" or q.get("format") not in FORMATS:
+        raise CheckpointError(f"{path} is not an sdq ({' or '.join(FORMATS)}) checkpoint")
     return config
 
 
 def _check_quantization_config(q: dict, directory: Path) -> dict:
     """config.json's quantization_config, its fields checked (the format was checked on reading)."""
     where = f"corrupt {directory / 'config.json'}: quantization_config"
-    sha = q.get("sha256")
-    if not (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha)):
-        raise CheckpointError(f"{where}: sha256 should be 64 hex digits, got {sha!r}")
+    if q.get("format") == SHARDED_FORMAT:
+        _check_shard_list(q.get("shards"), where)
+    else:
+        _check_sha(q.get("sha256"), f"{where}: sha256")
     try:
         (WGMConfig if q.get("method") == "wgm" else SDQConfig).from_dict(q.get("config"))
     except (ValueError, TypeError, AttributeError) as e:  # AttributeError: not an object
@@ -186,16 +255,87 @@ def _check_quantization_config(q: dict, directory: Path) -> dict:
     return q
 
 
-def _load_tensors(path: Path, expected_sha: str) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found")
-    if _sha256(path) != expected_sha:
-        raise CheckpointError(f"{path} is corrupt or truncated: its SHA-256 does not match "
-                              f"config.json")
+def _check_sha(sha, where: str) -> None:
+    if not (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha)):
+        raise CheckpointError(f"{where} should be 64 hex digits, got {sha!r}")
+
+
+def _check_shard_list(shards, where: str) -> None:
+    """quantization_config.shards: {file name in the folder: its SHA-256}, at least one."""
+    if not isinstance(shards, dict) or not shards:
+        raise CheckpointError(f"{where}: shards should map each weights file to its SHA-256")
+    for name, sha in shards.items():
+        if Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{where}: shard {name!r} is not a .safetensors file name")
+        _check_sha(sha, f"{where}: shards[{name!r}]")
+
+
+def _read_index(directory: Path, shards: dict[str, str]) -> dict[str, str]:
+    """The weight_map of INDEX (tensor name -> shard), checked to name exactly the shards that
+    config.json lists."""
+    path = directory / INDEX
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated: {e}") from e
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: a sharded sdq folder needs its index") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"corrupt {path}: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"corrupt {path}: weight_map should map tensor names to files")
+    if set(weight_map.values()) != set(shards):
+        raise CheckpointError(f"corrupt {path}: its files {sorted(set(weight_map.values()))[:5]} "
+                              f"are not the shards config.json lists {sorted(shards)[:5]}")
+    return weight_map
+
+
+def _read_weights(directory: Path, q: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder, once check_weight_files has checked the files."""
+    tensors = {}
+    for path in check_weight_files(directory, q):
+        try:
+            tensors.update(load_file(str(path)))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is corrupt or truncated: {e}") from e
+    return tensors
+
+
+def check_weight_files(directory, q: dict) -> dict[Path, set[str]]:
+    """The weights files of a saved folder (q: its checked quantization_config), each checked
+    against its SHA-256, with the tensor names its header lists. A sharded folder's index must
+    name exactly the shards config.json lists, and each shard hold exactly the tensors the index
+    maps to it. Reads headers only: sdq.load and from_pretrained (sdq.hf) both check with this."""
+    directory = Path(directory)
+    sharded = q.get("format") == SHARDED_FORMAT
+    weight_map = _read_index(directory, q["shards"]) if sharded else {}
+    shas = q["shards"].values() if sharded else [q["sha256"]]
+    files = {}
+    for path, sha in zip(weight_files(directory, q), shas):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found")
+        if _sha256(path) != sha:
+            raise CheckpointError(f"{path} is corrupt or truncated: its SHA-256 does not match "
+                                  f"config.json")
+        try:
+            names = set(read_header(path)) - {"__metadata__"}
+        except (ValueError, OSError) as e:  # JSON or UTF-8 errors are ValueErrors
+            raise CheckpointError(f"{path} is corrupt or truncated: {e}") from e
+        want = {k for k, f in weight_map.items() if f == path.name}
+        if sharded and names != want:
+            raise CheckpointError(f"corrupt checkpoint: {path.name} holds "
+                                  f"{sorted(names - want)[:5]} that {INDEX} does not map to it, "
+                                  f"lacks {sorted(want - names)[:5]}")
+        files[path] = names
+    return files
+
+
+def weight_files(directory, q: dict) -> list[Path]:
+    """The weights files of a saved folder (q: its quantization_config): model.safetensors, or
+    its shards."""
+    directory = Path(directory)
+    if q.get("format") == SHARDED_FORMAT:
+        return [directory / shard for shard in q["shards"]]
+    return [directory / WEIGHTS]
 
 
 def _check_packed_weights(tensors: dict[str, torch.Tensor], modules: dict[str, dict]) -> dict:
@@ -287,7 +427,7 @@ def load(directory, *, device: str | torch.device = "cpu", with_tokenizer: bool 
     directory = Path(directory)
     config_dict = read_quantization_config(directory)
     qconf = _check_quantization_config(config_dict.pop("quantization_config"), directory)
-    tensors = _load_tensors(directory / WEIGHTS, qconf["sha256"])
+    tensors = _read_weights(directory, qconf)
     packed = _check_packed_weights(tensors, qconf["modules"])
     hf_config, model = _build_model(config_dict, _dtype_of(tensors), directory)
     from .experts import rebuild_experts
