@@ -9,6 +9,7 @@ from .methods.sdq import quantize_weight, quantize_weight_calibrated
 from .nn import SDQLinear
 from .pipeline import quantize_
 from .weight import CheckpointError, QuantizedWeight
+from . import hf  # noqa: F401  registers quant_method "sdq" for transformers' from_pretrained
 
 __version__ = "0.1.0"
 
