@@ -91,9 +91,10 @@ def _add_quantize(sub) -> None:
                    "whole matrices), or exact dynamic programming (small layers only)")
     p.add_argument("--block-mode", action="store_true",
                    help="wgm: partition each 64 consecutive weights of a row on its own")
-    p.add_argument("--calib-samples", type=_nonneg_int, default=128,
+    p.add_argument("--calib-samples", type=_nonneg_int, default=64,
                    help="calibration sequences (0: data-free); gptq needs > 0; wgm is data-free "
-                   "and ignores it")
+                   "and ignores it. 64 keeps the default model's job under 5 minutes on 2 cores; "
+                   "128 took 5.2 min there for 4%% lower perplexity (43.8 vs 45.6)")
     p.add_argument("--seqlen", type=_nonneg_int, default=512, help="calibration/eval window")
     p.add_argument("--eval-tokens", type=_nonneg_int, default=20480,
                    help="tokens of held-out text for perplexity (0: skip evaluation)")
