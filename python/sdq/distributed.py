@@ -296,12 +296,11 @@ def _hessian_sums(layer: nn.Module, linears: dict, experts: dict, hidden: torch.
         acc = stack.enter_context(HessianAccumulator(layer, list(linears)))
         expert_accs = {n: stack.enter_context(moe.ExpertHessians(m)) for n, m in experts.items()}
         run_layer(layer, hidden, kwargs)
-    # Unseen linears are checked on the global counts (_reduce_hessians). The accumulators
-    # expose their token counts only as _counts.
-    hessians, counts = acc.hessians(optional=set(linears)), dict(acc._counts)
+    # Unseen linears are checked on the global counts (_reduce_hessians).
+    hessians, counts = acc.hessians(optional=set(linears)), acc.counts()
     for name, expert_acc in expert_accs.items():
         hessians.update({f"{name}.{sub}": h for sub, h in expert_acc.hessians().items()})
-        counts.update({f"{name}.{sub}": c for sub, c in expert_acc._counts.items()})
+        counts.update({f"{name}.{sub}": c for sub, c in expert_acc.counts().items()})
     return {n: h * counts[n] for n, h in hessians.items()}, counts
 
 

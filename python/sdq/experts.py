@@ -287,6 +287,10 @@ class ExpertHessians:
         self._handle.remove()
         self._handle = None
 
+    def counts(self) -> dict[str, int]:
+        """Tokens routed to each expert projection (those no token reached are absent)."""
+        return dict(self._counts)
+
     def hessians(self) -> dict[str, torch.Tensor]:
         """{"gate_up_proj.5": Tensor[in, in], ...} for the experts that received tokens."""
         return {n: s * (2.0 / self._counts[n]) for n, s in self._sums.items()}

@@ -299,6 +299,10 @@ class HessianAccumulator:
         for group in self._groups.values():
             group.last = None  # the inputs themselves are not needed any more
 
+    def counts(self) -> dict[str, int]:
+        """Input rows (tokens) each linear saw: the weights of a sum of Hessians across ranks."""
+        return dict(self._counts)
+
     def hessians(self, optional=()) -> dict[str, torch.Tensor]:
         """`{name: Tensor[in, in]}`; raises if a linear never saw an input, unless it is named
         in `optional` (an expert no token was routed to), which is then left out. Linears that
