@@ -4,8 +4,9 @@ sdq.quantize_weight's modulator path.
 Two oracles:
 - the float64 PyTorch pipeline the encoder replaced (rotate with the core's FWHT, up-sample with
   the float32 resampling matrix in float64, normalise.py, the core's modulator, pack): the
-  encoder performs the same operations in the same precision, so its output is bit-identical
-  (only the order of double sums differs, ~1e-16, too small to move a decision on these inputs);
+  encoder up-samples in float32 (a third of its time in double), otherwise the same operations in
+  the same precision, so scales and means agree to an fp16 step and only rare codes flip (a flip
+  at order 2 changes the rest of its chain);
 - sdq.ref's NumPy reference (float64 rotation, tau from float32 z): a different rounding path, so
   a tiny fraction of codes may flip, and the reconstruction error must not be worse.
 """
@@ -66,6 +67,36 @@ def _assert_same(got, want):
             np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+def _codes(planes, cols: int, levels: str) -> np.ndarray:
+    return core().unpack_bitplanes(planes[0], planes[1] if levels == "ternary" else None, cols)
+
+
+def _dequantized(planes, W: torch.Tensor, cfg: sdq.SDQConfig) -> torch.Tensor:
+    as_i32 = lambda a: None if a is None else torch.from_numpy(a.view(np.int32))  # noqa: E731
+    as_f16 = lambda a: torch.from_numpy(a.view(np.float16))  # noqa: E731
+    signs = torch.from_numpy(blocks.hadamard_signs(cfg.block_size, cfg.seed).astype(np.int8))
+    return sdq.QuantizedWeight(W.shape[0], W.shape[1], cfg, as_i32(planes[0]), as_i32(planes[1]),
+                               as_f16(planes[2]), as_f16(planes[3]), signs).dequantize()
+
+
+def _assert_close(got, want, W: torch.Tensor, cfg: sdq.SDQConfig, max_flipped: float | None):
+    """fp16 scales and means within one fp16 step of the float64 pipeline's (plus float32
+    rounding noise of W's size: a constant row's scale is that noise); the reconstruction error
+    no worse than the pipeline's; with max_flipped, at most that share of the codes differs
+    (float32 up-sampling moves a few decisions)."""
+    noise = 2.0 ** -24 + 2.0 ** -20 * float(W.abs().max())
+    for name, a, b in zip(("scale", "mean"), got[2:], want[2:]):
+        x, y = a.view(np.float16).astype(np.float64), b.view(np.float16).astype(np.float64)
+        np.testing.assert_allclose(x, y, rtol=2.0 ** -9, atol=noise, err_msg=name)
+    err = float((_dequantized(got, W, cfg) - W).norm())
+    err_want = float((_dequantized(want, W, cfg) - W).norm())
+    assert err <= err_want * 1.01 + noise * W.numel() ** 0.5
+    if max_flipped is not None:
+        cols, _ = blocks.packed_shape(W.shape[1], cfg.block_size, cfg.osr)
+        flipped = np.mean(_codes(got, cols, cfg.levels) != _codes(want, cols, cfg.levels))
+        assert flipped <= max_flipped, f"{flipped:.2e} of the codes differ"
+
+
 # (out, in), osr, levels, order, block_size, hadamard: short last blocks, in below one block,
 # odd OSRs (m not a multiple of 32), both orders and alphabets, other block sizes.
 CASES = [((33, 256), 2.0, "ternary", 1, 128, True), ((17, 200), 2.5, "binary", 2, 128, True),
@@ -75,18 +106,17 @@ CASES = [((33, 256), 2.0, "ternary", 1, 128, True), ((17, 200), 2.5, "binary", 2
 
 
 @pytest.mark.parametrize("shape,osr,levels,order,block_size,hadamard", CASES)
-def test_encoder_is_bit_identical_to_the_float64_pipeline(shape, osr, levels, order, block_size,
-                                                          hadamard):
+def test_encoder_matches_the_float64_pipeline(shape, osr, levels, order, block_size, hadamard):
     W = torch.randn(*shape) * 0.02
     cfg = sdq.SDQConfig(osr=osr, levels=levels, order=order, block_size=block_size,
                         hadamard=hadamard, seed=3)
-    _assert_same(_encode(W, cfg), _pipeline(W, cfg))
+    _assert_close(_encode(W, cfg), _pipeline(W, cfg), W, cfg, max_flipped=0.01)
 
 
 @pytest.mark.parametrize("kind", ["zero_rows", "constant_rows", "huge", "denormal", "tiny_mean",
                                   "spikes", "ties"])
 @pytest.mark.parametrize("hadamard", [True, False])
-def test_adversarial_rows_are_bit_identical(kind, hadamard):
+def test_adversarial_rows_match_the_float64_pipeline(kind, hadamard):
     g = torch.Generator().manual_seed(5)
     W = torch.randn(24, 300, generator=g)
     if kind == "zero_rows":
@@ -106,7 +136,9 @@ def test_adversarial_rows_are_bit_identical(kind, hadamard):
         W = torch.randint(-2, 3, (24, 300), generator=g).float()
     for levels, order in (("ternary", 1), ("binary", 2)):
         cfg = sdq.SDQConfig(osr=1.5, levels=levels, order=order, hadamard=hadamard)
-        _assert_same(_encode(W, cfg), _pipeline(W, cfg))
+        # constant rows: the codes follow rounding noise on both sides, so only values are compared
+        flips = None if kind == "constant_rows" else 0.01
+        _assert_close(_encode(W, cfg), _pipeline(W, cfg), W, cfg, max_flipped=flips)
 
 
 def test_threads_and_row_ranges_do_not_change_the_result():
@@ -144,7 +176,7 @@ def test_quantize_weight_against_the_numpy_reference(levels, order):
                                atol=1e-7)
     err = float((qw.dequantize() - W).norm() / W.norm())
     err_ref = float(np.linalg.norm(ref.dequantize_ref(r, 700, 2.0) - W.numpy()) / W.norm())
-    assert err <= err_ref * (1 + 1e-3)
+    assert err <= err_ref * (1 + 1e-2)
 
 
 def test_columnwise_reference_equals_the_per_chain_reference():

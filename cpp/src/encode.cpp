@@ -2,8 +2,8 @@
 //
 // Work unit: a tile of kModLanes row-blocks ("chains") of one block geometry. For a tile:
 //   gather the padded rows -> rotate them (fwht.cpp's float32 operations, lanes in SIMD)
-//   -> u = X U^T in double with the float32 U (what the float64 Python pipeline computed, up to
-//   the order of the sums) -> per chain: mean, two quantiles (selection, not sorting), z written
+//   -> u = X U^T in float32 (upsample_impl), widened to double -> per chain, in double: mean,
+//   two quantiles (selection, not sorting), z written
 //   straight into the modulator's [sample][lane] layout -> modulate all lanes in lock-step
 //   (modulator_lanes.h) -> pack the codes with 8x8 bit transposes, then copy each lane's words.
 // Tiles are split over threads; every chain is computed in the same order whatever tile or thread
@@ -43,7 +43,7 @@ struct Geometry {
   int64_t width, padded, m, mp;  // mp: m rounded up to kPanel
   int64_t code_offset;           // code column of the geometry's first block in a row
   int64_t code_cols;
-  std::vector<double> Ut;        // [padded][mp]: the float32 resampling matrix U^T, 0 beyond m
+  std::vector<float> Ut;         // [padded][mp]: the float32 resampling matrix U^T, 0 beyond m
 };
 
 Status make_geometry(const BlockLayout& L, int64_t b, Geometry& g) {
@@ -56,7 +56,7 @@ Status make_geometry(const BlockLayout& L, int64_t b, Geometry& g) {
   std::vector<float> U(static_cast<size_t>(g.m * g.padded));
   const Status st = resample_matrix(g.padded, g.m, U.data());
   if (st != Status::ok) return st;
-  g.Ut.assign(static_cast<size_t>(g.padded * g.mp), 0.0);
+  g.Ut.assign(static_cast<size_t>(g.padded * g.mp), 0.0f);
   for (int64_t n = 0; n < g.m; ++n)
     for (int64_t j = 0; j < g.padded; ++j) g.Ut[j * g.mp + n] = U[n * g.padded + j];
   return Status::ok;
@@ -95,14 +95,17 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void rotate_lanes(
     }
 }
 
-// u = X U^T in double: X [padded][kModLanes] (the rotated rows as columns), Ut [padded][mp],
-// u [kModLanes][mp]. Each u[l][j] sums over k in order, whatever the tile.
+// u = X U^T: X [padded][kModLanes] (the rotated rows as columns), Ut [padded][mp], u
+// [kModLanes][mp]. float32 products and sums (the scale issue's "float32 where the result is
+// unchanged within tolerance": the double version was a third of the encoder's time and changed
+// about one code in 10^5 at order 1; tests/test_encode.py bounds the difference), widened to
+// double for the normalisation. Each u[l][j] sums over k in order, whatever the tile or thread.
 template <typename V, int kRows>
-__attribute__((always_inline)) inline void upsample_impl(const double* __restrict X,
+__attribute__((always_inline)) inline void upsample_impl(const float* __restrict X,
                                                          int64_t padded,
-                                                         const double* __restrict Ut, int64_t mp,
+                                                         const float* __restrict Ut, int64_t mp,
                                                          double* __restrict u) {
-  constexpr int64_t W = sizeof(V) / sizeof(double);
+  constexpr int64_t W = sizeof(V) / sizeof(float);
   static_assert(kPanel % (2 * W) == 0 && kModLanes % kRows == 0, "tile shape");
   for (int64_t j0 = 0; j0 < mp; j0 += 2 * W) {
     for (int64_t l0 = 0; l0 < kModLanes; l0 += kRows) {
@@ -118,31 +121,30 @@ __attribute__((always_inline)) inline void upsample_impl(const double* __restric
           acc[r][1] += x * a1;
         }
       }
-      for (int r = 0; r < kRows; ++r) {
-        std::memcpy(u + (l0 + r) * mp + j0, &acc[r][0], sizeof(V));
-        std::memcpy(u + (l0 + r) * mp + j0 + W, &acc[r][1], sizeof(V));
-      }
+      for (int r = 0; r < kRows; ++r)
+        for (int h = 0; h < 2; ++h)
+          for (int64_t i = 0; i < W; ++i) u[(l0 + r) * mp + j0 + h * W + i] = acc[r][h][i];
     }
   }
 }
 
-typedef double v8d __attribute__((vector_size(64)));
-typedef double v4d __attribute__((vector_size(32)));
-typedef double v2d __attribute__((vector_size(16)));
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
 
-__attribute__((target("avx512f"))) void upsample_avx512(const double* X, int64_t padded,
-                                                        const double* Ut, int64_t mp, double* u) {
-  upsample_impl<v8d, 8>(X, padded, Ut, mp, u);
+__attribute__((target("avx512f"))) void upsample_avx512(const float* X, int64_t padded,
+                                                        const float* Ut, int64_t mp, double* u) {
+  upsample_impl<v16f, 8>(X, padded, Ut, mp, u);
 }
-__attribute__((target("avx2,fma"))) void upsample_avx2(const double* X, int64_t padded,
-                                                       const double* Ut, int64_t mp, double* u) {
-  upsample_impl<v4d, 4>(X, padded, Ut, mp, u);
+__attribute__((target("avx2,fma"))) void upsample_avx2(const float* X, int64_t padded,
+                                                       const float* Ut, int64_t mp, double* u) {
+  upsample_impl<v8f, 4>(X, padded, Ut, mp, u);
 }
-void upsample_portable(const double* X, int64_t padded, const double* Ut, int64_t mp, double* u) {
-  upsample_impl<v2d, 4>(X, padded, Ut, mp, u);
+void upsample_portable(const float* X, int64_t padded, const float* Ut, int64_t mp, double* u) {
+  upsample_impl<v4f, 4>(X, padded, Ut, mp, u);
 }
 
-using UpsampleFn = void (*)(const double*, int64_t, const double*, int64_t, double*);
+using UpsampleFn = void (*)(const float*, int64_t, const float*, int64_t, double*);
 
 UpsampleFn pick_upsample() noexcept {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -165,13 +167,12 @@ struct Outputs {
 // Per-thread buffers, sized for the largest geometry.
 struct Work {
   std::vector<float> X, zt;  // the tile's rows [padded][kModLanes], rotated in place; z likewise
-  std::vector<double> Xd, u;  // the rotated rows in double; u [kModLanes][mp]
+  std::vector<double> u;  // [kModLanes][mp]
   std::vector<int8_t> ct;
   std::vector<word_t> sign, nonzero;  // the tile's packed words [code_cols / 32][kModLanes]
   std::vector<double> sel;
   explicit Work(int64_t padded, int64_t mp) {
     X.resize(static_cast<size_t>(kModLanes * padded));
-    Xd.resize(X.size());
     u.resize(static_cast<size_t>(kModLanes * mp));
     zt.resize(static_cast<size_t>(kModLanes * mp));
     ct.resize(static_cast<size_t>(kModLanes * mp));
@@ -310,8 +311,7 @@ bool encode_tile(const EncodeParams& p, const float* signs, const float* W, int6
     for (int64_t k = 0; k < g.width; ++k) w.X[k * kModLanes + l] = src[k];
   }
   if (p.hadamard) rotate_lanes(w.X.data(), g.padded, signs);
-  for (int64_t i = 0; i < kModLanes * g.padded; ++i) w.Xd[i] = w.X[i];
-  upsample(w.Xd.data(), g.padded, g.Ut.data(), g.mp, w.u.data());
+  upsample(w.X.data(), g.padded, g.Ut.data(), g.mp, w.u.data());
   detail::ModState st;
   for (int64_t l = 0; l < kModLanes; ++l) {
     uint16_t mu_bits, s_bits;
