@@ -93,9 +93,13 @@ def process_group():
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timeout)
+    ok = False
     try:
         yield
+        ok = True
     finally:
+        if ok:  # all ranks leave together: a peer tearing down its pairs mid-collective of
+            dist.barrier()  # another can abort gloo's threads ("terminate called ...")
         dist.destroy_process_group()
 
 
