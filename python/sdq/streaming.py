@@ -231,4 +231,7 @@ def _finish(partial: Path, out: Path, model, shards: list[str], config, report: 
         tokenizer.save_pretrained(str(partial))
     (partial / INPUTS).unlink(missing_ok=True)
     (partial / RUN).unlink()
-    io._move_into_place(partial, out) if overwrite else os.replace(partial, out)
+    if overwrite:
+        io._move_into_place(partial, out)
+    else:
+        os.replace(partial, out)

@@ -40,10 +40,11 @@ def encode_rows(rows: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig, signs:
     """
     if cfg.codes == "gram":
         return encode_gram(rows, g, cfg, signs, C, note)
-    # The core encodes the padded rows as a layer of one block (CPU).
+    # The core encodes the padded rows as a layer of one block, on the CPU; scale and mean go
+    # back to the rows' device.
     sign, nonzero, s, mu = encode_planes(rows.cpu(), cfg, signs)
     codes = core().unpack_bitplanes(sign, nonzero, sign.shape[1] * 32)[:, : g.m]
-    return codes, s[:, 0], mu[:, 0]
+    return codes, s[:, 0].to(rows.device), mu[:, 0].to(rows.device)
 
 
 def decode_rows(codes: np.ndarray, s: torch.Tensor, mu: torch.Tensor, g: blocks.BlockGroup,
@@ -158,11 +159,7 @@ def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = No
         C = None
         if cfg.codes == "gram" and b not in uncalibrated:
             C = _rotated_block_hessian(H, start, g, cfg, signs)
-        if cfg.codes == "gram":
-            codes, s, mu = encode_gram(rows, g, cfg, signs, C, notes.for_block(b))
-        else:  # the core's modulator runs on the CPU
-            codes, s, mu = encode_rows(rows.cpu(), g, cfg, signs)
-            s, mu = s.to(W_b.device), mu.to(W_b.device)
+        codes, s, mu = encode_rows(rows, g, cfg, signs, C, notes.for_block(b))
         asm.put(g, b, 1, codes, s, mu)
         return decode_rows(codes, s, mu, g, cfg, signs)[:, : g.width]
 
