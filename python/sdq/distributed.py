@@ -33,8 +33,10 @@ from tqdm.auto import tqdm
 
 from . import experts as moe
 from .methods import DenseQuantized
-from .pipeline import QuantizeReport, _apply, _apply_experts, _Quantizer, prepare, quantize_
-from .traversal import HessianAccumulator, capture_layer_inputs, decoder_layers, run_layer
+from .pipeline import (
+    QuantizeReport, _apply, _apply_experts, _layer_hessians, _Quantizer, prepare, quantize_,
+)
+from .traversal import capture_layer_inputs, decoder_layers, run_layer
 from .weight import QuantizedWeight
 from .wgm_weight import WGMWeight
 
@@ -294,17 +296,9 @@ def _apply_layer(index: int, layer: nn.Module, linears: dict, experts: dict,
 
 def _hessian_sums(layer: nn.Module, linears: dict, experts: dict, hidden: torch.Tensor,
                   kwargs: dict) -> tuple[dict, dict]:
-    """This rank's n_r H_r (= 2 sum x x^T over its tokens) and token count n_r, by weight name,
-    from the accumulators pipeline._layer_hessians uses."""
-    with contextlib.ExitStack() as stack:
-        acc = stack.enter_context(HessianAccumulator(layer, list(linears)))
-        expert_accs = {n: stack.enter_context(moe.ExpertHessians(m)) for n, m in experts.items()}
-        run_layer(layer, hidden, kwargs)
-    # Unseen linears are checked on the global counts (_reduce_hessians).
-    hessians, counts = acc.hessians(optional=set(linears)), acc.counts()
-    for name, expert_acc in expert_accs.items():
-        hessians.update({f"{name}.{sub}": h for sub, h in expert_acc.hessians().items()})
-        counts.update({f"{name}.{sub}": c for sub, c in expert_acc.counts().items()})
+    """This rank's n_r H_r (= 2 sum x x^T over its tokens) and token count n_r, by weight name.
+    Unseen linears are checked on the global counts (_reduce_hessians)."""
+    hessians, counts = _layer_hessians(layer, linears, experts, set(linears), hidden, kwargs)
     return {n: h * counts[n] for n, h in hessians.items()}, counts
 
 

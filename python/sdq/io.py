@@ -350,7 +350,8 @@ def _check_packed_weights(tensors: dict[str, torch.Tensor], modules: dict[str, d
         packed = {k: tensors[f"{name}.{k}"] for k in (*(WGM_STATE_KEYS if wgm else STATE_KEYS),
                                                       "meta") if f"{name}.{k}" in tensors}
         if not packed:
-            raise CheckpointError(f"corrupt checkpoint: no packed weight for {name} in {WEIGHTS}")
+            raise CheckpointError(f"corrupt checkpoint: no packed weight for {name} in its "
+                                  f"weights files")
         qw = (WGMWeight if wgm else QuantizedWeight).from_state_dict(packed, name=name)
         if wgm and qw.config.groups != info["groups"]:
             raise CheckpointError(f"corrupt packed weight {name}: tensor meta says groups "

@@ -91,19 +91,21 @@ def _apply_experts(layer: nn.Module, name: str, fused: nn.Module, results: dict)
         _replace(layer, name, moe.SDQExperts.from_quantized(fused, results))
 
 
-def _layer_hessians(layer: nn.Module, linears: dict, experts: dict, routed: set,
-                    hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
-    """Run the layer once on the calibration inputs; the Hessian of every linear and of every
-    routed expert's projections ("mlp.experts.gate_up_proj.5"). Experts no token reached have
-    none (they are quantized data-free)."""
+def _layer_hessians(layer: nn.Module, linears: dict, experts: dict, optional: set,
+                    hidden: torch.Tensor, kwargs: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run the layer once on the calibration inputs: the Hessian of every linear and of every
+    routed expert's projections ("mlp.experts.gate_up_proj.5"), and the tokens each saw. Experts
+    no token reached have none (they are quantized data-free); linears in `optional` may have
+    none (routed ones; sdq.distributed checks the counts of all ranks instead)."""
     with contextlib.ExitStack() as stack:
         acc = stack.enter_context(HessianAccumulator(layer, list(linears)))
         expert_accs = {n: stack.enter_context(moe.ExpertHessians(m)) for n, m in experts.items()}
         run_layer(layer, hidden, kwargs)
-    hessians = acc.hessians(optional=routed)
+    hessians, counts = acc.hessians(optional=optional), acc.counts()
     for name, expert_acc in expert_accs.items():
         hessians.update({f"{name}.{sub}": h for sub, h in expert_acc.hessians().items()})
-    return hessians
+        counts.update({f"{name}.{sub}": c for sub, c in expert_acc.counts().items()})
+    return hessians, counts
 
 
 @dataclasses.dataclass
@@ -218,7 +220,7 @@ def quantize_layer(index: int, layer: nn.Module, plan: LayerPlan, selected: tupl
     of a model in memory; sdq.streaming for one layer at a time read from disk."""
     linears, experts = selected
     hessians = {} if hidden is None else _layer_hessians(
-        layer, linears, experts, plan.routed & set(linears), hidden, kwargs)
+        layer, linears, experts, plan.routed & set(linears), hidden, kwargs)[0]
     for name, linear in linears.items():
         result = quantize(index, name, linear.weight.data, hessians.get(name))
         _apply(layer, name, linear, result)
