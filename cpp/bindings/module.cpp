@@ -9,6 +9,9 @@ void bind_gemv(py::module_& m);  // bind_gemv.cpp: CPU add-only kernels
 void bind_cuda(py::module_& m);  // bind_cuda.cpp: CUDA kernels (stubs when built without nvcc)
 void bind_wgm(py::module_& m);   // bind_wgm.cpp: WGM partition of sorted magnitudes
 void bind_wgm_gemm(py::module_& m);  // bind_wgm_gemm.cpp: WGM (dynamic-grouping) add-only kernel
+void bind_lut(py::module_& m);  // bind_lut.cpp: binary int8 look-up (T-MAC style) kernels
+void bind_plan(py::module_& m);  // bind_plan.cpp: LinearPlan, a prepared layer call
+void bind_trit5(py::module_& m);  // bind_trit5.cpp: ternary at 1.67 bits (trit5) and its kernel
 }  // namespace sdq::bind
 
 PYBIND11_MODULE(_core, m) {
@@ -18,4 +21,7 @@ PYBIND11_MODULE(_core, m) {
   sdq::bind::bind_cuda(m);
   sdq::bind::bind_wgm(m);
   sdq::bind::bind_wgm_gemm(m);
+  sdq::bind::bind_lut(m);
+  sdq::bind::bind_plan(m);
+  sdq::bind::bind_trit5(m);
 }

@@ -13,7 +13,18 @@
 
 namespace sdq::detail {
 
-enum class ScratchSlot : int { gemm_tables, gemm_sums, gemm_rows, transform, count };
+enum class ScratchSlot : int {
+  gemm_tables, gemm_sums, gemm_rows, transform,
+  lut_tables,  // lut_gemm.cpp: int8 tables and their scales of a token chunk (calling thread)
+  lut_rows,    // lut_gemm_<isa>.cpp: a row tile's transposed scales and partial sums (workers)
+  trit5_tables,  // trit5_gemm.cpp: int8 tables and steps of a token chunk (calling thread)
+  trit5_rows,    // trit5_gemm_<isa>.cpp: a row tile's transposed scales (workers)
+  // linear_plan.cpp only: the calling thread's last transform (x copy, xt, xsum). Unlike the
+  // other slots their contents are read back by a later call on purpose (the shared-transform
+  // cache), so nothing else may write them.
+  plan_input, plan_xt, plan_xsum,
+  count
+};
 
 // At least `bytes` bytes, 64-byte aligned, owned by this thread and slot.
 void* scratch_bytes(ScratchSlot slot, size_t bytes);

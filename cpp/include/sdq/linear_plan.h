@@ -1,0 +1,102 @@
+// A prepared linear layer: everything one add-only layer call needs, resolved once, so that a
+// call is activation_transform + GEMM with no allocation and no checks repeated per call.
+//
+//   LinearPlanDesc d;  ... fill it from the layer's tensors ...
+//   std::unique_ptr<LinearPlan> plan;
+//   if (LinearPlan::create(d, &plan) == Status::ok) plan->run(x, batch, y, threads, version);
+//
+// Memory: the plan reads the packed codes, scales and means through the desc's pointers (they must
+// outlive the plan); it copies the activation-transform constants (signs, down matrices), which
+// are small, into an object shared by every plan whose constants are equal by content.
+//
+// Shared transform: layers that read the same input (q/k/v; gate/up) compute the transform once.
+// Each calling thread keeps the last transform it computed (xt, xsum and a copy of x), tagged with
+// the shared constants' id, the x pointer, batch and the caller's version number; run reuses it
+// when all of these match and x's contents are bitwise equal to the copy. The content check is
+// what makes reuse safe: a new tensor allocated at a freed address starts at the same version.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+#include "sdq/bitplane.h"
+#include "sdq/layout.h"
+#include "sdq/levels.h"
+#include "sdq/status.h"
+
+namespace sdq {
+
+// Which GEMM a plan runs. `automatic` picks the best one for the codes the desc holds: the
+// int8-table kernel of its levels when the desc has that form of the codes, else addonly
+// (linear_plan.cpp, choose_gemm); naming one forces it (tests, benchmarks).
+enum class PlanGemm : int {
+  automatic = 0,
+  addonly = 1,      // addonly_gemm on sign (+ nonzero) bitplanes (gemv.h): exact float tables
+  lut_binary = 2,   // lut_gemm_binary (lut_gemm.h) on the desc's lut_codes
+  trit5 = 3,        // trit5_gemm (trit5.h) on the desc's trits / trit_signs
+};
+
+struct LinearPlanDesc {
+  BlockLayout layout{0, 0, 0.0};
+  Levels levels = Levels::binary;
+  int64_t out = 0;
+  PlanGemm gemm = PlanGemm::automatic;
+  // Codes (not copied), in one or more forms. Bitplanes [out, layout.words_per_row()], nonzero
+  // null for binary (addonly reads them); binary's tile repack (lut_pack_binary, lut_gemm.h),
+  // which lut_binary reads; ternary's trit5 form (trit5.h), which trit5 reads.
+  const word_t* sign = nullptr;
+  const word_t* nonzero = nullptr;
+  const uint8_t* lut_codes = nullptr;
+  const uint8_t* trits = nullptr;
+  const uint32_t* trit_signs = nullptr;
+  // Per row-block fp16 bit patterns [out, layout.num_blocks()] (not copied).
+  const uint16_t* scale = nullptr;
+  const uint16_t* mean = nullptr;
+  // Activation-transform constants, as activation_transform takes them (copied by create).
+  bool hadamard = true;
+  const float* signs = nullptr;      // [block_size], null when !hadamard
+  const float* down_full = nullptr;  // [padded(0), m(0)]; may be null with a single block
+  const float* down_last = nullptr;  // [padded(nb-1), m(nb-1)]
+};
+
+struct TransformConstants;  // linear_plan.cpp
+
+class LinearPlan {
+ public:
+  // Checks the desc (null_pointer, bad_size, bad_levels, not_built for a GEMM this build or CPU
+  // lacks) and builds the plan; *plan is left untouched on failure.
+  static Status create(const LinearPlanDesc& desc, std::unique_ptr<LinearPlan>* plan) noexcept;
+  ~LinearPlan();
+  LinearPlan(const LinearPlan&) = delete;
+  LinearPlan& operator=(const LinearPlan&) = delete;
+
+  // y [batch, out] = the layer applied to x [batch, in_features] (both float32, contiguous).
+  // `version` identifies the state of x's memory for the shared transform (see above); callers
+  // that do not track one may pass any constant. Safe to call from several threads at once.
+  Status run(const float* x, int64_t batch, float* y, int threads = 0,
+             uint64_t version = 0) const noexcept;
+
+  // Whether this plan and `other` share one transform (equal constants, found at create).
+  bool shares_transform_with(const LinearPlan& other) const noexcept;
+  const BlockLayout& layout() const noexcept { return desc_.layout; }
+  int64_t out() const noexcept { return desc_.out; }
+  PlanGemm gemm() const noexcept { return gemm_; }
+  const char* gemm_name() const noexcept;    // "addonly", "lut_binary" or "trit5"
+  const char* kernel_name() const noexcept;  // its CPU variant ("avx2", "avx512", ...)
+
+ private:
+  LinearPlan(const LinearPlanDesc& desc, PlanGemm gemm,
+             std::shared_ptr<const TransformConstants> transform) noexcept;
+  Status transform(const float* x, int64_t batch, uint64_t version, int threads,
+                   const float** xt, const float** xsum) const;
+  Status gemm_run(const float* xt, const float* xsum, int64_t batch, float* y,
+                  int threads) const noexcept;
+
+  LinearPlanDesc desc_;
+  PlanGemm gemm_;
+  std::shared_ptr<const TransformConstants> transform_;
+};
+
+// Transform reuses on the calling thread since it started (tests and diagnostics).
+uint64_t linear_plan_transform_hits() noexcept;
+
+}  // namespace sdq

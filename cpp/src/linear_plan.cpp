@@ -1,0 +1,225 @@
+// LinearPlan (linear_plan.h): one layer call = activation_transform + the GEMM chosen once, with
+// the transform's output kept per calling thread so that layers sharing an input reuse it.
+#include "sdq/linear_plan.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "guard.h"
+#include "scratch.h"
+#include "sdq/gemv.h"
+#include "sdq/lut_gemm.h"
+#include "sdq/trit5.h"
+
+namespace sdq {
+
+// The transform's constants, owned (so plans sharing them need not keep each other's arrays
+// alive), with an id that no other set of constants ever had (addresses get reused, ids do not).
+struct TransformConstants {
+  uint64_t id;
+  BlockLayout layout;
+  bool hadamard;
+  std::vector<float> signs, down_full, down_last;
+};
+
+namespace {
+
+std::vector<float> copy_of(const float* p, int64_t n) {
+  return p ? std::vector<float>(p, p + n) : std::vector<float>{};
+}
+
+bool equal_to(const std::vector<float>& v, const float* p) noexcept {
+  return v.empty() ? p == nullptr : p && std::memcmp(v.data(), p, v.size() * sizeof(float)) == 0;
+}
+
+bool same_layout(const BlockLayout& a, const BlockLayout& b) noexcept {
+  return a.in_features == b.in_features && a.block_size == b.block_size && a.osr == b.osr;
+}
+
+bool same_constants(const TransformConstants& c, const LinearPlanDesc& d) noexcept {
+  return same_layout(c.layout, d.layout) && c.hadamard == d.hadamard &&
+         equal_to(c.signs, d.hadamard ? d.signs : nullptr) && equal_to(c.down_full, d.down_full) &&
+         equal_to(c.down_last, d.down_last);
+}
+
+// The constants of d, shared with every live plan whose constants are equal by content: compared
+// once here, at create, so run only compares ids.
+std::shared_ptr<const TransformConstants> shared_constants(const LinearPlanDesc& d) {
+  static std::mutex mutex;
+  static std::vector<std::weak_ptr<const TransformConstants>> live;
+  static uint64_t next_id = 1;
+  const std::lock_guard<std::mutex> lock(mutex);
+  live.erase(std::remove_if(live.begin(), live.end(), [](const auto& w) { return w.expired(); }),
+             live.end());
+  for (const auto& w : live)
+    if (auto c = w.lock(); c && same_constants(*c, d)) return c;
+  const BlockLayout& L = d.layout;
+  const int64_t last = L.num_blocks() - 1;
+  auto c = std::make_shared<TransformConstants>(TransformConstants{
+      next_id++, L, d.hadamard, copy_of(d.hadamard ? d.signs : nullptr, L.block_size),
+      copy_of(d.down_full, L.padded(0) * L.m(0)), copy_of(d.down_last, L.padded(last) * L.m(last))});
+  live.push_back(c);
+  return c;
+}
+
+// What this thread's plan_* scratch slots hold: the transform of `batch` rows of x at `x`
+// (version `version`) by the constants with id `id`; id 0: nothing valid.
+struct LastTransform {
+  uint64_t id = 0;
+  const float* x = nullptr;
+  int64_t batch = 0;
+  uint64_t version = 0;
+};
+thread_local LastTransform t_last;
+thread_local uint64_t t_hits = 0;
+
+// The one place that decides which GEMM a plan runs. Automatic: the int8-table kernels (binary:
+// lut_binary; ternary: trit5 when the desc has the trit5 form), else the exact float kernel.
+// The int8 kernels round the activations (lut_gemm.h, trit5.h); addonly stays the exact one.
+Status choose_gemm(const LinearPlanDesc& d, PlanGemm* gemm) noexcept {
+  const bool binary = d.levels == Levels::binary;
+  const bool has_planes = d.sign && (binary || d.nonzero);
+  const bool has_lut = binary && d.lut_codes;
+  const bool has_trit5 = !binary && d.trits && d.trit_signs;
+  PlanGemm g = d.gemm;
+  if (g == PlanGemm::automatic) {
+    g = has_lut ? PlanGemm::lut_binary : has_trit5 ? PlanGemm::trit5 : PlanGemm::addonly;
+  }
+  switch (g) {
+    case PlanGemm::addonly:
+      if (!has_planes) return Status::null_pointer;
+      break;
+    case PlanGemm::lut_binary:
+      if (!binary) return Status::bad_levels;
+      if (!has_lut) return Status::null_pointer;
+      break;
+    case PlanGemm::trit5:
+      if (binary) return Status::bad_levels;
+      if (!has_trit5) return Status::null_pointer;
+      break;
+    default:
+      return Status::bad_value;
+  }
+  *gemm = g;
+  return Status::ok;
+}
+
+Status check_desc(const LinearPlanDesc& d) noexcept {
+  if (d.levels != Levels::binary && d.levels != Levels::ternary) return Status::bad_levels;
+  if (!d.layout.valid() || d.out <= 0) return Status::bad_size;
+  if (!d.scale || !d.mean || !d.down_last || (d.hadamard && !d.signs)) return Status::null_pointer;
+  if (d.layout.num_blocks() > 1 && !d.down_full) return Status::null_pointer;
+  return Status::ok;
+}
+
+}  // namespace
+
+LinearPlan::LinearPlan(const LinearPlanDesc& desc, PlanGemm gemm,
+                       std::shared_ptr<const TransformConstants> transform) noexcept
+    : desc_(desc), gemm_(gemm), transform_(std::move(transform)) {}
+
+LinearPlan::~LinearPlan() = default;
+
+Status LinearPlan::create(const LinearPlanDesc& desc, std::unique_ptr<LinearPlan>* plan) noexcept {
+  if (!plan) return Status::null_pointer;
+  Status s = check_desc(desc);
+  PlanGemm gemm = PlanGemm::automatic;
+  if (s == Status::ok) s = choose_gemm(desc, &gemm);
+  if (s != Status::ok) return s;
+  return detail::guarded([&] {
+    plan->reset(new LinearPlan(desc, gemm, shared_constants(desc)));
+    return Status::ok;
+  });
+}
+
+// Points *xt, *xsum at the transform of x: this thread's last one when it is the same (see the
+// header), else computed into this thread's plan_* slots.
+Status LinearPlan::transform(const float* x, int64_t batch, uint64_t version, int threads,
+                             const float** xt, const float** xsum) const {
+  const TransformConstants& c = *transform_;
+  const BlockLayout& L = c.layout;
+  const int64_t n = batch * L.in_features;
+  const bool same_key = t_last.id == c.id && t_last.x == x && t_last.batch == batch &&
+                        t_last.version == version;
+  // Same key: the slots already have these sizes, so scratch() hands back the same buffers.
+  // Otherwise they may be reallocated (or fail to be): forget what they held first.
+  if (!same_key) t_last = LastTransform{};
+  float* saved = detail::scratch<float>(detail::ScratchSlot::plan_input, n);
+  float* out_xt = detail::scratch<float>(detail::ScratchSlot::plan_xt, batch * L.total_code_cols());
+  float* out_xsum = detail::scratch<float>(detail::ScratchSlot::plan_xsum, batch * L.num_blocks());
+  *xt = out_xt;
+  *xsum = out_xsum;
+  if (same_key && std::memcmp(saved, x, static_cast<size_t>(n) * sizeof(float)) == 0) {
+    ++t_hits;
+    return Status::ok;
+  }
+  t_last = LastTransform{};  // a failure below leaves nothing to reuse
+  const Status s = activation_transform(
+      L, c.hadamard, c.signs.empty() ? nullptr : c.signs.data(),
+      c.down_full.empty() ? nullptr : c.down_full.data(), c.down_last.data(), x, batch, out_xt,
+      out_xsum, threads);
+  if (s != Status::ok) return s;
+  std::memcpy(saved, x, static_cast<size_t>(n) * sizeof(float));
+  t_last = LastTransform{c.id, x, batch, version};
+  return Status::ok;
+}
+
+Status LinearPlan::gemm_run(const float* xt, const float* xsum, int64_t batch, float* y,
+                            int threads) const noexcept {
+  const LinearPlanDesc& d = desc_;
+  switch (gemm_) {
+    case PlanGemm::addonly:
+      return addonly_gemm(d.layout, d.levels, d.sign, d.nonzero, d.scale, d.mean, d.out, xt,
+                          xsum, batch, y, threads);
+    case PlanGemm::lut_binary:
+      return lut_gemm_binary(d.layout, d.lut_codes, d.scale, d.mean, d.out, xt, xsum,
+                             batch, y, threads);
+    case PlanGemm::trit5:
+      return trit5_gemm(d.layout, d.trits, d.trit_signs, d.scale, d.mean, d.out, xt, xsum, batch,
+                        y, threads);
+    default:
+      return Status::bad_value;
+  }
+}
+
+Status LinearPlan::run(const float* x, int64_t batch, float* y, int threads,
+                       uint64_t version) const noexcept {
+  if (batch < 0) return Status::bad_size;
+  if (batch == 0) return Status::ok;
+  if (!x || !y) return Status::null_pointer;
+  return detail::guarded([&] {
+    const float* xt = nullptr;
+    const float* xsum = nullptr;
+    const Status s = transform(x, batch, version, threads, &xt, &xsum);
+    return s != Status::ok ? s : gemm_run(xt, xsum, batch, y, threads);
+  });
+}
+
+bool LinearPlan::shares_transform_with(const LinearPlan& other) const noexcept {
+  return transform_ == other.transform_;
+}
+
+const char* LinearPlan::gemm_name() const noexcept {
+  switch (gemm_) {
+    case PlanGemm::addonly: return "addonly";
+    case PlanGemm::lut_binary: return "lut_binary";
+    case PlanGemm::trit5: return "trit5";
+    default: return "unknown";
+  }
+}
+
+const char* LinearPlan::kernel_name() const noexcept {
+  switch (gemm_) {
+    case PlanGemm::addonly: return addonly_kernel_name();
+    case PlanGemm::lut_binary: return lut_kernel_name();
+    case PlanGemm::trit5: return trit5_kernel_name();
+    default: return "unknown";
+  }
+}
+
+uint64_t linear_plan_transform_hits() noexcept { return t_hits; }
+
+}  // namespace sdq

@@ -1,0 +1,140 @@
+// trit5_gemm (trit5.h): argument checks, the per-token int8 tables, run-time choice of variant and
+// the split of row tiles over threads. The variants live in trit5_gemm_<isa>.cpp.
+#include <algorithm>
+#include <cmath>
+
+#include "guard.h"
+#include "parallel.h"
+#include "scratch.h"
+#include "trit5_gemm.h"
+
+namespace sdq {
+namespace {
+
+using detail::Trit5Ctx;
+
+constexpr int64_t kTokenChunk = 16;  // tokens whose tables are built together
+// The least work worth a chunk of its own (waking a worker costs ~10-50 us on a loaded machine):
+constexpr double kMinChunkPairs = 32768;   // (pair x 32 rows) look-ups, ~1-2 ns each
+constexpr double kMinChunkGroups = 16384;  // table groups built, ~3 ns each
+
+int64_t grain_for(double least, double unit_cost) noexcept {
+  return unit_cost >= least ? 1 : static_cast<int64_t>(std::ceil(least / unit_cost));
+}
+
+bool cpu_has(Trit5Kernel k) noexcept {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (k == Trit5Kernel::avx512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (k == Trit5Kernel::avx2)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#endif
+  return k == Trit5Kernel::portable;
+}
+
+Trit5Kernel best_kernel() noexcept {
+  static const Trit5Kernel best = cpu_has(Trit5Kernel::avx512) ? Trit5Kernel::avx512
+                                  : cpu_has(Trit5Kernel::avx2) ? Trit5Kernel::avx2
+                                                               : Trit5Kernel::portable;
+  return best;
+}
+
+struct Variant {
+  detail::Trit5TableFn tables;
+  detail::Trit5RowsFn rows;
+  int64_t table_stride;
+};
+
+Variant variant(Trit5Kernel k) noexcept {
+  switch (k) {
+    case Trit5Kernel::avx512:
+      return {detail::trit5_tables_avx512, detail::trit5_rows_avx512, 2 * detail::kTrit5Entries};
+    case Trit5Kernel::avx2:
+      return {detail::trit5_tables_avx2, detail::trit5_rows_avx2, detail::kTrit5Entries};
+    default:
+      return {detail::trit5_tables_portable, detail::trit5_rows_portable, detail::kTrit5Entries};
+  }
+}
+
+Status check_args(const BlockLayout& L, const uint8_t* trits, const uint32_t* trit_signs,
+                  const uint16_t* scale, const uint16_t* mean, int64_t out, const float* xt,
+                  const float* xsum, int64_t batch, float* y) noexcept {
+  if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
+  if (out == 0 || batch == 0) return Status::ok;
+  if (!trits || !trit_signs || !scale || !mean || !xt || !xsum || !y) return Status::null_pointer;
+  return Status::ok;
+}
+
+Status run(const Variant& v, const BlockLayout& L, const uint8_t* trits,
+           const uint32_t* trit_signs, const uint16_t* scale, const uint16_t* mean, int64_t out,
+           const float* xt, const float* xsum, int64_t batch, float* y, int threads) {
+  const int64_t nb = L.num_blocks(), cols = L.total_code_cols();
+  const int64_t chunk = std::min(batch, kTokenChunk);
+  Trit5Ctx c{};
+  c.trits = trits;
+  c.signs = trit_signs;
+  c.scale = scale;
+  c.mean = mean;
+  c.out = out;
+  c.nb = nb;
+  c.groups = trit5_total_groups(L);
+  c.gp_full = trit5_padded_groups(L, 0);
+  c.gp_last = trit5_padded_groups(L, nb - 1);
+  c.table_stride = v.table_stride;
+  // Reused per thread: every byte read is written first (the table builders write all groups).
+  int8_t* tables = detail::scratch<int8_t>(detail::ScratchSlot::trit5_tables,
+                                           chunk * c.token_table_bytes() + chunk * nb * 4);
+  float* step = reinterpret_cast<float*>(tables + chunk * c.token_table_bytes());
+  c.tables = tables;
+  c.step = step;
+  const int64_t tiles = trit5_tiles(out);
+  const double tile_pairs = static_cast<double>(c.groups / 2);
+  for (int64_t t0 = 0; t0 < batch; t0 += chunk) {
+    c.tokens = std::min(chunk, batch - t0);
+    c.xsum = xsum + t0 * nb;
+    c.y = y + t0 * out;
+    detail::parallel_for(c.tokens, threads, grain_for(kMinChunkGroups, static_cast<double>(c.groups)),
+                         [&](int64_t b, int64_t e) {
+                           for (int64_t t = b; t < e; ++t)
+                             v.tables(L, xt + (t0 + t) * cols, c.table_stride,
+                                      tables + t * c.token_table_bytes(), step + t * nb);
+                         });
+    detail::parallel_for(tiles, threads, grain_for(kMinChunkPairs, tile_pairs * c.tokens),
+                         [&](int64_t b, int64_t e) { v.rows(c, b, e); });
+  }
+  return Status::ok;
+}
+
+}  // namespace
+
+Status trit5_gemm(const BlockLayout& L, const uint8_t* trits, const uint32_t* trit_signs,
+                  const uint16_t* scale, const uint16_t* mean, int64_t out, const float* xt,
+                  const float* xsum, int64_t batch, float* y, int threads,
+                  Trit5Kernel kernel) noexcept {
+  const Status s = check_args(L, trits, trit_signs, scale, mean, out, xt, xsum, batch, y);
+  if (s != Status::ok || out == 0 || batch == 0) return s;
+  if (kernel == Trit5Kernel::automatic) kernel = best_kernel();
+  if (!cpu_has(kernel)) return Status::not_built;
+  const Variant v = variant(kernel);
+  return detail::guarded([&] {
+    return run(v, L, trits, trit_signs, scale, mean, out, xt, xsum, batch, y, threads);
+  });
+}
+
+const char* trit5_kernel_name(Trit5Kernel kernel) noexcept {
+  switch (kernel == Trit5Kernel::automatic ? best_kernel() : kernel) {
+    case Trit5Kernel::portable: return "portable";
+    case Trit5Kernel::avx2: return "avx2";
+    case Trit5Kernel::avx512: return "avx512";
+    default: return "unknown";
+  }
+}
+
+bool trit5_kernel_supported(Trit5Kernel kernel) noexcept {
+  return kernel == Trit5Kernel::automatic || cpu_has(kernel);
+}
+
+}  // namespace sdq
