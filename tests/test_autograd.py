@@ -45,7 +45,7 @@ def test_torch_path_equals_kernels(out, n_in, osr, levels, hadamard):
     scale = x.double().abs().amax(1, keepdim=True)
     assert ((xt.double() - xt_ref).abs() / scale).max() < 1e-5
     assert ((xsum.double() - xsum_ref).abs() / scale).max() < 1e-5
-    gemm = (mod.sign, mod.nonzero, mod.scale, mod.mean)
+    gemm = (*mod.bitplanes(), mod.scale, mod.mean)
     y = torch.ops.sdq.addonly_gemm(*gemm, xt, xsum, *_geometry(mod))
     y_ref = torch_ops.addonly_gemm(*gemm, xt.double(), xsum.double(), *_geometry(mod))
     assert torch.allclose(y.double(), y_ref, rtol=1e-4, atol=1e-4 * float(y_ref.abs().max()))
@@ -54,7 +54,7 @@ def test_torch_path_equals_kernels(out, n_in, osr, levels, hadamard):
 def test_unpack_codes_matches_the_core():
     for levels in ("binary", "ternary"):
         _, qw = _module(11, 300, 1.5, levels)
-        got = torch_ops.unpack_codes(qw.sign, qw.nonzero, torch.float32)
+        got = torch_ops.unpack_codes(*qw.bitplanes(), torch.float32)
         want = torch.from_numpy(qw.codes()).float()
         assert torch.equal(got, want)  # binary padding bits (0) read -1 in both
 
@@ -75,13 +75,14 @@ def test_gradcheck_activation_transform(out, n_in, osr, levels):
 def test_gradcheck_addonly_gemm(out, n_in, osr, levels):
     """Gradients to scale, mean, xt and xsum (the codes are integers: frozen)."""
     mod, _ = _module(out, n_in, osr, levels)
-    cols = mod.sign.shape[1] * 32
+    planes = mod.bitplanes()
+    cols = planes[0].shape[1] * 32
     nb = mod.scale.shape[1]
     leaf = lambda t: t.detach().double().requires_grad_(True)  # noqa: E731
     scale, mean = leaf(mod.scale), leaf(mod.mean)
     xt, xsum = leaf(torch.randn(2, cols)), leaf(torch.randn(2, nb))
     fn = lambda s, m, a, b: torch.ops.sdq.addonly_gemm(  # noqa: E731
-        mod.sign, mod.nonzero, s, m, a, b, *_geometry(mod))
+        *planes, s, m, a, b, *_geometry(mod))
     assert torch.autograd.gradcheck(fn, (scale, mean, xt, xsum))
 
 

@@ -75,8 +75,9 @@ def _dequantized(planes, W: torch.Tensor, cfg: sdq.SDQConfig) -> torch.Tensor:
     as_i32 = lambda a: None if a is None else torch.from_numpy(a.view(np.int32))  # noqa: E731
     as_f16 = lambda a: torch.from_numpy(a.view(np.float16))  # noqa: E731
     signs = torch.from_numpy(blocks.hadamard_signs(cfg.block_size, cfg.seed).astype(np.int8))
-    return sdq.QuantizedWeight(W.shape[0], W.shape[1], cfg, as_i32(planes[0]), as_i32(planes[1]),
-                               as_f16(planes[2]), as_f16(planes[3]), signs).dequantize()
+    return sdq.QuantizedWeight.from_bitplanes(
+        W.shape[0], W.shape[1], cfg, as_i32(planes[0]), as_i32(planes[1]), as_f16(planes[2]),
+        as_f16(planes[3]), signs).dequantize()
 
 
 def _assert_close(got, want, W: torch.Tensor, cfg: sdq.SDQConfig, max_flipped: float | None):

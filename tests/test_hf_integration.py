@@ -239,7 +239,8 @@ def test_from_pretrained_checks_each_packed_weight(copy_of):
     name = "model.layers.0.self_attn.q_proj"
 
     def set_padding_bit(tensors):
-        tensors[f"{name}.nonzero"][0, -1] |= 1 << 30  # 64 inputs at OSR 1.25: 80 codes of 96
+        # 64 inputs at OSR 1.25: 80 codes in 27 groups of 3, padded to 28: group 27 is padding
+        tensors[f"{name}.trits"][0, -1, 0] |= 1 << 4
 
     _rewrite_weights(folder, set_padding_bit)
     with pytest.raises(CheckpointError, match=f"{name}.*padding"):

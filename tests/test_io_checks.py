@@ -20,6 +20,7 @@ from sdq.weight import QuantizedWeight, _code_mask
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402  (after the importorskip)
+from legacy_format import legacy_state_dict  # noqa: E402
 from tiny_models import ternary_then_binary, tiny_llama  # noqa: E402
 
 IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -87,17 +88,19 @@ def _padding_column(qw: QuantizedWeight) -> int:
 
 
 # (levels, what is changed, the error it must give). Each entry breaks one invariant once.
+# "legacy": a ternary layer stored as bitplanes (before trit5), still read; trit5's own damage
+# cases are in test_trit5_format.py.
 BROKEN = {
     "sign padding bit (binary)": ("binary", lambda qw, sd: {
         "sign": _set_bit(sd["sign"], 1, _padding_column(qw))},
         "tensor sign has a bit set in block padding"),
-    "sign padding bit (ternary)": ("ternary", lambda qw, sd: {
+    "sign padding bit (ternary)": ("legacy", lambda qw, sd: {
         "sign": _set_bit(sd["sign"], 2, _padding_column(qw)),
         "nonzero": _set_bit(sd["nonzero"], 2, _padding_column(qw))}, "block padding"),
-    "nonzero padding bit": ("ternary", lambda qw, sd: {
-        "nonzero": _set_bit(sd["nonzero"], 0, qw.sign.shape[1] * 32 - 1)},
+    "nonzero padding bit": ("legacy", lambda qw, sd: {
+        "nonzero": _set_bit(sd["nonzero"], 0, sd["nonzero"].shape[1] * 32 - 1)},
         "tensor nonzero has a bit set in block padding"),
-    "sign of a zero code": ("ternary", lambda qw, sd: {
+    "sign of a zero code": ("legacy", lambda qw, sd: {
         "sign": sd["sign"] | ~sd["nonzero"] & _code_mask(160, 128, 1.25)},
         "the sign bit of a zero code must be 0"),
     "scale NaN": ("binary", lambda qw, sd: {
@@ -111,7 +114,7 @@ BROKEN = {
         "tensor hadamard_signs should hold only \\+1 and -1, got 0 at index 5"),
     "sign of wrong dtype": ("binary", lambda qw, sd: {"sign": sd["sign"].to(torch.int64)},
                             "tensor sign should be torch.int32"),
-    "nonzero missing": ("ternary", lambda qw, sd: {"nonzero": None}, "tensor nonzero is missing"),
+    "nonzero missing": ("legacy", lambda qw, sd: {"nonzero": None}, "tensor nonzero is missing"),
     "nonzero in a binary layer": ("binary", lambda qw, sd: {"nonzero": sd["sign"]},
                                   r"unexpected tensors \['nonzero'\]"),
     "metadata not JSON": ("binary", lambda qw, sd: {"meta": sd["meta"][:-1]}, "metadata is not"),
@@ -135,8 +138,8 @@ BROKEN = {
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_each_broken_invariant_gives_its_error(case):
     levels, change, message = BROKEN[case]
-    qw = _weight(levels)
-    sd = dict(qw.state_dict())
+    qw = _weight("ternary" if levels == "legacy" else levels)
+    sd = legacy_state_dict(qw) if levels == "legacy" else dict(qw.state_dict())
     for k, v in change(qw, sd).items():
         if v is None:
             del sd[k]
@@ -202,11 +205,15 @@ def test_invariant_errors_name_the_module_and_the_tensor(saved, tmp_path):
         sdq.load(_variant(saved, tmp_path / "v", {f"{B}.sign": sign}))
 
 
-def test_sign_of_a_zero_code_is_refused(saved, tmp_path):
-    nonzero = _tensor(saved, f"{Q}.nonzero")
-    sign = _tensor(saved, f"{Q}.sign") | (~nonzero & _code_mask(64, 128, 1.25))
-    with pytest.raises(CheckpointError, match=f"{Q}: tensor sign has a bit set where"):
-        sdq.load(_variant(saved, tmp_path / "v", {f"{Q}.sign": sign}))
+def test_sign_of_a_zero_group_is_refused(saved, tmp_path):
+    from sdq import trit5
+    zero = trit5.group_idx(_tensor(saved, f"{Q}.trits")) == 0       # [rows, groups]
+    signs = _tensor(saved, f"{Q}.trit_signs").clone()
+    row, group = (int(i) for i in zero.nonzero()[0])
+    signs[row // 32, group] |= 1 << (row % 32)
+    with pytest.raises(CheckpointError, match=f"{Q}: tensor trit_signs has a sign bit set on an "
+                                              f"all-zero group"):
+        sdq.load(_variant(saved, tmp_path / "v", {f"{Q}.trit_signs": signs}))
 
 
 def _set(key: str, value):

@@ -93,11 +93,8 @@ def _c_quantize(engine: Path, tmp: Path, W: torch.Tensor, cfg: sdq.SDQConfig,
 
 
 def _python_planes(qw) -> list[np.ndarray]:
-    sd = qw.state_dict()
-    planes = [sd["sign"].numpy().view(np.uint32)]
-    if "nonzero" in sd:
-        planes.append(sd["nonzero"].numpy().view(np.uint32))
-    return planes + [sd["scale"].numpy().view(np.uint16), sd["mean"].numpy().view(np.uint16)]
+    planes = [p.numpy().view(np.uint32) for p in qw.bitplanes() if p is not None]
+    return planes + [qw.scale.numpy().view(np.uint16), qw.mean.numpy().view(np.uint16)]
 
 
 def _split(raw: bytes, like: list[np.ndarray]) -> list[np.ndarray]:

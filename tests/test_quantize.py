@@ -52,7 +52,7 @@ def test_codes_take_allowed_values_and_padding_is_zero(levels):
         assert set(np.unique(codes[:, off:off + m])) <= allowed
     # m = 141 samples per block: bits 13..31 of word 4 (columns 141..159) are padding, zero in
     # every plane
-    planes = [qw.sign] + ([qw.nonzero] if levels == "ternary" else [])
+    planes = [p for p in qw.bitplanes() if p is not None]
     for p in planes:
         words = p.numpy().view(np.uint32)
         assert (words[:, [4, 9]] >> 13 == 0).all()
@@ -68,10 +68,11 @@ def test_error_falls_as_osr_rises(levels):
 
 
 def test_bits_per_weight():
-    qw = sdq.quantize_weight(torch.randn(8, 512), sdq.SDQConfig(osr=2, levels="ternary"))
-    assert qw.bits_per_weight == 4.0
-    extra = (2 * 8 * 4 * 16 + 128 * 8) / (8 * 512)
-    assert qw.bits_per_weight_all_in == pytest.approx(4.0 + extra)
+    # ternary (trit5): 256 codes per block make 86 groups of 3, 5 bits each (32 rows: one tile)
+    qw = sdq.quantize_weight(torch.randn(32, 512), sdq.SDQConfig(osr=2, levels="ternary"))
+    assert qw.bits_per_weight == 5 * 86 * 4 / 512
+    extra = (2 * 32 * 4 * 16 + 128 * 8) / (32 * 512)
+    assert qw.bits_per_weight_all_in == pytest.approx(5 * 86 * 4 / 512 + extra)
     qb = sdq.quantize_weight(torch.randn(8, 512), sdq.SDQConfig(osr=1.5, levels="binary"))
     assert qb.bits_per_weight == 1.5
 
@@ -106,14 +107,14 @@ def test_state_dict_round_trip_and_corruption():
     back = sdq.QuantizedWeight.from_state_dict(sd)
     assert torch.equal(back.dequantize(), qw.dequantize())
     assert back.config == qw.config
-    bad = dict(sd, sign=sd["sign"][:, :-1])
-    with pytest.raises(ValueError, match="sign should be"):
+    bad = dict(sd, trit_signs=sd["trit_signs"][:, :-1])
+    with pytest.raises(ValueError, match="trit_signs should be"):
         sdq.QuantizedWeight.from_state_dict(bad)
     with pytest.raises(ValueError, match="metadata"):
         sdq.QuantizedWeight.from_state_dict(dict(sd, meta=sd["meta"][:-3]))
-    no_nz = {k: v for k, v in sd.items() if k != "nonzero"}
-    with pytest.raises(ValueError, match="nonzero"):
-        sdq.QuantizedWeight.from_state_dict(no_nz)
+    no_trits = {k: v for k, v in sd.items() if k != "trits"}
+    with pytest.raises(ValueError, match="trits"):
+        sdq.QuantizedWeight.from_state_dict(no_trits)
 
 
 @pytest.mark.parametrize("W,exc,msg", [

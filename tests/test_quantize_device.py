@@ -74,7 +74,7 @@ def test_device_cpu_is_the_default_path():
     a = _calibrated(copy.deepcopy(base))
     b = _calibrated(copy.deepcopy(base), "cpu")
     packed = [m for m in b.modules() if isinstance(m, PackedLinear)]
-    assert len(packed) == 14 and all(m.sign.device.type == "cpu" for m in packed)
+    assert len(packed) == 14 and all(m.scale.device.type == "cpu" for m in packed)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
 
@@ -97,7 +97,7 @@ def test_cuda_quantization_matches_cpu():
     base = tiny_llama(seed=0)
     cpu = _calibrated(copy.deepcopy(base), "cpu")
     gpu = _calibrated(copy.deepcopy(base), "cuda")
-    assert all(m.sign.device.type == "cuda" for m in gpu.modules() if isinstance(m, PackedLinear))
+    assert all(m.scale.device.type == "cuda" for m in gpu.modules() if isinstance(m, PackedLinear))
     for (name, a), b in zip(cpu.named_modules(), gpu.modules()):
         if isinstance(a, PackedLinear):
             wa, wb = a.quantized_weight().dequantize(), b.quantized_weight().dequantize()

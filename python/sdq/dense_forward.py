@@ -21,7 +21,7 @@ class _DenseLinear(nn.Module):
 
     def __init__(self, packed: PackedLinear):
         super().__init__()
-        device = packed.sign.device
+        device = packed.scale.device
         self.weight = packed.quantized_weight().dequantize().to(device)
         self.bias = packed.bias
 

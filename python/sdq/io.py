@@ -36,7 +36,7 @@ from torch import nn
 from .config import SDQConfig
 from .methods.wgm import WGMConfig
 from .nn import SDQLinear
-from .weight import STATE_KEYS, CheckpointError, QuantizedWeight
+from .weight import PACKED_FORMAT, READ_KEYS, CheckpointError, QuantizedWeight
 from .wgm_nn import WGMLinear
 from .wgm_weight import STATE_KEYS as WGM_STATE_KEYS
 from .wgm_weight import WGMWeight
@@ -46,6 +46,10 @@ INDEX = "model.safetensors.index.json"  # Hugging Face's shard index: tensor nam
 FORMAT = "sdq-v1"  # one model.safetensors, its SHA-256 in quantization_config.sha256
 SHARDED_FORMAT = "sdq-v2"  # shards listed by INDEX, each one's SHA-256 in quantization_config.shards
 FORMATS = (FORMAT, SHARDED_FORMAT)
+# quantization_config.format_version: 1 (absent; before trit5): ternary layers stored as bitplanes;
+# 2: ternary layers stored as trit5 (docs/format.md). Both are read, 2 is written.
+FOLDER_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 
 def _sha256(path: Path) -> str:
@@ -113,7 +117,8 @@ def save(model: nn.Module, directory, tokenizer=None, *, overwrite: bool = False
 def quantization_entry(config, modules: dict[str, dict], extra: dict | None = None) -> dict:
     """config.json's quantization_config but for the format and the checksums: the method's
     config, each packed module's entry (_module_entry), and `extra` (e.g. the CLI's summary)."""
-    entry = {"quant_method": "sdq", "config": config.to_dict(), "modules": modules, **(extra or {})}
+    entry = {"quant_method": "sdq", "format_version": FOLDER_VERSION,
+             "config": config.to_dict(), "modules": modules, **(extra or {})}
     if isinstance(config, WGMConfig):
         entry["method"] = "wgm"  # `config` is then a WGMConfig
     return entry
@@ -225,6 +230,10 @@ def read_quantization_config(directory) -> dict:
 def _check_quantization_config(q: dict, directory: Path) -> dict:
     """config.json's quantization_config, its fields checked (the format was checked on reading)."""
     where = f"corrupt {directory / 'config.json'}: quantization_config"
+    version = folder_version(q)
+    if isinstance(version, bool) or version not in READ_VERSIONS:
+        raise CheckpointError(f"{where}: format_version {version!r} is not one this sdq reads "
+                              f"{list(READ_VERSIONS)} (written by a newer sdq?)")
     if q.get("format") == SHARDED_FORMAT:
         _check_shard_list(q.get("shards"), where)
     else:
@@ -253,6 +262,11 @@ def _check_quantization_config(q: dict, directory: Path) -> dict:
             raise CheckpointError(f"{where}: modules[{name!r}].bias should be true or false, "
                                   f"got {bias!r}")
     return q
+
+
+def folder_version(q: dict):
+    """quantization_config.format_version: 1 when absent (folders written before trit5)."""
+    return q.get("format_version", 1)
 
 
 def _check_sha(sha, where: str) -> None:
@@ -338,16 +352,19 @@ def weight_files(directory, q: dict) -> list[Path]:
     return [directory / WEIGHTS]
 
 
-def _check_packed_weights(tensors: dict[str, torch.Tensor], modules: dict[str, dict]) -> dict:
+def _check_packed_weights(tensors: dict[str, torch.Tensor], modules: dict[str, dict],
+                          version: int = FOLDER_VERSION) -> dict:
     """Every quantized module's packed tensors through QuantizedWeight.from_state_dict (metadata,
-    shapes, invariants), and its metadata against config.json's entry (OSR, bias). Returns the
-    checked packed weights by module name, which load() builds the layers from (so nothing is
-    checked twice). Replaces each metadata tensor by its canonical JSON, so that the file's
-    tensors match the layers' whatever the file's JSON spacing."""
+    shapes, invariants), and its metadata against config.json's entry (OSR, bias) and the folder
+    version (ternary bitplanes only in version 1). Returns the checked packed weights by module
+    name, which load() builds the layers from (so nothing is checked twice). Replaces each
+    module's packed tensors by the checked weight's (canonical metadata JSON, whatever the file's
+    spacing; ternary bitplanes of a version-1 folder converted to trit5), so that they match the
+    layers'."""
     checked = {}
     for name, info in modules.items():
         wgm = info.get("method") == "wgm"
-        packed = {k: tensors[f"{name}.{k}"] for k in (*(WGM_STATE_KEYS if wgm else STATE_KEYS),
+        packed = {k: tensors[f"{name}.{k}"] for k in (*(WGM_STATE_KEYS if wgm else READ_KEYS),
                                                       "meta") if f"{name}.{k}" in tensors}
         if not packed:
             raise CheckpointError(f"corrupt checkpoint: no packed weight for {name} in its "
@@ -364,7 +381,12 @@ def _check_packed_weights(tensors: dict[str, torch.Tensor], modules: dict[str, d
                                   f"{info['bias']}, {WEIGHTS} "
                                   f"{'has' if f'{name}.bias' in tensors else 'has no'} tensor "
                                   f"{name}.bias")
-        tensors[f"{name}.meta"] = qw.state_dict()["meta"]
+        if not wgm and version > 1 and "nonzero" in packed:
+            raise CheckpointError(f"corrupt packed weight {name}: a version {version} folder "
+                                  f"stores ternary layers as trit5, not {PACKED_FORMAT} bitplanes")
+        for k in packed:
+            del tensors[f"{name}.{k}"]
+        tensors.update({f"{name}.{k}": t for k, t in qw.state_dict().items()})
         checked[name] = qw
     return checked
 
@@ -429,7 +451,7 @@ def load(directory, *, device: str | torch.device = "cpu", with_tokenizer: bool 
     config_dict = read_quantization_config(directory)
     qconf = _check_quantization_config(config_dict.pop("quantization_config"), directory)
     tensors = _read_weights(directory, qconf)
-    packed = _check_packed_weights(tensors, qconf["modules"])
+    packed = _check_packed_weights(tensors, qconf["modules"], folder_version(qconf))
     hf_config, model = _build_model(config_dict, _dtype_of(tensors), directory)
     from .experts import rebuild_experts
     rebuild_experts(model, tensors)  # SDQExperts shells first: their packed children follow

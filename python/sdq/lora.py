@@ -58,7 +58,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
     params = []
     for name, module in targets:
         adapter = LoRALinear(module, rank, alpha, dropout)
-        device = module.sign.device
+        device = module.scale.device
         adapter.down.to(device)
         adapter.up.to(device)
         parent, _, child = name.rpartition(".")

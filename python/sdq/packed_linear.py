@@ -107,9 +107,9 @@ class PackedLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{kind} expects inputs [..., {self.in_features}], "
                              f"got {tuple(x.shape)}")
-        if x.device != self.sign.device:
+        if x.device != self.scale.device:
             raise RuntimeError(f"input is on {x.device} but this {kind} is on "
-                               f"{self.sign.device}; move one of them (module.to(device))")
+                               f"{self.scale.device}; move one of them (module.to(device))")
         tokens = x.numel() // self.in_features
         limit = self.max_kernel_tokens
         if self.use_kernels and (limit is None or tokens <= limit):

@@ -37,7 +37,7 @@ from ..config import SDQConfig
 from ..experts import rebuild_experts
 from ..methods.wgm import WGMConfig
 from ..nn import SDQLinear
-from ..weight import PACKED_FORMAT, CheckpointError, parse_meta
+from ..weight import PACKED_FORMAT, PACKED_FORMATS, CheckpointError, parse_meta
 from ..wgm_nn import WGMLinear
 from ..wgm_weight import PACKED_FORMAT as WGM_PACKED_FORMAT
 
@@ -162,8 +162,13 @@ def _shell(name: str, info: dict, meta: torch.Tensor, bias: bool):
     meta buffer is the file's own (same length, whatever its JSON spacing)."""
     wgm = info.get("method") == "wgm"
     layer_class = WGMLinear if wgm else SDQLinear
-    parse_meta(meta, f"packed weight {name}", WGM_PACKED_FORMAT if wgm else PACKED_FORMAT,
-               WGMConfig if wgm else SDQConfig)  # a clear error before empty_like reads it
+    *_, config, fmt = parse_meta(meta, f"packed weight {name}",
+                                 WGM_PACKED_FORMAT if wgm else PACKED_FORMATS,
+                                 WGMConfig if wgm else SDQConfig, with_format=True)
+    if not wgm and config.levels == "ternary" and fmt == PACKED_FORMAT:
+        raise CheckpointError(f"packed weight {name} is a ternary layer stored as bitplanes (a "
+                              f"folder written before trit5): from_pretrained reads only trit5; "
+                              f"sdq.load reads it (converting), and sdq.save writes it anew")
     shell = layer_class.empty_like(bytes(meta.tolist()).decode(), bias)
     shell.meta = meta.clone()
     return shell
@@ -194,6 +199,7 @@ def _seal(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     qconf = {k: v for k, v in config.pop("quantization_config").items()
              if k not in ("format", "sha256", "shards")}
+    qconf["format_version"] = io.FOLDER_VERSION  # what the layers now hold, whatever was read
     if sharded:
         index = json.loads((folder / io.INDEX).read_text(encoding="utf-8"))
         shards = sorted(set(index["weight_map"].values()))
