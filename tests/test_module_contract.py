@@ -23,7 +23,8 @@ def _quantized_llama():
 
 def _packed(model):
     return {k: v.clone() for k, v in model.state_dict().items()
-            if k.rsplit(".", 1)[-1] in ("sign", "nonzero", "scale", "mean", "hadamard_signs", "meta")}
+            if k.rsplit(".", 1)[-1] in ("sign", "trits", "trit_signs", "scale", "mean", "hadamard_signs",
+                                         "meta")}
 
 
 CASTS = [  # (cast, dtype, tolerance on logits relative to their spread: the dtype's rounding)
@@ -141,8 +142,8 @@ def test_load_state_dict_checks_what_it_loads():
     with pytest.raises(sdq.CheckpointError, match="osr=1.5"):
         layer.load_state_dict(other)
     bad = {k: v.clone() for k, v in layer.state_dict().items()}
-    bad["sign"][0, 0] |= ~bad["nonzero"][0, 0]  # a sign bit outside the non-zero plane
-    with pytest.raises(sdq.CheckpointError, match="sign"):
+    bad["trits"][0, 0, 0] = 0xEE  # 4-bit magnitudes of 14: above trit5's 13
+    with pytest.raises(sdq.CheckpointError, match="trits"):
         layer.load_state_dict(bad)
     same = sdq.quantize_weight(W * 2, sdq.SDQConfig(osr=2)).state_dict()
     layer.load_state_dict(same)

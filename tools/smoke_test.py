@@ -93,13 +93,17 @@ def check_kernels(device: str) -> None:
         err = _relative(W_hat, W)
         check(err < 0.7, f"{levels}/{codes}: relative weight error {err:.3f}, expected < 0.7")
         layer = sdq.SDQLinear.from_quantized(qw, bias).to(device)
-        for batch in (1, 7):
-            x = torch.randn(batch, in_f)
-            y = layer(x.to(device)).cpu()
-            ref = F.linear(x, W_hat, bias)
-            diff = _relative(y, ref)
-            check(diff < 1e-4, f"{levels} batch {batch} on {device}: kernel vs dense "
-                               f"relative difference {diff:.2e}")
+        # The exact kernels match F.linear to float rounding; the default CPU kernels round the
+        # activations to int8 tables (sdq.ops.set_cpu_gemm): about 1% relative difference.
+        for gemm, tol in (("addonly", 1e-4), ("auto", 3e-2)):
+            previous = sdq.ops.set_cpu_gemm(gemm)
+            for batch in (1, 7):
+                x = torch.randn(batch, in_f)
+                y = layer(x.to(device)).cpu()
+                diff = _relative(y, F.linear(x, W_hat, bias))
+                check(diff < tol, f"{levels} batch {batch} on {device} ({gemm} GEMM): kernel vs "
+                                  f"dense relative difference {diff:.2e}, expected < {tol}")
+            sdq.ops.set_cpu_gemm(previous)
         print(f"quantize_weight {levels}/{codes} OSR 2: {qw.bits_per_weight_all_in:.2f} bits, "
               f"weight error {err:.3f}; SDQLinear on {device} matches F.linear (batch 1, 7)")
 

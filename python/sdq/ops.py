@@ -11,13 +11,14 @@ tuned, devices without kernels) runs sdq.torch_ops, which also gives both ops th
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import blocks, torch_ops
+from . import blocks, table_ops, torch_ops  # noqa: F401 (table_ops: registers its ops)
 from ._native import core
 
 
@@ -64,15 +65,46 @@ def _(sign, nonzero, scale, mean, xt, xsum, in_features, block_size, osr):
 
 
 # ----------------------------------------------------------------------------- CPU kernels
+# Raw-pointer calls of the core (the cheapest crossing, no NumPy round trip): a compiled decode
+# step calls these once per layer, so their Python is kept to checks on tensor attributes.
+@functools.lru_cache(maxsize=256)
+def _geometry(in_features: int, block_size: int, osr: float) -> tuple:
+    """(total_code_cols, num_blocks, words_per_row, down_full shape, down_last shape)."""
+    lay = core().layout(in_features, block_size, osr)
+    p, m = lay["padded"], lay["m"]
+    return (lay["total_code_cols"], lay["num_blocks"], lay["words_per_row"], (p[0], m[0]),
+            (p[-1], m[-1]))
+
+
+def _check_shapes(op: str, **tensors: tuple) -> None:
+    """ValueError naming the first tensor (name=(tensor or None, expected shape)) that differs:
+    the core reads raw pointers, so a wrong size would read out of bounds."""
+    for name, (t, shape) in tensors.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"sdq::{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 @activation_transform.register_kernel("cpu")
 def _(x, signs, down_full, down_last, in_features, block_size, osr):
     if not _kernel_dtypes(x, signs, down_full, down_last):
         return torch_ops.activation_transform(x, signs, down_full, down_last, in_features,
                                               block_size, osr)
-    xt, xsum = core().activation_transform(
-        _np(x), block_size, osr, None if signs is None else _np(signs), _np(down_full),
-        _np(down_last))
-    return torch.from_numpy(xt), torch.from_numpy(xsum)
+    cols, nb, _, full, last = _geometry(in_features, block_size, osr)
+    x, down_full, down_last = x.contiguous(), down_full.contiguous(), down_last.contiguous()
+    signs = None if signs is None else signs.contiguous()
+    batch = x.shape[0] if x.dim() == 2 else -1
+    _check_shapes("activation_transform", x=(x, (batch, in_features)),
+                  signs=(signs, (block_size,)), down_full=(down_full, full),
+                  down_last=(down_last, last))
+    xt, xsum = x.new_empty(batch, cols), x.new_empty(batch, nb)
+    core().activation_transform_ptr(x.data_ptr(), batch, in_features, block_size, osr,
+                                    _ptr(signs), down_full.data_ptr(), down_last.data_ptr(),
+                                    xt.data_ptr(), xsum.data_ptr(), torch.get_num_threads())
+    return xt, xsum
 
 
 @addonly_gemm.register_kernel("cpu")
@@ -80,10 +112,22 @@ def _(sign, nonzero, scale, mean, xt, xsum, in_features, block_size, osr):
     if not _gemm_kernel_dtypes(scale, mean, xt, xsum):
         return torch_ops.addonly_gemm(sign, nonzero, scale, mean, xt, xsum, in_features,
                                       block_size, osr)
-    y = core().addonly_gemm(_np(sign, np.uint32), None if nonzero is None else _np(nonzero, np.uint32),
-                            _np(scale, np.uint16), _np(mean, np.uint16), _np(xt), _np(xsum),
-                            in_features, block_size, osr)
-    return torch.from_numpy(y)
+    cols, nb, words, _, _ = _geometry(in_features, block_size, osr)
+    sign, scale, mean = sign.contiguous(), scale.contiguous(), mean.contiguous()
+    nonzero = None if nonzero is None else nonzero.contiguous()
+    xt, xsum = xt.contiguous(), xsum.contiguous()
+    out, batch = sign.shape[0], xt.shape[0]
+    for name, t in (("sign", sign), ("nonzero", nonzero)):
+        if t is not None and t.dtype not in (torch.int32, torch.uint32):
+            raise TypeError(f"sdq::addonly_gemm: {name} must be int32 bitplanes, got {t.dtype}")
+    _check_shapes("addonly_gemm", sign=(sign, (out, words)), nonzero=(nonzero, (out, words)),
+                  scale=(scale, (out, nb)), mean=(mean, (out, nb)), xt=(xt, (batch, cols)),
+                  xsum=(xsum, (batch, nb)))
+    y = xt.new_empty(batch, out)
+    core().addonly_gemm_ptr(sign.data_ptr(), _ptr(nonzero), scale.data_ptr(), mean.data_ptr(),
+                            xt.data_ptr(), xsum.data_ptr(), y.data_ptr(), in_features,
+                            block_size, osr, out, batch, torch.get_num_threads())
+    return y
 
 
 # ----------------------------------------------------------------------------- CUDA kernels
@@ -185,8 +229,9 @@ def sdq_linear(module, x: Tensor) -> Tensor:
     """y = x W_hat^T through the add-only ops; x [..., in] of any float dtype, y in x's dtype.
 
     fp16 and bf16 inputs run the float32 kernels (fp32 accumulation) and are rounded back;
-    float64 runs sdq.torch_ops in float64. Plain eager CPU calls that need no gradient skip the
-    op dispatch (_eager_cpu): the same kernels, called with the layer's prepared NumPy views.
+    float64 runs sdq.torch_ops in float64. CPU inference runs the int8-table GEMMs (set_cpu_gemm
+    selects the exact one); calls that need a gradient run the exact ops, which have autograd. Plain eager CPU calls that need no gradient skip the
+    op dispatch (_eager_cpu): the same kernels, in one call of the layer's prepared LinearPlan.
     """
     if _eager_cpu_ok(module, x):
         return _eager_cpu(module, x)
@@ -196,9 +241,31 @@ def sdq_linear(module, x: Tensor) -> Tensor:
     xt, xsum = torch.ops.sdq.activation_transform(
         x2, module.transform_signs, module.down_full, module.down_last, module.in_features,
         cfg.block_size, cfg.osr)
-    y = torch.ops.sdq.addonly_gemm(module.sign, module.nonzero, module.scale, module.mean, xt,
-                                   xsum, module.in_features, cfg.block_size, cfg.osr)
+    geometry = (module.in_features, cfg.block_size, cfg.osr)
+    if _table_gemm_ok(module, x):
+        if module.ternary:
+            y = torch.ops.sdq.trit5_gemm(module.trits, module.trit_signs, module.scale,
+                                         module.mean, xt, xsum, *geometry)
+        else:
+            y = torch.ops.sdq.lut_gemm_binary(module.lut_codes(), module.scale, module.mean, xt,
+                                              xsum, *geometry)
+    else:
+        sign, nonzero = module.bitplanes()  # ternary: derived from trit5 (SDQLinear.bitplanes)
+        y = torch.ops.sdq.addonly_gemm(sign, nonzero, module.scale, module.mean, xt, xsum,
+                                       *geometry)
     return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
+
+
+def _table_gemm_ok(module, x: Tensor) -> bool:
+    """Whether a dispatcher-path call runs the int8-table ops (sdq.table_ops): CPU inference in
+    float32 kernels, as the eager plans do; otherwise the exact ops, which have autograd."""
+    if _cpu_gemm != "auto" or not x.is_cpu or x.dtype not in _EAGER_DTYPES:
+        return False
+    scale, mean = module.scale, module.mean
+    if scale.dtype != torch.float16 or mean.dtype != torch.float16:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad
+                                             or mean.requires_grad))
 
 
 # ----------------------------------------------------------------------------- eager fast path
@@ -208,41 +275,111 @@ _EAGER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _eager_cpu_ok(module, x: Tensor) -> bool:
     """The op dispatch buys tracing, autograd and tensor subclasses/modes; a plain eager CPU call
     that needs none of them can call the kernels directly (the ops' CPU kernel does the same)."""
-    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type != "cpu":
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or not x.is_cpu:
         return False
-    if x.dtype not in _EAGER_DTYPES or module.scale.dtype != torch.float16 \
-            or module.mean.dtype != torch.float16:
+    b = module._buffers  # not module.scale: nn.Module.__getattr__ costs a Python call
+    scale, mean = b["scale"], b["mean"]
+    if x.dtype not in _EAGER_DTYPES or scale.dtype != torch.float16 \
+            or mean.dtype != torch.float16:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or module.scale.requires_grad
-                                    or module.mean.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad
+                                    or mean.requires_grad):
         return False
     # no __torch_function__ / __torch_dispatch__ mode active (FakeTensorMode, FlopCounterMode...)
     return not torch._C._is_torch_function_mode_enabled() and \
         torch._C._len_torch_dispatch_stack() == 0
 
 
-def _plan(module) -> tuple:
-    """NumPy views of the layer's packed tensors and constants, built once per set of tensors
-    (rebuilt when a buffer is replaced: device moves, loads, assignment)."""
-    tensors = (module.sign, module.nonzero, module.scale, module.mean, module.transform_signs,
-               module.down_full, module.down_last)
-    key = tuple(None if t is None else (t.data_ptr(), t.shape, t.dtype) for t in tensors)
+# Which GEMM the eager CPU plans run: "auto" (the int8-table kernels: lut_binary for binary,
+# trit5 for ternary) or "addonly" (the exact float-table kernel, the reference). set_cpu_gemm.
+_CPU_GEMMS = ("auto", "addonly")
+_cpu_gemm = "auto"
+
+
+def set_cpu_gemm(name: str) -> str:
+    """Choose the GEMM of eager CPU layer calls: "auto" (default; int8 activation tables, about
+    0.1-1% relative output error, see docs/kernels.md) or "addonly" (exact float tables, slower).
+    Returns the previous choice; plans rebuild on their next call."""
+    global _cpu_gemm
+    if name not in _CPU_GEMMS:
+        raise ValueError(f"set_cpu_gemm: expected one of {_CPU_GEMMS}, got {name!r}")
+    previous, _cpu_gemm = _cpu_gemm, name
+    return previous
+
+
+def version(t: Optional[Tensor]) -> int:
+    """t's version counter (in-place writes bump it); inference tensors have none: 0."""
+    return 0 if t is None or t.is_inference() else t._version
+
+
+def _plan_key(module) -> tuple:
+    """What a layer's plan depends on: its buffers' identities, the codes' version (the binary
+    plan reads a repack of them, which an in-place write to the codes makes stale) and the GEMM
+    choice."""
+    b = module._buffers
+    codes = b["trits"] if b["sign"] is None else b["sign"]
+    return (*map(id, b.values()), version(codes), _cpu_gemm)
+
+
+def _plan_codes(module) -> dict:
+    """The codes a layer's plan reads: binary sign bitplanes; ternary trit5 (or, for the exact
+    kernel, bitplanes derived from it)."""
+    as_np = lambda t: None if t is None else _np(t, np.uint32)  # noqa: E731
+    if _cpu_gemm == "auto":
+        if module.ternary:
+            return {"sign": None, "nonzero": None, "trits": _np(module.trits),
+                    "trit_signs": _np(module.trit_signs, np.uint32)}
+        return {"sign": None, "nonzero": None, "lut_codes": _np(module.lut_codes())}
+    sign, nonzero = module.bitplanes()
+    return {"sign": as_np(sign), "nonzero": as_np(nonzero)}
+
+
+class _PlanEntry:
+    """A module's cached LinearPlan with its key. Copies and pickles of the module get an empty
+    entry and build their own plan: this one reads the original module's tensors."""
+    __slots__ = ("key", "plan", "tensors")
+
+    def __init__(self, key=None, plan=None, tensors=()):
+        self.key, self.plan, self.tensors = key, plan, tensors
+
+    def __deepcopy__(self, memo):
+        return _PlanEntry()
+
+    def __reduce__(self):
+        return _PlanEntry, ()
+
+
+def _layer_plan(module):
+    """The layer's _core.LinearPlan, built on first use and rebuilt when _plan_key changes (device
+    moves, load_state_dict, assignment, in-place writes to the codes, set_cpu_gemm). The entry
+    keeps the buffers alive, so an id in the key cannot be reused by a new tensor meanwhile."""
+    key = _plan_key(module)
     cached = module.__dict__.get("_eager_plan")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    sign, nonzero, scale, mean, signs, down_full, down_last = tensors
-    views = (_np(sign, np.uint32), None if nonzero is None else _np(nonzero, np.uint32),
-             _np(scale, np.uint16), _np(mean, np.uint16), None if signs is None else _np(signs),
-             _np(down_full), _np(down_last))
-    module.__dict__["_eager_plan"] = (key, views)
-    return views
+    if cached is not None and cached.key == key:
+        return cached.plan
+    cfg = module.config
+    codes = _plan_codes(module)
+    signs = module.transform_signs
+    plan = core().LinearPlan(
+        module.in_features, cfg.block_size, cfg.osr, codes["sign"], codes["nonzero"],
+        _np(module.scale, np.uint16), _np(module.mean, np.uint16),
+        None if signs is None else _np(signs), _np(module.down_full), _np(module.down_last),
+        gemm=_cpu_gemm, trits=codes.get("trits"), trit_signs=codes.get("trit_signs"),
+        lut_codes=codes.get("lut_codes"))
+    buffers = tuple(module._buffers.values())  # after _plan_codes: it may derive planes
+    module.__dict__["_eager_plan"] = _PlanEntry(_plan_key(module), plan, buffers)
+    return plan
 
 
 def _eager_cpu(module, x: Tensor) -> Tensor:
-    sign, nonzero, scale, mean, signs, down_full, down_last = _plan(module)
-    cfg, c = module.config, core()
-    x2 = x.detach().reshape(-1, module.in_features).to(torch.float32).contiguous().numpy()
-    xt, xsum = c.activation_transform(x2, cfg.block_size, cfg.osr, signs, down_full, down_last)
-    y = c.addonly_gemm(sign, nonzero, scale, mean, xt, xsum, module.in_features, cfg.block_size,
-                       cfg.osr)
-    return torch.from_numpy(y).to(x.dtype).reshape(*x.shape[:-1], module.out_features)
+    """One LinearPlan call: the transform and GEMM in C++, writing into y directly. Passes x's
+    version counter so that layers sharing x (q/k/v, gate/up) reuse its transform."""
+    plan = _layer_plan(module)
+    x2 = x.reshape(-1, module.in_features)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], module.out_features)
+    plan.run_ptr(x2.data_ptr(), x2.shape[0], y.data_ptr(), version(x2), torch.get_num_threads())
+    if x.dim() == 2 and x.dtype == torch.float32:
+        return y
+    return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)

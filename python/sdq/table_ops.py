@@ -1,0 +1,103 @@
+"""The CPU int8-table GEMMs as torch.library custom ops, for paths that go through the op
+dispatcher (torch.compile; eager calls use the layer's LinearPlan, sdq.ops._eager_cpu):
+
+  sdq::lut_pack_binary(sign, in_features, block_size, osr) -> lut_codes uint8 [bytes]
+  sdq::lut_gemm_binary(lut_codes, scale, mean, xt, xsum, in_features, block_size, osr) -> y
+  sdq::trit5_gemm(trits, trit_signs, scale, mean, xt, xsum, in_features, block_size, osr) -> y
+
+Same contract as sdq::addonly_gemm (xt, xsum from sdq::activation_transform; fp16 scale and mean;
+y float32 [batch, out]) but the activations are rounded to int8 tables (cpp/include/sdq/
+lut_gemm.h, trit5.h). CPU only, inference only (no autograd): sdq.ops.sdq_linear calls them only
+for CPU float32 activations that need no gradient, and the exact ops otherwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import blocks, trit5
+from ._native import core
+
+TILE = 32  # rows per tile of the binary repack (kLutTileRows)
+
+
+def lut_bytes(out_features: int, in_features: int, block_size: int, osr: float) -> int:
+    """Bytes of a binary layer's lut_codes: tiles of 32 rows of the sign bitplanes."""
+    words = blocks.packed_shape(in_features, block_size, osr)[0] // 32
+    return -(-out_features // TILE) * TILE * 4 * words
+
+
+@torch.library.custom_op("sdq::lut_pack_binary", mutates_args=())
+def lut_pack_binary(sign: Tensor, in_features: int, block_size: int, osr: float) -> Tensor:
+    if sign.device.type != "cpu":
+        raise NotImplementedError("sdq::lut_pack_binary: the int8-table kernels are CPU only")
+    words = np.ascontiguousarray(sign.detach().numpy()).view(np.uint32)
+    return torch.from_numpy(core().lut_pack_binary(words, in_features, block_size, osr))
+
+
+@lut_pack_binary.register_fake
+def _(sign, in_features, block_size, osr):
+    n = lut_bytes(sign.shape[0], in_features, block_size, osr)
+    return sign.new_empty(n, dtype=torch.uint8)
+
+
+def _check(op: str, scale: Tensor, mean: Tensor, xt: Tensor, xsum: Tensor, in_features: int,
+           block_size: int, osr: float, **codes: tuple) -> None:
+    """The core reads raw pointers: dtypes, devices and shapes are checked here."""
+    cols, nb = blocks.packed_shape(in_features, block_size, osr)
+    out, batch = scale.shape[0], xt.shape[0]
+    want = {"scale": (scale, (out, nb), torch.float16), "mean": (mean, (out, nb), torch.float16),
+            "xt": (xt, (batch, cols), torch.float32), "xsum": (xsum, (batch, nb), torch.float32),
+            **codes}
+    for name, (t, shape, dtype) in want.items():
+        if t.device.type != "cpu":
+            raise NotImplementedError(f"sdq::{op}: CPU only, {name} is on {t.device}")
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"sdq::{op}: {name} must be {dtype} {tuple(shape)}, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+
+
+@torch.library.custom_op("sdq::lut_gemm_binary", mutates_args=())
+def lut_gemm_binary(lut_codes: Tensor, scale: Tensor, mean: Tensor, xt: Tensor, xsum: Tensor,
+                    in_features: int, block_size: int, osr: float) -> Tensor:
+    out = scale.shape[0]
+    n = lut_bytes(out, in_features, block_size, osr)
+    _check("lut_gemm_binary", scale, mean, xt, xsum, in_features, block_size, osr,
+           lut_codes=(lut_codes, (n,), torch.uint8))
+    lut_codes, scale, mean = lut_codes.contiguous(), scale.contiguous(), mean.contiguous()
+    xt, xsum = xt.contiguous(), xsum.contiguous()
+    y = xt.new_empty(xt.shape[0], out)
+    core().lut_gemm_binary_ptr(lut_codes.data_ptr(), scale.data_ptr(), mean.data_ptr(),
+                               xt.data_ptr(), xsum.data_ptr(), y.data_ptr(), in_features,
+                               block_size, osr, out, xt.shape[0], torch.get_num_threads())
+    return y
+
+
+@torch.library.custom_op("sdq::trit5_gemm", mutates_args=())
+def trit5_gemm(trits: Tensor, trit_signs: Tensor, scale: Tensor, mean: Tensor, xt: Tensor,
+               xsum: Tensor, in_features: int, block_size: int, osr: float) -> Tensor:
+    out = scale.shape[0]
+    trits_shape, signs_shape = trit5.shapes(out, in_features, block_size, osr)
+    _check("trit5_gemm", scale, mean, xt, xsum, in_features, block_size, osr,
+           trits=(trits, trits_shape, torch.uint8),
+           trit_signs=(trit_signs, signs_shape, torch.int32))
+    trits, trit_signs = trits.contiguous(), trit_signs.contiguous()
+    scale, mean, xt, xsum = scale.contiguous(), mean.contiguous(), xt.contiguous(), \
+        xsum.contiguous()
+    y = xt.new_empty(xt.shape[0], out)
+    core().trit5_gemm_ptr(trits.data_ptr(), trit_signs.data_ptr(), scale.data_ptr(),
+                          mean.data_ptr(), xt.data_ptr(), xsum.data_ptr(), y.data_ptr(),
+                          in_features, block_size, osr, out, xt.shape[0],
+                          torch.get_num_threads())
+    return y
+
+
+@lut_gemm_binary.register_fake
+def _(lut_codes, scale, mean, xt, xsum, in_features, block_size, osr):
+    return xt.new_empty(xt.shape[0], scale.shape[0], dtype=torch.float32)
+
+
+@trit5_gemm.register_fake
+def _(trits, trit_signs, scale, mean, xt, xsum, in_features, block_size, osr):
+    return xt.new_empty(xt.shape[0], scale.shape[0], dtype=torch.float32)
