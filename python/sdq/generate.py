@@ -6,13 +6,16 @@ template. Replies go to stdout token by token; the speed (new tokens, seconds, t
 and decode apart) goes to stderr, so stdout holds only the model's text. The packed layers compute
 through the add-only kernels; `--dequantized` runs the same model through each packed layer's
 dequantized weight (PackedLinear's dense path), for comparison.
+
+Generation runs through sdq.decode.StaticDecoder: a static KV cache, the prompt's forward eager,
+every later token through one compiled step (`--compile`), an eager one (`--no-compile`), or by
+default whichever of the two was faster when both were timed at start-up.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,12 @@ EPILOG = """examples:
   sdq generate smollm2-sdq-t2 --prompt "Hello" --dequantized   # dense path, for comparison
 
 In a chat: 'exit', Ctrl-D or Ctrl-C at the prompt ends it; Ctrl-C during a reply stops that reply;
-'/reset' forgets the conversation so far."""
+'/reset' forgets the conversation so far.
+
+Speed: the decode step (one token through the model, with a static key/value cache) is compiled by
+torch.compile once per run, before the first reply; the compile time is printed apart and is not
+in tokens/s. Compiling needs a C++ compiler and takes a while (tens of seconds on 2 cores for
+SmolLM2-135M; less when torch's compile cache already holds it); --no-compile starts at once."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dequantized", action="store_true",
                    help="compute through each packed layer's dequantized weight (dense matmuls) "
                    "instead of the add-only kernels: same model, for comparison")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="--compile: run each new token through a torch.compile'd decode step "
+                   "(compiled once at start-up; an error if torch.compile cannot work here); "
+                   "--no-compile: the same step eagerly, no start-up cost. Default: compile when "
+                   "possible, time a few steps both ways and keep the faster (eager, with the "
+                   "reason, when torch.compile cannot work here, e.g. no C++ compiler)")
 
 
 def _check_args(args) -> None:
@@ -138,74 +152,103 @@ def prompt_ids(tok, messages: list[dict], use_template: bool):
 class Stats:
     prompt_tokens: int
     new_tokens: int
-    seconds: float
-    prefill_seconds: float  # from the call to the first new token (the prompt's forward + 1 step)
-    compute: str  # the packed layers' path, and the threads
+    prefill_seconds: float  # the prompt's forward, to the first new token
+    decode_seconds: float  # every later token, one decode step each
+    compute: str  # the packed layers' path, the decode step, the threads
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
     @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 \
+            else float("inf")
+
+    @property
     def decode_tokens_per_s(self) -> float | None:
-        decode = self.seconds - self.prefill_seconds
-        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else None
+        steps = self.new_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
 
     def line(self) -> str:
         decode = self.decode_tokens_per_s
         return (f"[{self.new_tokens} new tokens in {self.seconds:.2f} s: {self.tokens_per_s:.1f} "
-                f"tokens/s; prefill {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s"
+                f"tokens/s; prefill {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s "
+                f"({self.prefill_tokens_per_s:.0f} tokens/s)"
                 + (f", decode {decode:.1f} tokens/s" if decode is not None else "")
                 + f"; {self.compute}]")
 
 
-def _streamer_class():
+def _streamer(tok):
     from transformers import TextStreamer
 
     class Streamer(TextStreamer):
-        """TextStreamer that writes to the current sys.stdout and notes when the first new token
-        arrives (the end of prefill)."""
-
-        first_token_at: float | None = None
-
-        def put(self, value):
-            if not self.next_tokens_are_prompt and self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-            super().put(value)
+        """TextStreamer that writes to the current sys.stdout (pytest's capture swaps it)."""
 
         def on_finalized_text(self, text: str, stream_end: bool = False):
             sys.stdout.write(text + ("\n" if stream_end else ""))
             sys.stdout.flush()
 
-    return Streamer
+    return Streamer(tok, skip_prompt=True, skip_special_tokens=True)
 
 
 def sampling_kwargs(args, model, tok) -> dict:
-    """generate()'s keyword arguments for the CLI's options."""
+    """StaticDecoder.generate's keyword arguments for the CLI's options."""
     eos = set()
     for e in (model.generation_config.eos_token_id, tok.eos_token_id):  # an id, a list or None
         eos.update(e if isinstance(e, list) else [] if e is None else [e])
-    eos = sorted(eos)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
-    kw = {"max_new_tokens": args.max_new_tokens, "pad_token_id": pad,
-          "eos_token_id": eos or None}
+    kw = {"max_new_tokens": args.max_new_tokens, "eos_token_id": sorted(eos)}
     if args.temperature == 0:
-        return {**kw, "do_sample": False}
-    return {**kw, "do_sample": True, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": 0}  # 0: no top-k cut, only --top-p
+        return kw
+    import torch
+    generator = torch.Generator()
+    if args.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(args.seed)
+    return {**kw, "temperature": args.temperature, "top_p": args.top_p, "generator": generator}
 
 
-def generate_reply(model, tok, ids, kwargs: dict, compute: str) -> tuple[str, Stats]:
+def generate_reply(decoder, tok, ids, kwargs: dict, compute: str) -> tuple[str, Stats]:
     """Generate from `ids` [1, n], streaming the text to stdout; (reply text, stats)."""
     import torch
-    streamer = _streamer_class()(tok, skip_prompt=True, skip_special_tokens=True)
-    t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
-    seconds = time.perf_counter() - t0
-    new = out[0, ids.shape[1]:]
-    first = streamer.first_token_at
-    stats = Stats(ids.shape[1], len(new), seconds, (first - t0) if first else seconds, compute)
-    return tok.decode(new, skip_special_tokens=True), stats
+    streamer = _streamer(tok)
+    streamer.put(ids)  # the prompt: skipped, but it tells the streamer where the reply starts
+    try:
+        out = decoder.generate(ids, on_token=lambda t: streamer.put(torch.tensor([t])), **kwargs)
+    finally:
+        streamer.end()
+    s = out.stats
+    stats = Stats(s.prompt_tokens, s.new_tokens, s.prefill_seconds, s.decode_seconds, compute)
+    return tok.decode(out.new, skip_special_tokens=True), stats
+
+
+# ----------------------------------------------------------------------------- the decoder
+class Decoders:
+    """The StaticDecoder for the model, rebuilt with a larger cache (and compiled again) when a
+    conversation outgrows it. The cache is sized to what is asked, not to the model's whole
+    context: every decode step attends over all of it."""
+
+    def __init__(self, model, compile: bool | None):
+        self.model, self.compile = model, compile
+        self.decoder = None
+
+    def get(self, tokens: int):
+        """A decoder whose cache holds `tokens` tokens; the first one (and a rebuilt one) warms up
+        here, its decode step's timing printed to stderr apart from the replies' speed."""
+        from .decode import StaticDecoder
+        if self.decoder is not None and self.decoder.max_cache_len >= tokens:
+            return self.decoder
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        size = min(limit, max(256, 1 << (tokens - 1).bit_length()))  # doubling: few rebuilds
+        self.decoder = StaticDecoder(self.model, size, compile=self.compile)
+        print(f"[{self.decoder.warm_up().line()}; static cache {size} tokens]",
+              file=sys.stderr, flush=True)
+        return self.decoder
 
 
 # ----------------------------------------------------------------------------- the command
@@ -241,19 +284,16 @@ def run(args) -> dict:
     threads = _limit_threads(args.threads)
     model, tok = load_for_generation(args.folder, args.dequantized)
     use_template = has_chat_template(tok) and not args.no_chat_template
-    compute = (f"{'dequantized weights' if args.dequantized else 'add-only kernels'}, "
-               f"{threads} thread{'s' if threads > 1 else ''}")
-    if args.seed is not None:
-        import torch
-        torch.manual_seed(args.seed)
     kwargs = sampling_kwargs(args, model, tok)
     system = [{"role": "system", "content": args.system}] if args.system else []
+    decoders = Decoders(model, args.compile)
     try:
         if chat:
-            return _chat(model, tok, system, use_template, kwargs, compute, args)
+            return _chat(decoders, tok, system, use_template, kwargs, threads, args)
         ids, _ = _fit_context(model, tok, [*system, {"role": "user", "content": prompt}],
                               use_template, args.max_new_tokens, drop_old=False)
-        text, stats = generate_reply(model, tok, ids, kwargs, compute)
+        decoder = decoders.get(ids.shape[1] + args.max_new_tokens)
+        text, stats = generate_reply(decoder, tok, ids, kwargs, _compute(args, decoder, threads))
         print(stats.line(), file=sys.stderr, flush=True)
         return {"text": text, "stats": stats}
     except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
@@ -262,8 +302,19 @@ def run(args) -> dict:
         return {}
 
 
-def _chat(model, tok, system: list[dict], use_template: bool, kwargs: dict, compute: str,
-          args) -> dict:
+def _compute(args, decoder, threads: int) -> str:
+    """How the reply was computed, for the stats line."""
+    return (f"{'dequantized weights' if args.dequantized else 'add-only kernels'}, "
+            f"{'compiled' if decoder.compiled else 'eager'} decode step, "
+            f"{threads} thread{'s' if threads > 1 else ''}")
+
+
+# a chat's first static cache: most conversations fit; a longer one rebuilds it (Decoders)
+CHAT_CACHE_TOKENS = 1024
+
+
+def _chat(decoders: Decoders, tok, system: list[dict], use_template: bool, kwargs: dict,
+          threads: int, args) -> dict:
     """The interactive loop: one user message per line; the history is kept and re-sent through
     the chat template. Ends on 'exit'/'quit', end of input (Ctrl-D) or Ctrl-C at the prompt."""
     if sys.stdin.isatty():
@@ -272,6 +323,9 @@ def _chat(model, tok, system: list[dict], use_template: bool, kwargs: dict, comp
         except ImportError:
             pass
     how = "chat template" if use_template else "raw text, no chat template"
+    model = decoders.model
+    limit = getattr(model.config, "max_position_embeddings", None) or CHAT_CACHE_TOKENS
+    compute = _compute(args, decoders.get(min(limit, CHAT_CACHE_TOKENS)), threads)
     print(f"sdq generate: chatting with {args.folder} ({compute}; {how}). 'exit', Ctrl-D or Ctrl-C "
           "ends; Ctrl-C during a reply stops it; '/reset' forgets the conversation.",
           file=sys.stderr, flush=True)
@@ -299,7 +353,9 @@ def _chat(model, tok, system: list[dict], use_template: bool, kwargs: dict, comp
             print(f"sdq generate: {e}", file=sys.stderr, flush=True)
             continue
         try:
-            text, stats = generate_reply(model, tok, ids, kwargs, compute)
+            decoder = decoders.get(ids.shape[1] + args.max_new_tokens)
+            text, stats = generate_reply(decoder, tok, ids, kwargs, _compute(args, decoder,
+                                                                             threads))
         except KeyboardInterrupt:  # this reply stops; the conversation goes on without it
             print("\n[reply stopped]", file=sys.stderr, flush=True)
             continue
