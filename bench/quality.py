@@ -5,7 +5,14 @@ the quantized linears (codes + scales + means + signs), one line per method, ful
 horizontal line. Runs are resumable: each finished run is saved to bench/results/quality.json at
 once, and a rerun skips what is there (--redo NAME to repeat one). --plot-only redraws the PNG.
 
+llama.cpp beside sdq: ../shared/peer/ggml_quality.py writes llama.cpp's quantizers (with an
+importance matrix) measured on the same windows; --ggml FILE stores those rows (family
+"llama.cpp <type> + imatrix"), and the plot draws llama.cpp's frontier and sdq's (the best row at
+<= bits). --frontier prints, per budget, the best llama.cpp row, the best sdq row and the best
+other baseline at <= that many bits, and the ratio of the perplexities.
+
     python bench/quality.py [--calib-samples 16] [--eval-tokens 8192] [--only NAME ...]
+    python bench/quality.py --ggml /tmp/ggml_quality.json --frontier --plot-only
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import argparse
 import copy
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,6 +30,11 @@ from sdq.methods import BaselineConfig, WGMConfig
 from _common import RESULTS, machine, write_json
 
 SDQ = sdq.SDQConfig
+# Runs tuned end to end after quantizing (sdq.finetune, --finetune-steps): name -> steps, on the
+# calibration sequences with the CLI's defaults (one 512-token sequence per step, relative lr
+# 1e-3, cosine).
+FINETUNE_STEPS = {f"sdq-gram-gptq-{tag}-ft{n}": n for tag in ("b2", "b3", "t2")
+                  for n in (50, 100, 200)}
 
 
 def _runs():
@@ -60,6 +73,42 @@ def _runs():
         SDQ(osr=1.5, codes="gram"), True, True)
     add("sdq-gram-gptq-b2.5-multi", "SDQ+gram+GPTQ+MultiOSR, binary",
         SDQ(osr=2.5, levels="binary", codes="gram"), True, True)
+    # The layer solver's options, named explicitly so that the rows keep their meaning when the
+    # defaults move: "-v0" = before them (diagonal compensation, closed-form scales, no
+    # refinement), "-exact" = exact block compensation only, "-r1" = the defaults (exact, best
+    # fp16 scales, one refinement pass), "-grid-r1" = plus the normalisation-scale grid.
+    solver = {"v0": dict(compensation="diagonal", scale_search="closed_form", refine_passes=0),
+              "exact": dict(compensation="exact", scale_search="closed_form", refine_passes=0),
+              "r1": dict(compensation="exact", scale_search="fp16", refine_passes=1),
+              "grid-r1": dict(compensation="exact", scale_search="grid", refine_passes=1),
+              "diag-r1": dict(compensation="diagonal", scale_search="fp16", refine_passes=1)}
+    for lv, o in (("binary", 2.0), ("ternary", 2.0), ("binary", 2.5), ("binary", 3.0),
+                  ("ternary", 1.5)):
+        for tag, opts in solver.items():
+            add(f"sdq-gram-gptq-{lv[0]}{o:g}-{tag}", f"SDQ+gram+GPTQ {tag}, {lv}",
+                SDQ(osr=o, levels=lv, codes="gram", **opts), True)
+    # Scale groups at the same all-in bits (2.5): B=64 pays 0.25 bits more for scales and
+    # means than B=128, and code columns are whole 32-bit words per block (so not OSR 2.25).
+    add("sdq-gram-gptq-b2-B64-r1", "SDQ+gram+GPTQ r1, binary, B=64",
+        SDQ(osr=2, levels="binary", codes="gram", block_size=64), True)
+    add("sdq-gram-gptq-b2.25-r1", "SDQ+gram+GPTQ r1, binary",
+        SDQ(osr=2.25, levels="binary", codes="gram"), True)
+    # Strong baselines: GPTQ asymmetric with act-order at three group sizes, and importance-
+    # weighted RTN (grid searched per group under the Hessian diagonal, like llama.cpp's imatrix).
+    for b, g in ((2, 64), (3, 128), (2, 32), (3, 64), (4, 128), (4, 64), (2, 128), (3, 32),
+                 (4, 32)):
+        cfg = BaselineConfig("gptq", b, g, act_order=True)
+        add(cfg.label, f"GPTQ asym act-order g{g}", cfg, True)
+    for b, g in ((3, 128), (4, 128), (3, 64), (4, 32), (3, 32), (4, 64)):
+        cfg = BaselineConfig("iwrtn", b, g)
+        add(cfg.label, f"IW-RTN g{g}", cfg, True)
+    # MultiOSR by measured sensitivity (sdq.allocate.sensitivity_allocation).
+    add("sdq-gram-gptq-b2.5-multisens", "SDQ+gram+GPTQ+MultiOSR(sensitivity), binary",
+        SDQ(osr=2.5, levels="binary", codes="gram"), True, "sensitivity")
+    add("sdq-gram-gptq-t1.5-multisens", "SDQ+gram+GPTQ+MultiOSR(sensitivity), ternary",
+        SDQ(osr=1.5, codes="gram"), True, "sensitivity")
+    add("sdq-gram-gptq-b3-multisens", "SDQ+gram+GPTQ+MultiOSR(sensitivity), binary",
+        SDQ(osr=3, levels="binary", codes="gram"), True, "sensitivity")
     # WGM (dynamic grouping, data-free): 1 sign + ceil(log2 G) index bits + fp16 scales
     for g in (32, 8, 4):
         add(f"wgm-g{g}", "WGM dynamic grouping, per matrix, data-free",
@@ -71,6 +120,11 @@ def _runs():
     for g in (32, 8, 4):
         add(f"wgm-g{g}-greedy", "WGM greedy (from singletons), per matrix, data-free",
             WGMConfig(groups=g, method="greedy"))
+    for name in FINETUNE_STEPS:  # sdq-gram-gptq-{b2,b3,t2}-ftN: the base row's config, tuned
+        tag = name.split("-")[3]
+        levels = "binary" if tag[0] == "b" else "ternary"
+        add(name, f"SDQ+gram+GPTQ+finetune {name.rsplit('ft', 1)[1]} steps, {levels}",
+            SDQ(osr=float(tag[1:]), levels=levels, codes="gram"), True)
     return runs
 
 
@@ -79,11 +133,16 @@ def _load_results() -> dict:
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
 
 
-def _multi_osr(model, budget):
-    from sdq.allocate import multi_osr, weight_stats
+def _multi_osr(model, cfg, rule, calib):
+    """rule True / "variance": the paper's rule; "sensitivity": measured under the calibration
+    Hessians of the full-precision model (sdq.allocate.sensitivity_allocation)."""
+    from sdq.allocate import multi_osr, sensitivity_allocation, weight_stats
     from sdq.traversal import decoder_layers, linear_modules
-    stats = weight_stats([linear_modules(layer) for layer in decoder_layers(model)])
-    alloc = multi_osr(stats, budget)
+    if rule == "sensitivity":
+        alloc = sensitivity_allocation(model, calib, cfg)
+    else:
+        alloc = multi_osr(weight_stats([linear_modules(layer) for layer in decoder_layers(model)]),
+                          cfg.osr)
     return lambda i, n: alloc[(i, n)]
 
 
@@ -94,14 +153,82 @@ def run_one(base, tok, spec, calib, eval_ids) -> dict:
     name, family, cfg, calibrated, multi = spec
     model = copy.deepcopy(base)
     t0 = time.time()
+    steps = FINETUNE_STEPS.get(name, 0)
     report = quantize_(model, cfg, calib if calibrated else None,
-                       osr_for=_multi_osr(model, cfg.osr) if multi else None)
+                       osr_for=_multi_osr(model, cfg, multi, calib) if multi else None,
+                       finetune_steps=steps)
     t_quant = time.time() - t0
     set_max_kernel_tokens(model, 32)
     ppl = perplexity(model, eval_ids)
     return {"family": family, "config": cfg.to_dict(), "calibrated": calibrated,
             "multi_osr": multi, "bits_all_in": report.bits_per_weight_all_in,
-            "average_osr": report.average_osr, "perplexity": ppl, "quantize_s": t_quant}
+            "average_osr": report.average_osr, "perplexity": ppl, "quantize_s": t_quant,
+            **({"finetune_steps": steps, "finetune_s": report.finetune["seconds"]} if steps
+               else {})}
+
+
+PEER = "llama.cpp + imatrix"  # the plot line of every llama.cpp row
+FRONTIER_BUDGETS = (2.31, 2.63, 3.06, 3.44, 4.25)  # IQ2_XS, Q2_K, IQ3_XXS, IQ3_S/Q3_K, IQ4_XS
+
+
+def _is_peer(r: dict) -> bool:
+    return r.get("line") == PEER
+
+
+def _is_sdq(r: dict) -> bool:
+    """sdq's own methods: Sigma-Delta (an SDQConfig has an osr) and WGM."""
+    return "osr" in r.get("config", {}) or r["family"].startswith("WGM")
+
+
+def import_ggml(results: dict, path: Path) -> dict:
+    """Store ggml_quality.py's rows (llama.cpp's quantizers + imatrix) as "llama.cpp-<type>"."""
+    data = json.loads(path.read_text())
+    fp, ours = data.get("fp"), results.get("fp32_perplexity")
+    if fp is not None and ours is not None and abs(fp / ours - 1) > 1e-3:
+        raise SystemExit(f"{path}: full-precision perplexity {fp:.3f}, not {ours:.3f}: measured on "
+                         "other windows (use the same --eval-tokens)")
+    rows = {f"llama.cpp-{t}": {
+        "family": f"llama.cpp {t} + imatrix", "line": PEER, "config": {"ggml_type": t},
+        "calibrated": True, "multi_osr": False, "bits_all_in": v["bits_all_in"],
+        "perplexity": v["perplexity"], "quantize_s": v["quantize_s"]}
+        for t, v in data.items() if t != "fp"}
+    results["runs"] = {**_load_results()["runs"], **rows}
+    write_json("quality.json", results)
+    return results
+
+
+def _best_at(results: dict, budget: float, keep) -> tuple[str, dict] | None:
+    """The lowest-perplexity run that `keep` accepts with at most `budget` bits (to the 2 decimals
+    shown: IQ2_XS's 2.3125 counts as 2.31)."""
+    rows = [(n, r) for n, r in results["runs"].items()
+            if keep(r) and r["bits_all_in"] <= budget + 0.005]
+    return min(rows, key=lambda nr: nr[1]["perplexity"], default=None)
+
+
+def frontier(results: dict) -> str:
+    def cell(best):
+        return "-" if best is None else \
+            f"{best[0]} ({best[1]['bits_all_in']:.2f} b, {best[1]['perplexity']:.4g})"
+    lines = ["| bits <= | llama.cpp + imatrix | sdq | sdq / llama.cpp perplexity | best other "
+             "baseline |", "|---|---|---|---|---|"]
+    for budget in FRONTIER_BUDGETS:
+        peer = _best_at(results, budget, _is_peer)
+        ours = _best_at(results, budget, _is_sdq)
+        other = _best_at(results, budget, lambda r: not _is_peer(r) and not _is_sdq(r))
+        ratio = "-" if peer is None or ours is None else \
+            f"{ours[1]['perplexity'] / peer[1]['perplexity']:.3g}"
+        lines.append(f"| {budget} | {cell(peer)} | {cell(ours)} | {ratio} | {cell(other)} |")
+    return "\n".join(lines)
+
+
+def _frontier_line(results: dict, keep) -> list[tuple[float, float]]:
+    """(bits, best perplexity among the kept runs at <= bits) at each kept run's bits."""
+    pts = sorted((r["bits_all_in"], r["perplexity"]) for r in results["runs"].values() if keep(r))
+    out, best = [], float("inf")
+    for bits, ppl in pts:
+        best = min(best, ppl)
+        out.append((bits, best))
+    return out
 
 
 def plot(results: dict) -> None:
@@ -110,17 +237,32 @@ def plot(results: dict) -> None:
     import matplotlib.pyplot as plt
     fams: dict[str, list] = {}
     for r in results["runs"].values():
-        fams.setdefault(r["family"], []).append((r["bits_all_in"], r["perplexity"]))
-    fig, ax = plt.subplots(figsize=(9, 6))
+        if not _is_peer(r):  # llama.cpp's types are drawn as one frontier below
+            fams.setdefault(r["family"], []).append((r["bits_all_in"], r["perplexity"]))
+    fig, ax = plt.subplots(figsize=(10, 7))
     colors = plt.get_cmap("tab20").colors
     for k, (fam, pts) in enumerate(sorted(fams.items())):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^Dv"[k % 5],
-                color=colors[k % 20], ls="--" if "data-free" in fam else "-", label=fam)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^Dv"[k % 5], ms=4, lw=1,
+                alpha=0.6, color=colors[k % 20], ls="--" if "data-free" in fam else "-",
+                label=fam)
+    for keep, label, color in ((_is_peer, f"{PEER}: frontier", "red"),
+                               (_is_sdq, "sdq: frontier (best sdq row at <= bits)", "blue")):
+        pts = _frontier_line(results, keep)
+        if pts:
+            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", lw=2.5, color=color,
+                    label=label)
+    for name, r in results["runs"].items():
+        if _is_peer(r):
+            ax.plot(r["bits_all_in"], r["perplexity"], "x", color="red")
+            ax.annotate(r["config"]["ggml_type"], (r["bits_all_in"], r["perplexity"]),
+                        fontsize=6, color="red", xytext=(2, 2), textcoords="offset points")
     if "fp32_perplexity" in results:
         ax.axhline(results["fp32_perplexity"], color="k", ls="--",
                    label=f"full precision ({results['fp32_perplexity']:.2f})")
     ax.set_yscale("log")
+    if "fp32_perplexity" in results:  # the frontiers live here; the table lists the rest
+        ax.set_ylim(0.9 * results["fp32_perplexity"], 1e4)
     ax.set_xlabel("all-in bits per weight of the decoder linears")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title("SmolLM2-135M, held-out Wikipedia text")
@@ -149,8 +291,14 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="run only these names")
     ap.add_argument("--redo", nargs="*", default=[], help="rerun these names")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--ggml", type=Path, default=None, metavar="FILE",
+                    help="store the rows of ../shared/peer/ggml_quality.py's --out FILE")
+    ap.add_argument("--frontier", action="store_true",
+                    help="print the best llama.cpp and sdq rows at <= each budget of bits")
     args = ap.parse_args()
     results = _load_results()
+    if args.ggml is not None:
+        results = import_ggml(results, args.ggml)
     if not args.plot_only:
         from sdq.data import calibration_tokens, eval_tokens, load_model
         from sdq.evaluate import perplexity
@@ -170,14 +318,18 @@ def main() -> None:
                                                          and name not in args.redo):
                 continue
             print(f"== {name}", flush=True)
-            results["runs"][name] = run_one(base, tok, spec, calib, eval_ids)
-            r = results["runs"][name]
+            r = run_one(base, tok, spec, calib, eval_ids)
+            # Merge into what is on disk now: another run of this script may have added rows.
+            results["runs"] = {**_load_results()["runs"], name: r}
             print(f"   {r['bits_all_in']:.3f} bits, perplexity {r['perplexity']:.4g}, "
                   f"{r['quantize_s']:.0f} s", flush=True)
             write_json("quality.json", results)
             plot(results)
     plot(results)
     print(table(results))
+    if args.frontier:
+        print()
+        print(frontier(results))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Importing sdq never initialises CUDA; the compiled core is loaded at first use.
 """
 from .config import SDQConfig
 from .experts import SDQExperts
+from .finetune import finetune
 from .methods import BaselineConfig, CalibrationWarning
 from .methods.sdq import quantize_weight, quantize_weight_calibrated
 from .nn import SDQLinear
@@ -34,4 +35,5 @@ def load(directory, **kwargs):
 
 __all__ = ["SDQConfig", "BaselineConfig", "QuantizedWeight", "SDQLinear", "SDQExperts",
            "CheckpointError", "CalibrationWarning", "quantize_weight",
-           "quantize_weight_calibrated", "quantize_", "save", "load", "has_cuda", "__version__"]
+           "quantize_weight_calibrated", "quantize_", "finetune", "save", "load", "has_cuda",
+           "__version__"]

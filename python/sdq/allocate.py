@@ -397,3 +397,189 @@ def weight_stats(layers: list[dict[str, torch.nn.Linear]]) -> list[LinearStat]:
                                 f"got {type(module).__name__}")
             stats.append(LinearStat(index, name, weight.numel(), _std_float64(weight)))
     return stats
+
+
+# ------------------------------------------------------------------- MultiOSR by measured sensitivity
+#
+# The variance rule above guesses from weight statistics which linears need more OSR. This rule
+# measures it: each linear's output error tr(dW H dW^T) under its calibration Hessian H (inputs of
+# the full-precision model) at a few candidate OSRs, then the allocation that minimises the summed
+# error with the parameter-weighted average OSR equal to the budget: an exact knapsack (dynamic
+# programme) over the step grid, errors between candidates interpolated log-linearly.
+
+MULTI_OSR_RULES = ("sensitivity", "variance")
+_MAX_DP_CELLS = 200_000_000  # the knapsack's choice table (int8): beyond it, sizes are coarsened
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """One linear's output error ``tr(dW H dW^T)`` measured at candidate OSRs (ascending)."""
+
+    layer: int
+    name: str
+    numel: int
+    osrs: tuple[float, ...]
+    errors: tuple[float, ...]
+
+
+def _check_curves(curves: list[Sensitivity]) -> None:
+    if not curves:
+        raise ValueError("no sensitivities: nothing to allocate")
+    seen = set()
+    for c in curves:
+        where = f"layer {c.layer} {c.name}"
+        if isinstance(c.numel, bool) or not isinstance(c.numel, (int, np.integer)) or c.numel <= 0:
+            raise ValueError(f"numel must be a positive integer, got {c.numel!r} for {where}")
+        osrs, errors = np.asarray(c.osrs, dtype=float), np.asarray(c.errors, dtype=float)
+        if osrs.ndim != 1 or osrs.size == 0 or osrs.shape != errors.shape:
+            raise ValueError(f"{where}: osrs and errors must be equally long and non-empty")
+        if not (np.all(np.isfinite(osrs)) and osrs[0] > 0 and np.all(np.diff(osrs) > 0)):
+            raise ValueError(f"{where}: osrs must be positive and strictly ascending, got {c.osrs}")
+        if not (np.all(np.isfinite(errors)) and np.all(errors >= 0)):
+            raise ValueError(f"{where}: errors must be finite and >= 0, got {c.errors}")
+        if (c.layer, c.name) in seen:
+            raise ValueError(f"duplicate linear {(c.layer, c.name)} in the sensitivities")
+        seen.add((c.layer, c.name))
+
+
+def _error_on_grid(c: Sensitivity, osr: np.ndarray) -> np.ndarray:
+    """The error at each OSR of `osr` (inside the measured range): log-linear between candidates
+    (errors fall about geometrically with the OSR), made non-increasing (more samples never hurt
+    the best choice: the lower OSR's codes are among the higher's)."""
+    errors = np.minimum.accumulate(np.asarray(c.errors, dtype=float))
+    if errors[0] == 0:
+        return np.zeros_like(osr)
+    floor = errors[0] * 1e-12  # a measured zero (exact weights) stays ~zero on the log scale
+    return np.exp(np.interp(osr, c.osrs, np.log(np.maximum(errors, floor))))
+
+
+def _knapsack(units: np.ndarray, costs: list[np.ndarray], extra: int) -> list[int] | None:
+    """Choice c_i per item with sum units_i * c_i == extra (or the nearest reachable total, below
+    first) that minimises sum costs_i[c_i]; ties go to the smaller c (the smaller OSR)."""
+    size = int(sum(u * (len(c) - 1) for u, c in zip(units, costs))) + 1
+    best = np.full(size, np.inf)
+    best[0] = 0.0
+    choice = np.zeros((len(costs), size), dtype=np.int8)
+    reach = 0
+    for i, (u, cost) in enumerate(zip(units, costs)):
+        new = np.full(size, np.inf)
+        for c, e in enumerate(cost):
+            s = int(u) * c
+            cand = best[:reach + 1] + e
+            better = cand < new[s:s + reach + 1]
+            new[s:s + reach + 1][better] = cand[better]
+            choice[i, s:s + reach + 1][better] = c
+        best, reach = new, reach + int(u) * (len(cost) - 1)
+    finite = np.flatnonzero(np.isfinite(best))
+    target = finite[np.argmin(np.abs(finite - extra) * 2 + (finite > extra))]
+    picks, x = [], int(target)
+    for i in range(len(costs) - 1, -1, -1):
+        c = int(choice[i, x])
+        picks.append(c)
+        x -= int(units[i]) * c
+    return picks[::-1]
+
+
+def sensitivity_osr(curves: list[Sensitivity], budget: float, *, step: float = 0.25,
+                    min_osr: float | None = None,
+                    max_osr: float | None = None) -> dict[tuple[int, str], float]:
+    """MultiOSR by measured sensitivity: ``{(layer, name): osr}`` minimising the summed measured
+    output error with the parameter-weighted average OSR equal to ``budget``.
+
+    Every OSR is a multiple of ``step`` inside each linear's measured range (and inside
+    ``[min_osr, max_osr]`` when given). The average equals the budget exactly whenever the budget
+    is reachable on the grid (``budget * total / step`` a whole number of the sizes' common unit,
+    the usual case for transformer shapes), else it is the nearest reachable average (within one
+    step). A linear whose error is zero at every candidate gets its smallest OSR unless the
+    budget cannot be spent elsewhere.
+    """
+    _check_curves(curves)
+    lo_all = min_osr if min_osr is not None else 0.0
+    hi_all = max_osr if max_osr is not None else MAX_OSR
+    grid = _make_grid(step, min_osr, hi_all)
+    ks, costs = [], []
+    for c in curves:
+        k_lo = max(grid.k_min, math.ceil(max(c.osrs[0], lo_all) / step - 1e-9))
+        k_hi = min(grid.k_max, math.floor(min(c.osrs[-1], hi_all) / step + 1e-9))
+        if k_lo > k_hi:
+            raise ValueError(f"layer {c.layer} {c.name}: no multiple of step={step} inside its "
+                             f"measured OSRs {c.osrs} and [min_osr, max_osr]")
+        k = np.arange(k_lo, k_hi + 1)
+        if len(k) > 127:
+            raise ValueError(f"layer {c.layer} {c.name}: {len(k)} grid OSRs; use a larger step")
+        ks.append(k)
+        costs.append(_error_on_grid(c, k * step))
+    mass = np.array([c.numel for c in curves], dtype=np.int64)
+    unit = int(np.gcd.reduce(mass))
+    cells = len(curves) * int(sum(m // unit * (len(k) - 1) for m, k in zip(mass, ks)))
+    if cells > _MAX_DP_CELLS:  # sizes without a large common unit: coarsen (average then ~exact)
+        unit = max(unit, int(mass.sum() * len(curves) * max(map(len, ks)) // _MAX_DP_CELLS) + 1)
+    units = np.maximum(1, np.rint(mass / unit)).astype(np.int64)
+    base = sum(int(u) * int(k[0]) for u, k in zip(units, ks))
+    top = sum(int(u) * int(k[-1]) for u, k in zip(units, ks))
+    wanted = budget / step * units.sum()
+    if not (math.isfinite(budget) and base - 1e-9 <= wanted <= top + 1e-9):
+        raise ValueError(f"budget={budget} is outside the OSRs the sensitivities cover "
+                         f"({base * step / units.sum():g} .. {top * step / units.sum():g})")
+    picks = _knapsack(units, costs, int(round(wanted)) - base)
+    return {(c.layer, c.name): float((k[0] + p) * step) for c, k, p in zip(curves, ks, picks)}
+
+
+def default_candidates(budget: float, step: float = 0.25) -> tuple[float, ...]:
+    """The OSRs measured by default: 0.5, 0.75, 1, 1.5 and 2 times the budget, on the step grid."""
+    osrs = {min(MAX_OSR, max(step, math.floor(budget * f / step + 0.5) * step))
+            for f in (0.5, 0.75, 1.0, 1.5, 2.0)}
+    return tuple(sorted(osrs))
+
+
+def _probe_error(W: torch.Tensor, H: torch.Tensor, config, rows: int) -> float:
+    """tr(dW H dW^T) of data-free SDQ at `config`, estimated on `rows` evenly spaced rows (the
+    encoder treats rows independently, so the sum over a sample scales to the whole)."""
+    from .methods.sdq import quantize_weight
+    stride = max(1, W.shape[0] // rows)
+    sample = W.detach()[::stride].float().cpu()
+    diff = (sample - quantize_weight(sample, config).dequantize()).double()
+    return float(((diff @ H.double().cpu()) * diff).sum()) * W.shape[0] / sample.shape[0]
+
+
+@torch.no_grad()
+def measure_sensitivity(model: torch.nn.Module, calibration: torch.Tensor, config,
+                        osrs: tuple[float, ...], *, rows: int = 128,
+                        progress: bool = True) -> list[Sensitivity]:
+    """Each weight quantize_ would quantize (fused experts' slices included): its output error
+    under its calibration Hessian (full-precision inputs, layer by layer) after data-free SDQ at
+    each OSR of `osrs`. The probe uses the paper's modulator (the core's, fast) on `rows` rows
+    per weight whatever `config.codes` is: only the relative errors matter. An expert that no
+    calibration token reached has error 0 (it gets the smallest OSR)."""
+    from tqdm.auto import tqdm
+
+    from .pipeline import _layer_hessians
+    from .traversal import capture_layer_inputs, decoder_layers, plan_layer, run_layer
+    osrs = tuple(sorted(float(o) for o in osrs))
+    probe = config.replace(codes="sigma_delta")
+    hidden, kwargs = capture_layer_inputs(model, calibration)
+    curves = []
+    layers = list(enumerate(decoder_layers(model)))
+    for index, layer in tqdm(layers, desc="sensitivity", unit="layer", disable=not progress):
+        plan = plan_layer(layer)
+        hessians = _layer_hessians(layer, plan.linears, plan.experts, plan.routed, hidden,
+                                   kwargs)[0]
+        for name, W in plan.weights().items():
+            H = hessians.get(name)
+            errors = tuple(0.0 if H is None else _probe_error(W, H, probe.replace(osr=o), rows)
+                           for o in osrs)
+            curves.append(Sensitivity(index, name, W.numel(), osrs, errors))
+        del hessians
+        hidden = run_layer(layer, hidden, kwargs)
+    return curves
+
+
+def sensitivity_allocation(model: torch.nn.Module, calibration: torch.Tensor, config, *,
+                           osrs: tuple[float, ...] | None = None, step: float = 0.25,
+                           rows: int = 128,
+                           progress: bool = True) -> dict[tuple[int, str], float]:
+    """MultiOSR by sensitivity for `model` at the average OSR `config.osr`: measure_sensitivity at
+    `osrs` (default_candidates of the budget), then sensitivity_osr. The model is not modified."""
+    osrs = default_candidates(config.osr, step) if osrs is None else osrs
+    curves = measure_sensitivity(model, calibration, config, osrs, rows=rows, progress=progress)
+    return sensitivity_osr(curves, config.osr, step=step)

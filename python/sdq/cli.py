@@ -60,7 +60,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="local Hugging Face folder or hub id; default: the embedded SmolLM2-135M")
     p.add_argument("--method", default="sdq",
-                   choices=["sdq", "wgm", "rtn", "gptq", "absmean_ternary", "sign_rowscale"],
+                   choices=["sdq", "wgm", "rtn", "iwrtn", "gptq", "absmean_ternary",
+                            "sign_rowscale"],
                    help="sdq = Sigma-Delta, wgm = dynamic-grouping binary (both packed, saved); "
                    "the others are baselines for comparison (evaluated, not saved)")
     p.add_argument("--osr", type=_positive_float, default=2.0,
@@ -71,13 +72,31 @@ def _add_quantize(sub) -> None:
     p.add_argument("--codes", choices=["sigma_delta", "gram"], default="gram",
                    help="code selection: the paper's modulator, or sdq's Gram-matrix rounding "
                    "with least-squares scales (better; see the README's quality table)")
+    p.add_argument("--scale-search", choices=["closed_form", "fp16", "grid"], default="fp16",
+                   help="gram codes: how the fp16 scale/mean are chosen: the least-squares fit "
+                   "rounded, the best of its fp16 neighbours (never worse, free), or also codes "
+                   "for 5 normalisation scales keeping the best per row (slower code selection)")
+    p.add_argument("--refine-passes", type=_nonneg_int, default=1,
+                   help="gram codes: coordinate-descent passes over the codes after their "
+                   "sequential choice, each with a scale/mean refit (0: none; at most 16)")
+    p.add_argument("--compensation", choices=["exact", "diagonal"], default="exact",
+                   help="calibrated: how a block's error is compensated by the later columns: the "
+                   "exact update for a jointly quantized block (codes weighted by the Schur "
+                   "complement), or GPTQ's per-column update (codes weighted by the block's "
+                   "Hessian)")
     p.add_argument("--block-size", type=int, default=128, help="Hadamard/scale block (power of 2)")
     p.add_argument("--no-hadamard", action="store_true", help="skip the Hadamard rotation")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the Hadamard signs")
-    p.add_argument("--multi-osr", action="store_true",
-                   help="allocate OSR per layer and linear (MultiOSR), keeping the average --osr")
+    p.add_argument("--multi-osr", nargs="?", const="variance", default=None,
+                   choices=["sensitivity", "variance"],
+                   help="allocate OSR per layer and linear (MultiOSR), keeping the average --osr: "
+                   "'sensitivity' measures each linear's output error under its calibration "
+                   "Hessian at a few OSRs and spends the budget where it lowers the error most "
+                   "(needs --calib-samples > 0); 'variance' (the default without a value) is "
+                   "the paper's rule from weight statistics")
     p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=None,
-                   help="bits for rtn/gptq")
+                   help="bits for rtn/iwrtn/gptq (iwrtn: RTN with each group's grid searched "
+                   "under the calibration Hessian diagonal)")
     p.add_argument("--groups", type=int, default=32,
                    help="wgm: groups (scales) per matrix, or per 64-weight block (1..256); "
                    "costs 1 + ceil(log2 groups) bits/weight plus the scales")
@@ -110,6 +129,16 @@ def _add_quantize(sub) -> None:
                    "cannot be quantized (instead of keeping it in full precision)")
     from . import streaming_cli
     streaming_cli.add_arguments(p)
+    p.add_argument("--finetune-steps", type=_nonneg_int, default=0,
+                   help="after quantizing, tune the scales, means and norms end to end (codes "
+                   "frozen) for this many Adam steps of one calibration sequence each, against "
+                   "the model's own top-64 next-token probabilities (KL); sdq with calibration, "
+                   "one process, not streaming (sdq.finetune)")
+    p.add_argument("--finetune-lr", type=_positive_float, default=1e-3,
+                   help="peak learning rate of --finetune-steps, relative to each tensor's RMS "
+                   "(Adam, cosine to zero)")
+    p.add_argument("--finetune-seed", type=_nonneg_int, default=0,
+                   help="seed of the order in which --finetune-steps draws the sequences")
 
 
 def _add_eval(sub) -> None:
@@ -155,8 +184,9 @@ def _method_config(args):
     if args.method == "sdq":
         return SDQConfig(osr=args.osr, levels=args.levels, order=args.order,
                          block_size=args.block_size, hadamard=not args.no_hadamard,
-                         seed=args.seed, codes=args.codes)
-    if args.method in ("rtn", "gptq") and args.bits is None:
+                         seed=args.seed, codes=args.codes, scale_search=args.scale_search,
+                         refine_passes=args.refine_passes, compensation=args.compensation)
+    if args.method in ("rtn", "iwrtn", "gptq") and args.bits is None:
         raise CliError(f"--method {args.method} needs --bits 2, 3, 4 or 8")
     return BaselineConfig(args.method, args.bits)
 
@@ -167,12 +197,17 @@ def _check_quantize_args(args) -> None:
                        "only (drop --out)")
     if args.method != "sdq" and args.multi_osr:
         raise CliError("--multi-osr applies to --method sdq only")
-    if args.method == "gptq" and args.calib_samples == 0:
-        raise CliError("--method gptq needs --calib-samples > 0")
+    if args.multi_osr == "sensitivity" and args.calib_samples == 0:
+        raise CliError("--multi-osr sensitivity needs calibration data (--calib-samples > 0)")
+    if args.method in ("gptq", "iwrtn") and args.calib_samples == 0:
+        raise CliError(f"--method {args.method} needs --calib-samples > 0")
     if args.out is not None and args.out.exists() and not args.overwrite:
         raise CliError(f"{args.out} exists (use --overwrite to replace it)")
     if args.seqlen == 0:
         raise CliError("--seqlen must be > 0")
+    if args.finetune_steps and (args.method != "sdq" or args.calib_samples == 0):
+        raise CliError("--finetune-steps tunes sdq layers on the calibration text: it needs "
+                       "--method sdq and --calib-samples > 0")
 
 
 def _perplexity(model, tok, args) -> float | None:
@@ -190,6 +225,8 @@ def _perplexity(model, tok, args) -> float | None:
 def cmd_quantize(args) -> dict:
     from . import distributed
     if distributed.launched():  # torchrun: every rank quantizes, rank 0 evaluates and saves
+        if args.finetune_steps:
+            raise CliError("--finetune-steps runs in one process: launch it without torchrun")
         return distributed.run(_quantize, args)
     return _quantize(args)
 
@@ -203,6 +240,10 @@ def _quantize(args) -> dict:
         if active():  # inside a torchrun process group
             raise CliError("streaming quantization runs in one process: launch it without "
                            "torchrun")
+        if args.finetune_steps:
+            raise CliError("--finetune-steps needs the whole model in memory: it cannot be "
+                           "combined with streaming (--streaming, or a model over half the "
+                           "available memory)")
         return streaming_cli.run(args, config, _local_folder(args.model), CliError)
     from .data import calibration_tokens, load_model
     from .distributed import quantizer
@@ -221,8 +262,16 @@ def _quantize(args) -> dict:
         calib = calibration_tokens(tok, args.calib_samples, args.seqlen)
     osr_for = None
     if args.multi_osr:
-        osr_for = _multi_osr(model, args.osr)
-    report = quantize_(model, config, calib, osr_for=osr_for, strict=args.strict)
+        osr_for = _multi_osr(model, args.osr, args.multi_osr, calib, config)
+    finetune = {} if not args.finetune_steps else dict(
+        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+        finetune_seed=args.finetune_seed)
+    report = quantize_(model, config, calib, osr_for=osr_for, strict=args.strict, **finetune)
+    if report.finetune is not None:
+        summary["finetune"] = report.finetune
+        losses = report.finetune["losses"]
+        print(f"finetune: {len(losses)} steps, KL {losses[0]:.4f} -> {losses[-1]:.4f}, "
+              f"{report.finetune['seconds']:.0f} s", flush=True)
     summary["bits_per_weight_all_in"] = report.bits_per_weight_all_in
     summary["average_osr"] = report.average_osr
     summary["coverage"] = report.coverage
@@ -259,17 +308,20 @@ def _print_coverage(coverage: dict) -> None:
         print("  (sdq quantize --strict makes unquantizable weights an error)")
 
 
-def _multi_osr(model, budget: float):
+def _multi_osr(model, budget: float, rule: str = "variance", calib=None, config=None):
     from types import SimpleNamespace
 
-    from .allocate import allocation_table, multi_osr, weight_stats
+    from .allocate import allocation_table, multi_osr, sensitivity_allocation, weight_stats
     from .traversal import decoder_layers, plan_layer
     # Every weight quantize_ will quantize, fused experts' slices included ("weight_stats" reads
     # only `.weight`).
     layers = [{name: SimpleNamespace(weight=w) for name, w in plan_layer(layer).weights().items()}
               for layer in decoder_layers(model)]
     stats = weight_stats(layers)
-    alloc = multi_osr(stats, budget)
+    if rule == "sensitivity":
+        alloc = sensitivity_allocation(model, calib, config.replace(osr=budget))
+    else:
+        alloc = multi_osr(stats, budget)
     print(allocation_table(alloc, stats), flush=True)
     return lambda index, name: alloc[(index, name)]
 
@@ -346,6 +398,9 @@ def cmd_info(args) -> dict:
     print(f"{args.dir}: {size / 2**20:.2f} MiB in "
           f"{files[0].name if len(files) == 1 else f'{len(files)} shards'}")
     print(f"  config: {json.dumps(q['config'], sort_keys=True)}")
+    from .io import folder_version
+    ternary_as = "trit5, 1.67" if folder_version(q) >= 2 else "bitplanes, 2"
+    print(f"  format_version: {folder_version(q)} (ternary codes as {ternary_as} bits per code)")
     print(f"  quantized linears: {len(q['modules'])}, {packed_weights:,} weights in "
           f"{packed_bytes / 2**20:.2f} MiB = {8 * packed_bytes / packed_weights:.3f} bits/weight "
           "(codes or signs and group indices, scales, means, metadata)")

@@ -8,6 +8,9 @@ import math
 MAX_OSR = 16.0  # same bound as the core (layout.h kMaxOsr): above it fp16 weights are smaller
 LEVELS = ("binary", "ternary")
 CODE_SELECTIONS = ("sigma_delta", "gram")
+SCALE_SEARCHES = ("closed_form", "fp16", "grid")
+COMPENSATIONS = ("exact", "diagonal")
+MAX_REFINE_PASSES = 16  # coordinate descent converges in a few; more is a typo
 
 
 class ConfigIO:
@@ -58,6 +61,17 @@ class SDQConfig(ConfigIO):
                 sequential rounding against the down-sampler's Gram matrix, then a least-squares
                 refit of the scale and mean; see sdq/methods/gram.py).
     gram_damp:  damping of the Gram matrix, as a fraction of its mean diagonal ("gram" only).
+    scale_search: how the stored fp16 scale and mean are chosen ("gram" only; methods/
+                scale_search.py): "closed_form" (least-squares fit, each rounded to fp16),
+                "fp16" (the best of the fit's fp16 neighbours, never worse), or "grid" (codes
+                chosen for several normalisation scales, the best kept per row; costs 5x the
+                code selection).
+    refine_passes: passes of coordinate descent over the codes after their sequential choice,
+                each followed by a scale/mean refit ("gram" only; methods/refine.py); 0 = none.
+    compensation: calibrated only: "exact" (each block's error is pushed onto the later columns
+                by the exact update for a jointly quantized block, and "gram" codes weigh it by
+                what that update cannot undo, the Schur complement), or "diagonal" (GPTQ's
+                per-column update and the block's own Hessian, as before this option).
     """
 
     osr: float = 2.0
@@ -71,6 +85,9 @@ class SDQConfig(ConfigIO):
     p_cut: float = 0.55
     codes: str = "sigma_delta"
     gram_damp: float = 0.2
+    scale_search: str = "fp16"
+    refine_passes: int = 1
+    compensation: str = "exact"
     version: int = 1
 
     def __post_init__(self):
@@ -98,6 +115,16 @@ class SDQConfig(ConfigIO):
             raise ValueError(f"codes must be one of {CODE_SELECTIONS}, got {self.codes!r}")
         if not (0 <= self.gram_damp <= 10):
             raise ValueError(f"gram_damp must be in [0, 10], got {self.gram_damp!r}")
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ValueError(f"scale_search must be one of {SCALE_SEARCHES}, "
+                             f"got {self.scale_search!r}")
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation must be one of {COMPENSATIONS}, "
+                             f"got {self.compensation!r}")
+        rp = self.refine_passes
+        if isinstance(rp, bool) or not isinstance(rp, int) or not 0 <= rp <= MAX_REFINE_PASSES:
+            raise ValueError(f"refine_passes must be an int in [0, {MAX_REFINE_PASSES}], "
+                             f"got {rp!r}")
 
     @property
     def code_bits_per_sample(self) -> int:

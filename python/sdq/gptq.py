@@ -48,23 +48,30 @@ def check_positive_int(value: Any, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------- uniform grid
-def uniform_grid(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def uniform_grid(w: Tensor, bits: int, symmetric: bool = False) -> tuple[Tensor, Tensor]:
     """Min-max grid of each row of `w` [rows, g]: returns (scale, offset), each [rows, 1] float32.
 
-    The grid is offset + k * scale, k = 0 .. 2^bits - 1, spanning [min, max] of the row. The
-    zero-point is kept as a float offset (the row minimum) rather than an integer, so both ends
-    of the range lie on the grid. Scale and offset are rounded to fp16 because that is how they
-    are stored (the "+32 / group_size" in the all-in bit count). A constant row gets scale 1:
-    every weight then takes code 0 and is reproduced by the offset alone.
+    The grid is offset + k * scale, k = 0 .. 2^bits - 1. Asymmetric (the default) spans
+    [min, max] of the row: the zero-point is kept as a float offset (the row minimum) rather than
+    an integer, so both ends of the range lie on the grid; scale and offset are rounded to fp16
+    because that is how they are stored (the "+32 / group_size" in the all-in bit count).
+    Symmetric spans [-m, m], m = max|w| (GPTQ's sym=True): the zero-point is the fixed code
+    2^(bits-1), so only the fp16 scale is stored ("+16 / group_size"). A constant (asymmetric) or
+    all-zero (symmetric) row gets scale 1: every weight then takes one code.
     """
     maxq = 2 ** bits - 1
     lo = w.amin(dim=1, keepdim=True).float()
     hi = w.amax(dim=1, keepdim=True).float()
     if bool((lo < -_FP16_MAX).any() or (hi > _FP16_MAX).any()):
         raise ValueError(f"weights exceed the fp16 range (+-{_FP16_MAX}) of the stored offset")
+    if symmetric:
+        hi = torch.maximum(hi, -lo)
+        lo = -hi
     scale = (hi - lo) / maxq
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = scale.half().float().clamp_min(_FP16_TINY)
+    if symmetric:  # the offset is implied by the scale: exact in float32, nothing to store
+        return scale, -(2 ** (bits - 1)) * scale
     return scale, lo.half().float()
 
 
@@ -309,23 +316,35 @@ def gptq_columnwise(W: Tensor, Hinv: Tensor, block_size: int,
 
 # ---------------------------------------------------------------------------- GPTQ baseline
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int = 128,
-                  percdamp: float = 0.01, *, name: str | None = None) -> Tensor:
+                  percdamp: float = 0.01, *, symmetric: bool = False, act_order: bool = False,
+                  name: str | None = None) -> Tensor:
     """The GPTQ baseline: W [out, in] -> dequantized W_hat [out, in] float32.
 
-    Asymmetric min-max uniform grid (uniform_grid) per row and group of `group_size` input
-    columns, fitted on the compensated weights at the start of each group; columns in natural
-    order (no act-order). H [in, in] is 2/n * sum(x x^T) of the layer's inputs. Storage is the
-    same as RTN's: bits + 32 / group_size bits per weight (fp16 scale and offset per group).
-    A group whose inputs were all zero is quantized like RTN (prepare_hessian keeps its weights
-    and isolates it); that and any extra damping give one CalibrationWarning naming `name`.
+    Min-max uniform grid (uniform_grid: asymmetric, or symmetric with `symmetric`) per row and
+    group of `group_size` input columns, fitted on the compensated weights at the start of each
+    group. H [in, in] is 2/n * sum(x x^T) of the layer's inputs. Columns in natural order, or
+    with `act_order` by decreasing H[i, i] (GPTQ's desc_act) with the groups taken in that
+    permuted order, as GPTQ's reference does without static groups: group g holds the g-th
+    `group_size` columns of the permutation, so the stored form needs the permutation as well
+    (baselines.bits_all_in counts it). A group whose inputs were all zero is quantized like RTN
+    (prepare_hessian keeps its weights and isolates it); that and any extra damping give one
+    CalibrationWarning naming `name`.
     """
     check_bits(bits)
     check_positive_int(group_size, "group_size")
+    if act_order:
+        _check_hessian(H, W.shape[1])
+        # Stable, so equal diagonals (dead columns above all) keep their natural order.
+        perm = torch.argsort(torch.diagonal(H).to(W.device), descending=True, stable=True)
+        W_hat = torch.empty(W.shape, dtype=torch.float32, device=W.device)
+        W_hat[:, perm] = gptq_quantize(W[:, perm], H[perm][:, perm.to(H.device)], bits,
+                                       group_size, percdamp, symmetric=symmetric, name=name)
+        return W_hat
     notes = CalibrationNotes(name)
     Hinv, W = prepare_hessian(H, W, percdamp, block_size=group_size, notes=notes)
 
     def grid(start: int, W_group: Tensor) -> tuple[Tensor, Tensor]:
-        return uniform_grid(W_group, bits)
+        return uniform_grid(W_group, bits, symmetric)
 
     def column(j: int, w: Tensor, params: tuple[Tensor, Tensor]) -> Tensor:
         scale, offset = params

@@ -22,6 +22,7 @@ from . import experts as moe
 from .config import SDQConfig
 from .coverage import check_strict, coverage_lines, model_coverage
 from .device import resolve as resolve_device
+from .finetune import DEFAULT_LR, cached_teacher, finetune
 from .methods import DenseQuantized, WGMConfig, needs_calibration, quantize_linear
 from .nn import SDQLinear
 from .traversal import (
@@ -39,6 +40,7 @@ class QuantizeReport:
     calibrated: bool
     linears: dict = dataclasses.field(default_factory=dict)  # (layer, name) -> dict
     coverage: dict = dataclasses.field(default_factory=dict)
+    finetune: dict | None = None  # sdq.finetune's report (FinetuneReport.to_dict()) when it ran
 
     @property
     def bits_per_weight_all_in(self) -> float:
@@ -154,7 +156,8 @@ def quantize_(model: nn.Module, config, calibration: torch.Tensor | None = None,
               osr_for: Callable[[int, str], float] | None = None,
               filter_fn: Callable[[int, str, nn.Module], bool] | None = None,
               strict: bool = False, progress: bool = True,
-              device: str | torch.device | None = None) -> QuantizeReport:
+              device: str | torch.device | None = None, finetune_steps: int = 0,
+              finetune_lr: float = DEFAULT_LR, finetune_seed: int = 0) -> QuantizeReport:
     """Quantize the nn.Linear modules and fused MoE experts of every decoder layer, in place.
 
     config:      SDQConfig (packed SDQLinear / SDQExperts modules), WGMConfig (packed WGMLinear,
@@ -171,6 +174,10 @@ def quantize_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     device:      move the model there first ("cuda", "cpu", "auto": a GPU when one is visible);
                  None: where it is. Capture, Hessians, code selection, compensation and refits
                  run on the model's device (sdq.device); the model stays there.
+    finetune_steps, finetune_lr, finetune_seed: after quantizing, tune the scales, means and norms
+                 end to end against the model as it was (sdq.finetune; its top-k next-token
+                 probabilities on the calibration sequences are cached before quantizing, so no
+                 copy of the model is kept). SDQ with calibration only; 0 steps: off.
     """
     target = None if device is None else resolve_device(device)
     layers = decoder_layers(model)
@@ -179,6 +186,7 @@ def quantize_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     if target is not None:
         model.to(target)
     report = quantize.report
+    teacher = cached_teacher(model, config, calibration, finetune_steps, progress=progress)
     hidden = kwargs = None
     if calibration is not None:
         hidden, kwargs = capture_layer_inputs(model, calibration)
@@ -186,6 +194,9 @@ def quantize_(model: nn.Module, config, calibration: torch.Tensor | None = None,
     for index, layer in bar:
         hidden = quantize_layer(index, layer, plans[index], selected[index], quantize, hidden,
                                 kwargs)
+    if teacher is not None:
+        report.finetune = finetune(model, teacher, None, finetune_steps, lr=finetune_lr,
+                                   seed=finetune_seed, progress=progress).to_dict()
     return report
 
 

@@ -20,21 +20,56 @@ from .wgm import WGMConfig, quantize_weight_wgm
 __all__ = ["BASELINES", "BaselineConfig", "CalibrationWarning", "DenseQuantized", "WGMConfig",
            "needs_calibration", "quantize_linear"]
 
-BASELINES = ("rtn", "gptq", "absmean_ternary", "sign_rowscale")
+BASELINES = ("rtn", "iwrtn", "gptq", "absmean_ternary", "sign_rowscale")
+_GRIDDED = ("rtn", "iwrtn", "gptq")  # uniform grid per row and group: bits and group_size apply
 
 
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
-    """method: one of BASELINES; bits (rtn, gptq: 2, 3, 4 or 8); group_size (rtn, gptq)."""
+    """method: one of BASELINES; bits (rtn, iwrtn, gptq: 2, 3, 4 or 8); group_size (same three);
+    symmetric (rtn, gptq: scale only, zero-point fixed; default asymmetric: scale + offset);
+    act_order (gptq: columns by decreasing Hessian diagonal, groups in that order)."""
     method: str
     bits: int | None = None
     group_size: int = 128
+    symmetric: bool = False
+    act_order: bool = False
 
     def __post_init__(self):
         if self.method not in BASELINES:
             raise ValueError(f"method must be one of {BASELINES}, got {self.method!r}")
-        if self.method in ("rtn", "gptq") and self.bits not in (2, 3, 4, 8):
+        if self.method in _GRIDDED and self.bits not in (2, 3, 4, 8):
             raise ValueError(f"{self.method} needs bits in (2, 3, 4, 8), got {self.bits!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) \
+                or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        if self.act_order and self.method != "gptq":
+            raise ValueError("act_order applies to gptq only")
+        if self.symmetric and self.method not in ("rtn", "gptq"):
+            raise ValueError("symmetric applies to rtn and gptq only")
+
+    @property
+    def label(self) -> str:
+        """A short name for tables, e.g. "gptq-3-g64-asym-actorder", "iwrtn-4-g32"."""
+        if self.method not in _GRIDDED:
+            return self.method
+        parts = [self.method, str(self.bits), f"g{self.group_size}"]
+        if self.method != "iwrtn":
+            parts.append("sym" if self.symmetric else "asym")
+        if self.act_order:
+            parts.append("actorder")
+        return "-".join(parts)
+
+    def storage_params(self, out_features: int) -> dict:
+        """The keyword arguments of baselines.bits_all_in for this config."""
+        if self.method not in _GRIDDED:
+            return {}
+        params = {"bits": self.bits, "group_size": self.group_size}
+        if self.symmetric:
+            params["symmetric"] = True
+        if self.act_order:
+            params.update(act_order=True, out_features=out_features)
+        return params
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -51,7 +86,7 @@ class DenseQuantized:
 
 
 def needs_calibration(config) -> bool:
-    return isinstance(config, BaselineConfig) and config.method == "gptq"
+    return isinstance(config, BaselineConfig) and config.method in ("gptq", "iwrtn")
 
 
 def quantize_linear(W: torch.Tensor, config, hessian: torch.Tensor | None = None, *,
@@ -72,16 +107,18 @@ def quantize_linear(W: torch.Tensor, config, hessian: torch.Tensor | None = None
     if not isinstance(config, BaselineConfig):
         raise TypeError(f"config must be an SDQConfig, WGMConfig or BaselineConfig, got "
                         f"{type(config).__name__}")
-    m, n_in = config.method, W.shape[1]
+    m, (n_out, n_in) = config.method, W.shape
+    if needs_calibration(config) and hessian is None:
+        raise ValueError(f"{m} needs calibration data (a Hessian)")
     if m == "gptq":
-        if hessian is None:
-            raise ValueError("gptq needs calibration data (a Hessian)")
-        W_hat = gptq_quantize(W, hessian, config.bits, config.group_size, name=name)
+        W_hat = gptq_quantize(W, hessian, config.bits, config.group_size,
+                              symmetric=config.symmetric, act_order=config.act_order, name=name)
+    elif m == "iwrtn":
+        W_hat = baselines.iw_rtn(W, torch.diagonal(hessian), config.bits, config.group_size)
     elif m == "rtn":
-        W_hat = baselines.rtn(W, config.bits, config.group_size)
+        W_hat = baselines.rtn(W, config.bits, config.group_size, config.symmetric)
     elif m == "absmean_ternary":
         W_hat = baselines.absmean_ternary(W)
     else:
         W_hat = baselines.sign_rowscale(W)
-    params = {"bits": config.bits, "group_size": config.group_size} if m in ("rtn", "gptq") else {}
-    return DenseQuantized(W_hat, baselines.bits_all_in(m, n_in, **params))
+    return DenseQuantized(W_hat, baselines.bits_all_in(m, n_in, **config.storage_params(n_out)))

@@ -7,7 +7,8 @@ rotated block (identity when uncalibrated; the block of the activation Hessian, 
 calibrated). Choosing the codes one sample at a time and pushing each sample's rounding error onto
 the samples not yet chosen with G's inverse Cholesky factor is exactly GPTQ on G, so the GPTQ engine
 does it. G has rank <= padded < m, hence the damping (gram_damp * mean diag). Afterwards the scale
-and mean are refitted per row by (weighted) least squares for the chosen codes.
+and mean are refitted per row by (weighted) least squares for the chosen codes, stored as the best
+fp16 pair (scale_search.py), and the codes are refined by coordinate descent (refine.py).
 
 Calibration data can be dead or too thin to pin C down (few tokens, MoE experts): the damping then
 grows until G factorises, a C that stays unusable is replaced by the identity, and a weighted refit
@@ -26,8 +27,13 @@ from .. import blocks, device
 from ..config import SDQConfig
 from ..gptq import damped_inverse_cholesky
 from .normalise import FP16_MAX, normalise, quantile_lastdim
+from .refine import refine_codes
+from .scale_search import Quadratic, best_fp16
 
 Note = Callable[[str], None]  # records what had to be done for this block (CalibrationNotes)
+
+# Normalisation scales tried by scale_search="grid", as factors of the paper's quantile scale.
+SCALE_GRID = (0.8, 0.9, 1.0, 1.1, 1.25)
 
 
 def _ignore(what: str) -> None:
@@ -101,9 +107,10 @@ def select_codes(z: torch.Tensor, Hinv: torch.Tensor, tau: torch.Tensor | None,
 def _normal_sums(a: torch.Tensor, w: torch.Tensor, C: torch.Tensor | None):
     """Per row the entries of min (s a + mu - w) C (...)^T's normal equations:
     a.a, a.1, 1.1, a.w, 1.w in the C inner product (C None: the plain one)."""
-    one = torch.ones_like(a)
-    Ca, C1 = (a, one) if C is None else (a @ C, one @ C)
-    return (Ca * a).sum(1), (Ca * one).sum(1), (C1 * one).sum(1), (Ca * w).sum(1), (C1 * w).sum(1)
+    # C is symmetric: the constant's terms need only its column sums, not a [n, p] @ C product.
+    c1 = torch.ones(a.shape[1], dtype=a.dtype, device=a.device) if C is None else C.sum(0)
+    Ca = a if C is None else a @ C
+    return (Ca * a).sum(1), Ca.sum(1), c1.sum().expand(a.shape[0]), (Ca * w).sum(1), w @ c1
 
 
 def _solve_scale_mean(saa, sa1, s11, saw, s1w):
@@ -179,29 +186,55 @@ def refit_scale_mean(a: torch.Tensor, w: torch.Tensor, C: torch.Tensor | None):
     return s, mu, ~usable & plain_solved
 
 
+def _codes_and_fit(z: torch.Tensor, target: torch.Tensor, D: torch.Tensor, Hinv: torch.Tensor,
+                   C: torch.Tensor | None, cfg: SDQConfig, note: Note):
+    """Sequential codes for z [k n, m] (k stacked candidate normalisations of the n rows), their
+    (s, mu) fit (fp16; the best fp16 pair unless scale_search is "closed_form") and weighted
+    error per row [k n] (inf where the fit leaves the fp16 range)."""
+    tau = None
+    if cfg.levels == "ternary":
+        tau = quantile_lastdim(z.abs(), cfg.p_cut).float()
+    q = select_codes(z, Hinv, tau)
+    a = q.double() @ D.T
+    target = target.repeat(z.shape[0] // target.shape[0], 1)
+    s, mu, fell_back = refit_scale_mean(a, target, C)
+    if bool(fell_back.any()):
+        note("weighted scale/mean fit singular or out of fp16 range: damped/unweighted fit used")
+    fits = torch.isfinite(s.half()) & torch.isfinite(mu.half())
+    s, mu = torch.where(fits, s, 0.0), torch.where(fits, mu, 0.0)
+    quad = Quadratic(a, target, C)
+    s16, mu16 = best_fp16(quad, s, mu) if cfg.scale_search != "closed_form" else (s.half(),
+                                                                                  mu.half())
+    return q, s16, mu16, torch.where(fits, quad.error(s16, mu16), float("inf"))
+
+
 def gram_codes(u: torch.Tensor, target: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig,
                C: torch.Tensor | None = None, note: Note | None = None):
     """Codes for rows u [n, m] (up-sampled, rotated) whose block is target [n, padded].
 
     C: the block's rotated input covariance (None: identity). note(what), if given, is told when
     the covariance needed more damping, was dropped, or the weighted refit was.
+    With scale_search "grid", the codes are chosen for each normalisation scale of SCALE_GRID
+    (all at once, stacked) and each row keeps the one with the smallest weighted error; then
+    cfg.refine_passes passes of coordinate descent (refine.py).
     Returns (codes int8 [n, m], scale fp16 [n], mean fp16 [n]), like the modulator path.
     """
     note = note or _ignore
     z, _, _ = normalise(u, cfg)
     D = device.resampler(g.m, g.padded, u.device)  # [padded, m]
-    tau = None
-    if cfg.levels == "ternary":
-        tau = quantile_lastdim(z.abs(), cfg.p_cut).float()
     Hinv, C = _gram_factor(D, C, cfg.gram_damp, note)
-    q = select_codes(z, Hinv, tau)
-    s, mu, fell_back = refit_scale_mean(q.double() @ D.T, target, C)
-    if bool(fell_back.any()):
-        note("weighted scale/mean fit singular or out of fp16 range: damped/unweighted fit used")
-    s16, mu16 = s.half(), mu.half()
-    if not (torch.isfinite(s16).all() and torch.isfinite(mu16).all()):
+    factors = SCALE_GRID if cfg.scale_search == "grid" else (1.0,)
+    q, s16, mu16, err = _codes_and_fit(torch.cat([z / f for f in factors]), target, D, Hinv, C,
+                                       cfg, note)
+    if len(factors) > 1:
+        n = z.shape[0]
+        pick = err.view(len(factors), n).argmin(0) * n + torch.arange(n, device=z.device)
+        q, s16, mu16, err = q[pick], s16[pick], mu16[pick], err[pick]
+    if not bool(torch.isfinite(err).all()):
         raise ValueError(f"weights too large for the fp16 scale and mean (|value| must stay "
                          f"below {FP16_MAX:g} after rotation and resampling)")
+    q, s16, mu16 = refine_codes(q, target, D, C, s16, mu16, cfg.levels == "ternary",
+                                cfg.refine_passes, refit_scale_mean)
     return np.ascontiguousarray(q.to(torch.int8).cpu().numpy()), s16, mu16
 
 

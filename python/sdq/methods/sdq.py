@@ -89,10 +89,9 @@ class _Assembler:
         self.mean[:, first: first + count] = mu.reshape(self.out, count)
 
     def finish(self) -> QuantizedWeight:
-        sign, nonzero = core().pack_bitplanes(self.codes, self.cfg.levels)
-        return QuantizedWeight(self.out, self.in_features, self.cfg, _as_i32(sign),
-                               _as_i32(nonzero), self.scale, self.mean,
-                               torch.from_numpy(self.signs.astype(np.int8)))
+        return QuantizedWeight.from_codes(self.out, self.in_features, self.cfg, self.codes,
+                                          self.scale, self.mean,
+                                          torch.from_numpy(self.signs.astype(np.int8)))
 
 
 def quantize_weight(W, config: SDQConfig | None = None) -> QuantizedWeight:
@@ -106,8 +105,9 @@ def quantize_weight(W, config: SDQConfig | None = None) -> QuantizedWeight:
     signs = blocks.hadamard_signs(cfg.block_size, cfg.seed)
     if cfg.codes != "gram":
         sign, nonzero, s, mu = encode_planes(W, cfg, signs)
-        return QuantizedWeight(out, W.shape[1], cfg, _as_i32(sign), _as_i32(nonzero), s, mu,
-                               torch.from_numpy(signs.astype(np.int8)))
+        return QuantizedWeight.from_bitplanes(out, W.shape[1], cfg, _as_i32(sign),
+                                              _as_i32(nonzero), s, mu,
+                                              torch.from_numpy(signs.astype(np.int8)))
     asm = _Assembler(out, W.shape[1], cfg, signs)
     for g in blocks.block_groups(W.shape[1], cfg.block_size, cfg.osr):
         codes, s, mu = encode_rows(blocks.gather_blocks(W, g), g, cfg, signs)
@@ -115,14 +115,38 @@ def quantize_weight(W, config: SDQConfig | None = None) -> QuantizedWeight:
     return asm.finish()
 
 
-def _rotated_block_hessian(H: torch.Tensor, start: int, g: blocks.BlockGroup, cfg: SDQConfig,
+def _rotated_block_hessian(Hbb_in: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig,
                            signs: np.ndarray) -> torch.Tensor:
-    """Hb^T H_bb Hb: the block of the input Hessian in the rotated, zero-padded coordinates."""
-    Hbb = torch.zeros(g.padded, g.padded, dtype=torch.float64, device=H.device)
-    Hbb[: g.width, : g.width] = H[start: start + g.width, start: start + g.width]
+    """Hb^T Hbb Hb / mean diag: a block's weighting [width, width] in the rotated, zero-padded
+    coordinates."""
+    Hbb = torch.zeros(g.padded, g.padded, dtype=torch.float64, device=Hbb_in.device)
+    Hbb[: g.width, : g.width] = Hbb_in
     if cfg.hadamard:
         Hbb = device.rotate(device.rotate(Hbb.float(), signs).T.contiguous(), signs).double()
     return Hbb / Hbb.diagonal().mean().clamp_min(1e-30)
+
+
+def _exact_compensation(Hinv: torch.Tensor, block_size: int) -> tuple[torch.Tensor, list]:
+    """GPTQ's factor made exact for blocks quantized jointly, and each block's weighting.
+
+    With U = Hinv (upper, U^T U = H^-1) and the columns before block b already fixed, the best
+    update of the later columns for a block error E is E U_bb^-1 U[b, later], and the error left
+    after it is E S_b E^T with S_b = (U_bb^T U_bb)^-1, the Schur complement of the later columns
+    in H. gptq_blockwise applies (E / diag U_bb) Hinv[b, later] (exact only for a diagonal U_bb),
+    so the returned factor has rows diag(U_bb) U_bb^-1 U[b, later]: the engine then applies the
+    exact update. Returns (that factor, [S_b float64 per block]).
+    """
+    U = Hinv.double()
+    out = U.clone()
+    weights = []
+    for start in range(0, U.shape[0], block_size):
+        end = min(start + block_size, U.shape[0])
+        Ubb = U[start:end, start:end]
+        Ui = torch.linalg.solve_triangular(Ubb, torch.eye(end - start, dtype=U.dtype,
+                                                          device=U.device), upper=True)
+        weights.append(Ui @ Ui.T)
+        out[start:end, end:] = torch.diagonal(Ubb)[:, None] * (Ui @ U[start:end, end:])
+    return out.float(), weights
 
 
 def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = None,
@@ -131,8 +155,11 @@ def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = No
     """SDQ with GPTQ-style error compensation between blocks (method.md step 6).
 
     H [in, in] = 2/n sum x x^T of the layer's inputs. Blocks are quantized in input order; each
-    block's weighted error is pushed onto the later blocks. With config.codes == "gram" the codes of
-    each block are also chosen against that block's (rotated) activation covariance.
+    block's weighted error is pushed onto the later blocks (config.compensation: "exact", the
+    best update for a block quantized as a whole, or "diagonal", GPTQ's per-column one). With
+    config.codes == "gram" the codes of each block are also chosen against that block's
+    (rotated) weighting: the Schur complement of the later columns in H ("exact": the error
+    left after their compensation), or H's diagonal block ("diagonal").
     Dead or rank-deficient inputs never fail: dead columns follow GPTQ's rule, a block with no
     data at all is quantized uncalibrated (as quantize_weight would), damping grows until the
     factorisations succeed, a block covariance that no damping makes usable is replaced by the
@@ -152,13 +179,17 @@ def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = No
     notes = CalibrationNotes(name)
     Hinv, W = prepare_hessian(H, W, percdamp, block_size=cfg.block_size, notes=notes)
     uncalibrated = set(dead_blocks(H, cfg.block_size))
+    if cfg.compensation == "exact":
+        Hinv, block_weights = _exact_compensation(Hinv, cfg.block_size)
 
     def quantize_block(b: int, start: int, W_b: torch.Tensor) -> torch.Tensor:
         g = group_of[b]
         rows = torch.nn.functional.pad(W_b, (0, g.padded - g.width))
         C = None
         if cfg.codes == "gram" and b not in uncalibrated:
-            C = _rotated_block_hessian(H, start, g, cfg, signs)
+            Hbb = block_weights[b] if cfg.compensation == "exact" else \
+                H[start: start + g.width, start: start + g.width]
+            C = _rotated_block_hessian(Hbb, g, cfg, signs)
         codes, s, mu = encode_rows(rows, g, cfg, signs, C, notes.for_block(b))
         asm.put(g, b, 1, codes, s, mu)
         return decode_rows(codes, s, mu, g, cfg, signs)[:, : g.width]
