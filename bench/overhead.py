@@ -9,7 +9,7 @@ code alphabet (binary, ternary; OSR 2) it times, at batch 1 with the same thread
   plan      the plan's C++ time alone (LinearPlan.run on NumPy arrays)
   two_ops   the path before the plan: the NumPy bindings of activation_transform and
             addonly_gemm called one after the other from Python, as the eager call did
-  compiled  the module under torch.compile (inductor): the two ops' CPU kernels
+  compiled  the module under torch.compile (inductor): the ops' CPU kernels (transform + table GEMM)
   linear    torch.nn.functional.linear on the fp32 weight of the same shape
 and the ratios module / linear and module - plan (the Python overhead per call); then module,
 plan and linear again on one thread in CPU time of the calling thread (time.thread_time), which a

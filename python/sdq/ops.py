@@ -375,10 +375,10 @@ def _eager_cpu(module, x: Tensor) -> Tensor:
     """One LinearPlan call: the transform and GEMM in C++, writing into y directly. Passes x's
     version counter so that layers sharing x (q/k/v, gate/up) reuse its transform."""
     plan = _layer_plan(module)
-    x2 = x.reshape(-1, module.in_features)
+    x2 = x if x.dim() == 2 else x.reshape(-1, module.in_features)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.to(torch.float32).contiguous()
-    y = torch.empty(x2.shape[0], module.out_features)
+    y = x2.new_empty(x2.shape[0], module.out_features)
     plan.run_ptr(x2.data_ptr(), x2.shape[0], y.data_ptr(), version(x2), torch.get_num_threads())
     if x.dim() == 2 and x.dtype == torch.float32:
         return y

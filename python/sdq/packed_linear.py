@@ -101,23 +101,25 @@ class PackedLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind = type(self).__name__
+        # Kept lean: a decode step calls this once per layer, so every check reads plain
+        # attributes (_buffers, _parameters) instead of nn.Module.__getattr__.
+        scale = self._buffers["scale"]
         if not x.is_floating_point():
-            raise TypeError(f"{kind} expects a floating-point input, got {x.dtype}")
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"{kind} expects inputs [..., {self.in_features}], "
+            raise ValueError(f"{type(self).__name__} expects inputs [..., {self.in_features}], "
                              f"got {tuple(x.shape)}")
-        if x.device != self.scale.device:
-            raise RuntimeError(f"input is on {x.device} but this {kind} is on "
-                               f"{self.scale.device}; move one of them (module.to(device))")
-        tokens = x.numel() // self.in_features
+        if x.get_device() != scale.get_device() or x.is_meta != scale.is_meta:
+            raise RuntimeError(f"input is on {x.device} but this {type(self).__name__} is on "
+                               f"{scale.device}; move one of them (module.to(device))")
         limit = self.max_kernel_tokens
-        if self.use_kernels and (limit is None or tokens <= limit):
+        if self.use_kernels and (limit is None or x.numel() // self.in_features <= limit):
             y = self._kernel_forward(x)
         else:
             w = self.dense_weight().to(device=x.device, dtype=x.dtype)
             y = torch.nn.functional.linear(x, w)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        bias = self._parameters.get("bias")
+        return y if bias is None else y + bias.to(y.dtype)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -12,6 +12,8 @@ for CPU float32 activations that need no gradient, and the exact ops otherwise.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -42,18 +44,31 @@ def _(sign, in_features, block_size, osr):
     return sign.new_empty(n, dtype=torch.uint8)
 
 
-def _check(op: str, scale: Tensor, mean: Tensor, xt: Tensor, xsum: Tensor, in_features: int,
-           block_size: int, osr: float, **codes: tuple) -> None:
-    """The core reads raw pointers: dtypes, devices and shapes are checked here."""
+@functools.lru_cache(maxsize=1024)
+def _expected(op: str, out: int, batch: int, in_features: int, block_size: int,
+              osr: float) -> dict:
+    """name -> (shape, dtype) of every tensor an op reads (cached: a decode step calls the ops
+    once per layer with the same few geometries)."""
     cols, nb = blocks.packed_shape(in_features, block_size, osr)
-    out, batch = scale.shape[0], xt.shape[0]
-    want = {"scale": (scale, (out, nb), torch.float16), "mean": (mean, (out, nb), torch.float16),
-            "xt": (xt, (batch, cols), torch.float32), "xsum": (xsum, (batch, nb), torch.float32),
-            **codes}
-    for name, (t, shape, dtype) in want.items():
-        if t.device.type != "cpu":
+    want = {"scale": ((out, nb), torch.float16), "mean": ((out, nb), torch.float16),
+            "xt": ((batch, cols), torch.float32), "xsum": ((batch, nb), torch.float32)}
+    if op == "trit5_gemm":
+        trits_shape, signs_shape = trit5.shapes(out, in_features, block_size, osr)
+        want.update(trits=(trits_shape, torch.uint8), trit_signs=(signs_shape, torch.int32))
+    else:
+        want["lut_codes"] = ((lut_bytes(out, in_features, block_size, osr),), torch.uint8)
+    return want
+
+
+def _check(op: str, in_features: int, block_size: int, osr: float, **tensors: Tensor) -> None:
+    """The core reads raw pointers: dtypes, devices and shapes are checked here."""
+    want = _expected(op, tensors["scale"].shape[0], tensors["xt"].shape[0], in_features,
+                     block_size, osr)
+    for name, t in tensors.items():
+        shape, dtype = want[name]
+        if not t.is_cpu:
             raise NotImplementedError(f"sdq::{op}: CPU only, {name} is on {t.device}")
-        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        if t.dtype != dtype or t.shape != shape:
             raise ValueError(f"sdq::{op}: {name} must be {dtype} {tuple(shape)}, got "
                              f"{t.dtype} {tuple(t.shape)}")
 
@@ -62,9 +77,8 @@ def _check(op: str, scale: Tensor, mean: Tensor, xt: Tensor, xsum: Tensor, in_fe
 def lut_gemm_binary(lut_codes: Tensor, scale: Tensor, mean: Tensor, xt: Tensor, xsum: Tensor,
                     in_features: int, block_size: int, osr: float) -> Tensor:
     out = scale.shape[0]
-    n = lut_bytes(out, in_features, block_size, osr)
-    _check("lut_gemm_binary", scale, mean, xt, xsum, in_features, block_size, osr,
-           lut_codes=(lut_codes, (n,), torch.uint8))
+    _check("lut_gemm_binary", in_features, block_size, osr, lut_codes=lut_codes, scale=scale,
+           mean=mean, xt=xt, xsum=xsum)
     lut_codes, scale, mean = lut_codes.contiguous(), scale.contiguous(), mean.contiguous()
     xt, xsum = xt.contiguous(), xsum.contiguous()
     y = xt.new_empty(xt.shape[0], out)
@@ -78,10 +92,8 @@ def lut_gemm_binary(lut_codes: Tensor, scale: Tensor, mean: Tensor, xt: Tensor, 
 def trit5_gemm(trits: Tensor, trit_signs: Tensor, scale: Tensor, mean: Tensor, xt: Tensor,
                xsum: Tensor, in_features: int, block_size: int, osr: float) -> Tensor:
     out = scale.shape[0]
-    trits_shape, signs_shape = trit5.shapes(out, in_features, block_size, osr)
-    _check("trit5_gemm", scale, mean, xt, xsum, in_features, block_size, osr,
-           trits=(trits, trits_shape, torch.uint8),
-           trit_signs=(trit_signs, signs_shape, torch.int32))
+    _check("trit5_gemm", in_features, block_size, osr, trits=trits, trit_signs=trit_signs,
+           scale=scale, mean=mean, xt=xt, xsum=xsum)
     trits, trit_signs = trits.contiguous(), trit_signs.contiguous()
     scale, mean, xt, xsum = scale.contiguous(), mean.contiguous(), xt.contiguous(), \
         xsum.contiguous()
