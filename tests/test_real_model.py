@@ -22,7 +22,9 @@ def saved_default(tmp_path_factory):
     return out, tok
 
 
-def test_generate_through_kernels_matches_dequantized_path(saved_default):
+def _kernels_and_dequantized(saved_default):
+    """Greedy tokens of the saved default model through the kernels and through dense weights,
+    and both paths' logits on the kernels' tokens."""
     path, tok = saved_default
     model = sdq.load(path)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
@@ -34,6 +36,11 @@ def test_generate_through_kernels_matches_dequantized_path(saved_default):
                 m.use_kernels = False
         slow = model.generate(ids, max_new_tokens=6, do_sample=False)
         logits_slow = model(fast).logits
+    return fast, slow, logits_fast, logits_slow
+
+
+def test_generate_through_kernels_matches_dequantized_path(saved_default):
+    fast, slow, logits_fast, logits_slow = _kernels_and_dequantized(saved_default)
     assert torch.equal(fast, slow)
     torch.testing.assert_close(logits_fast, logits_slow, rtol=1e-3, atol=1e-3)
 
@@ -42,17 +49,7 @@ def test_generate_through_kernels_matches_dequantized_path(saved_default):
 def test_generate_through_int8_tables_stays_with_dequantized_path(saved_default):
     """The default CPU GEMMs round activations to int8 tables: same greedy tokens here, logits
     within a few percent of their spread of the dequantized path's."""
-    path, tok = saved_default
-    model = sdq.load(path)
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        fast = model.generate(ids, max_new_tokens=6, do_sample=False)
-        logits_fast = model(fast).logits
-        for m in model.modules():
-            if isinstance(m, SDQLinear):
-                m.use_kernels = False
-        slow = model.generate(ids, max_new_tokens=6, do_sample=False)
-        logits_slow = model(fast).logits
+    fast, slow, logits_fast, logits_slow = _kernels_and_dequantized(saved_default)
     assert torch.equal(fast, slow)
     err = float((logits_fast - logits_slow).abs().max() / logits_slow.std())
     assert 0 < err < 0.1, err

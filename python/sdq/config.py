@@ -50,7 +50,8 @@ class SDQConfig(ConfigIO):
 
     osr:        over-sampling ratio, 0 < osr <= 16, fractional allowed. Each block of B (padded)
                 columns becomes M = floor(B * osr + 0.5) samples; exact when osr is a multiple of 1/B.
-    levels:     "binary" ({-1,+1}, osr bits/weight) or "ternary" ({-1,0,+1}, 2*osr bits/weight).
+    levels:     "binary" ({-1,+1}, osr bits/weight) or "ternary" ({-1,0,+1}, stored as trit5:
+                5/3 * osr bits/weight plus group padding; docs/format.md).
     order:      Sigma-Delta modulator order, 1 or 2.
     block_size: B, a power of two (Hadamard and scale/mean granularity); default 128.
     hadamard:   rotate each block with a random-sign Walsh-Hadamard transform first.
@@ -125,8 +126,4 @@ class SDQConfig(ConfigIO):
         if isinstance(rp, bool) or not isinstance(rp, int) or not 0 <= rp <= MAX_REFINE_PASSES:
             raise ValueError(f"refine_passes must be an int in [0, {MAX_REFINE_PASSES}], "
                              f"got {rp!r}")
-
-    @property
-    def code_bits_per_sample(self) -> int:
-        return 1 if self.levels == "binary" else 2
 

@@ -37,12 +37,13 @@ class CacheFull(ValueError):
 
 
 @dataclass
-class DecodeStats:
+class TokenTimes:
+    """Where a reply's time went: the prompt's forward with the first new token (prefill), and
+    the one-token steps after it (decode). Shared by StaticDecoder and `sdq generate`."""
     prompt_tokens: int
     new_tokens: int
     prefill_seconds: float  # the prompt's forward and the first new token
-    decode_seconds: float  # every later token
-    compiled: bool
+    decode_seconds: float  # every later token, one decode step each
 
     @property
     def seconds(self) -> float:
@@ -62,6 +63,11 @@ class DecodeStats:
         """Tokens/s of the one-token steps (None when only the first token was made)."""
         steps = self.new_tokens - 1
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
+
+
+@dataclass
+class DecodeStats(TokenTimes):
+    compiled: bool
 
 
 @dataclass

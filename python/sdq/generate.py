@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cli import CliError, _nonneg_int, _positive_float
+from .decode import TokenTimes
 
 EPILOG = """examples:
   sdq generate smollm2-sdq-t2 --prompt "What is the capital of France?"
@@ -149,30 +150,8 @@ def prompt_ids(tok, messages: list[dict], use_template: bool):
 
 # ----------------------------------------------------------------------------- one reply
 @dataclass
-class Stats:
-    prompt_tokens: int
-    new_tokens: int
-    prefill_seconds: float  # the prompt's forward, to the first new token
-    decode_seconds: float  # every later token, one decode step each
+class Stats(TokenTimes):
     compute: str  # the packed layers' path, the decode step, the threads
-
-    @property
-    def seconds(self) -> float:
-        return self.prefill_seconds + self.decode_seconds
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 \
-            else float("inf")
-
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        steps = self.new_tokens - 1
-        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
 
     def line(self) -> str:
         decode = self.decode_tokens_per_s
