@@ -87,6 +87,9 @@ def _runs():
         for tag, opts in solver.items():
             add(f"sdq-gram-gptq-{lv[0]}{o:g}-{tag}", f"SDQ+gram+GPTQ {tag}, {lv}",
                 SDQ(osr=o, levels=lv, codes="gram", **opts), True)
+    # Ternary at the IQ4_XS budget: OSR 2.4 in trit5 is 4.25 bits all-in.
+    add("sdq-gram-gptq-t2.4-r1", "SDQ+gram+GPTQ r1, ternary",
+        SDQ(osr=2.4, levels="ternary", codes="gram"), True)
     # Scale groups at the same all-in bits (2.5): B=64 pays 0.25 bits more for scales and
     # means than B=128, and code columns are whole 32-bit words per block (so not OSR 2.25).
     add("sdq-gram-gptq-b2-B64-r1", "SDQ+gram+GPTQ r1, binary, B=64",
