@@ -46,13 +46,34 @@ def test_generate_through_kernels_matches_dequantized_path(saved_default):
 
 
 @pytest.mark.int8_tables
-def test_generate_through_int8_tables_stays_with_dequantized_path(saved_default):
-    """The default CPU GEMMs round activations to int8 tables: same greedy tokens here, logits
-    within a few percent of their spread of the dequantized path's."""
-    fast, slow, logits_fast, logits_slow = _kernels_and_dequantized(saved_default)
-    assert torch.equal(fast, slow)
-    err = float((logits_fast - logits_slow).abs().max() / logits_slow.std())
-    assert 0 < err < 0.1, err
+def test_int8_tables_add_little_to_what_quantization_costs(saved_default):
+    """The default CPU GEMMs round activations to int8 tables. Teacher-forced on a sentence, the
+    divergence they add to the dequantized path's next-token distribution is under 2% of the
+    divergence quantization itself costs against full precision (measured: 0.2-0.5%), and they
+    pick the same next token almost everywhere. (Free-running greedy replies are no check here:
+    they part after a few tokens where two candidates are close; the exact kernel's replies are
+    identical, test above.)"""
+    from sdq.data import load_model
+    path, tok = saved_default
+    full, _ = load_model()
+    model = sdq.load(path)
+    ids = tok("The capital of France is Paris. It is known for the Eiffel Tower, which was built "
+              "in 1889 for the World's Fair.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = full(ids).logits.log_softmax(-1)
+        fast = model(ids).logits.log_softmax(-1)
+        for m in model.modules():
+            if isinstance(m, SDQLinear):
+                m.use_kernels = False
+        dense = model(ids).logits.log_softmax(-1)
+
+    def kl(p, q):
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    added, quantization = kl(dense, fast), kl(reference, dense)
+    assert 0 < added < 0.02 * quantization, (added, quantization)
+    agree = (fast.argmax(-1) == dense.argmax(-1)).float().mean().item()
+    assert agree >= 0.85, agree
 
 
 def test_from_pretrained_after_import_sdq_gives_the_logits_of_sdq_load(saved_default):
