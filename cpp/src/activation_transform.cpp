@@ -23,10 +23,10 @@ namespace {
 #endif
 
 constexpr int64_t kTokens = 16;  // tokens projected together: each row of D is read once for all
-// The least work worth a chunk of its own, in multiply-adds of the projection (~35 us: batch 1 of
-// a 576-wide layer, 147k MACs, took 9.9 us here): waking a worker costs tens of microseconds, so
-// batch 1 of 576- and 1536-wide layers runs inline; a 4096-wide one (1M MACs) splits in two.
-constexpr double kMinChunkMacs = 1 << 19;
+// The least work worth a chunk of its own, in multiply-adds of the projection (~4 us: batch 1 of
+// a 576-wide layer, 147k MACs, took 9.9 us here): a worker spinning between jobs joins within
+// ~1-3 us (thread_pool.cpp), so batch 1 of a 576-wide layer splits in two.
+constexpr double kMinChunkMacs = 1 << 16;
 
 // out_t[j] = sum_i down[i, j] * v_t[i] for `tokens` vectors v_t (stride padded) and outputs out_t
 // (stride out_stride): row-by-row accumulation so the inner loop is contiguous, and each row of D

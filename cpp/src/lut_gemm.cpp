@@ -19,8 +19,9 @@ using detail::LutCtx;
 
 constexpr int64_t kTokenChunk = 16;  // tokens whose tables are built together (L2: 16 x 32 KB
                                      // for a 4096-wide OSR-2 layer)
-// The least work worth a chunk of its own (waking a worker costs ~10-50 us on a loaded machine):
-constexpr double kMinChunkBytes = 1 << 17;   // packed code bytes looked up (x tokens)
+// The least work worth a chunk of its own: a few microseconds (a spinning worker joins within
+// ~1-3 us, thread_pool.cpp; see trit5_gemm.cpp).
+constexpr double kMinChunkBytes = 1 << 14;   // packed code bytes looked up (x tokens)
 constexpr double kMinChunkGroups = 8192;     // tables built
 
 int64_t grain_for(double least, double unit_cost) noexcept {

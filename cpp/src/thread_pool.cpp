@@ -4,19 +4,54 @@
 // generation and offers `seats_` places; woken workers take a seat, then every participant
 // claims task indices from one atomic counter until none is left. The caller closes the seats
 // and waits until no worker is inside the job, so nothing touches the caller's ctx after return.
+//
+// Spin, then sleep: a decode step calls a layer every few tens of microseconds, and a futex
+// wake-up costs 5-50 us before the worker runs (more while torch's own threads hold the other
+// cores), as much as a small layer's work. So a worker that just finished a job watches the
+// generation for kSpinMicros before it sleeps, and the caller watches `inside_` as long before it
+// sleeps on idle_. Correctness never rests on the spin: both fall back to the condition
+// variables, whose predicates are checked under m_.
 #include "thread_pool.h"
 
 #include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace sdq::detail {
 namespace {
+
+constexpr auto kSpinMicros = std::chrono::microseconds(100);
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Polls done() for up to kSpinMicros; true when it came true.
+template <typename Done>
+bool spin_until(Done&& done) noexcept {
+  const auto until = std::chrono::steady_clock::now() + kSpinMicros;
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+      cpu_relax();
+    }
+    if (std::chrono::steady_clock::now() >= until) return false;
+  }
+}
 
 class Pool {
  public:
@@ -33,13 +68,18 @@ class Pool {
       count_ = count;
       next_.store(0, std::memory_order_relaxed);
       seats_ = helpers;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     if (helpers > 0) wake_.notify_all();
     claim(task, ctx, count);
     std::unique_lock<std::mutex> lk(m_);
     seats_ = 0;  // a worker waking late must not join a job whose ctx is gone
-    idle_.wait(lk, [this] { return inside_ == 0; });
+    if (inside_.load(std::memory_order_acquire) != 0) {
+      lk.unlock();
+      spin_until([this] { return inside_.load(std::memory_order_acquire) == 0; });
+      lk.lock();
+      idle_.wait(lk, [this] { return inside_.load(std::memory_order_acquire) == 0; });
+    }
     return true;
   }
 
@@ -58,7 +98,7 @@ class Pool {
     try {
       threads_.reserve(static_cast<size_t>(std::max(want, 0)));
       while (static_cast<int>(threads_.size()) < want) {
-        const uint64_t seen = generation_;  // only the busy_ holder writes it
+        const uint64_t seen = generation_.load(std::memory_order_relaxed);  // busy_ holder's
         threads_.emplace_back([this, seen] { work(seen); });
         size_.store(static_cast<int>(threads_.size()), std::memory_order_relaxed);
       }
@@ -70,19 +110,22 @@ class Pool {
   // A worker's life: wait for a job with a free seat, help with it, report leaving. It never
   // ends: the pool lives until the process exits.
   void work(uint64_t seen) noexcept {
-    std::unique_lock<std::mutex> lk(m_);
     for (;;) {
-      wake_.wait(lk, [&] { return generation_ != seen && seats_ > 0; });
-      seen = generation_;
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      std::unique_lock<std::mutex> lk(m_);
+      wake_.wait(lk, [&] { return generation_.load(std::memory_order_relaxed) != seen &&
+                                  seats_ > 0; });
+      seen = generation_.load(std::memory_order_relaxed);
       --seats_;
-      ++inside_;
+      inside_.fetch_add(1, std::memory_order_relaxed);
       const TaskFn task = task_;
       void* const ctx = ctx_;
       const int64_t count = count_;
       lk.unlock();
       claim(task, ctx, count);
       lk.lock();
-      if (--inside_ == 0) idle_.notify_all();
+      // release: the job's writes are visible to a caller that sees inside_ reach 0 by spinning
+      if (inside_.fetch_sub(1, std::memory_order_release) == 1) idle_.notify_all();
     }
   }
 
@@ -91,9 +134,9 @@ class Pool {
   std::condition_variable wake_, idle_;
   std::vector<std::thread> threads_;
   std::atomic<int> size_{0};
-  uint64_t generation_ = 0;
-  int seats_ = 0;   // workers that may still join the current job
-  int inside_ = 0;  // workers between taking a seat and leaving
+  std::atomic<uint64_t> generation_{0};  // written under m_; also polled while spinning
+  int seats_ = 0;                         // workers that may still join the current job
+  std::atomic<int> inside_{0};  // workers between taking a seat and leaving (changed under m_)
   TaskFn task_ = nullptr;
   void* ctx_ = nullptr;
   int64_t count_ = 0;

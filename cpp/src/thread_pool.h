@@ -3,7 +3,7 @@
 // Why a pool: the add-only kernels of a small layer take tens of microseconds per call, so
 // starting threads on every call (tens of microseconds each on a loaded machine) cost more than
 // the work. Workers are created once, on first need, and only as many as the largest thread
-// count asked (capped at the hardware's), then sleep on a condition variable between jobs.
+// count asked (capped at the hardware's), then spin briefly and sleep on a condition variable between jobs.
 //
 // Contract of run_tasks: task(ctx, i) runs exactly once for every i in [0, count), on the caller
 // or on a worker, and run_tasks returns only after all of them finished (their writes are

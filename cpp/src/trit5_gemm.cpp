@@ -14,8 +14,10 @@ namespace {
 using detail::Trit5Ctx;
 
 constexpr int64_t kTokenChunk = 16;  // tokens whose tables are built together
-// The least work worth a chunk of its own (waking a worker costs ~10-50 us on a loaded machine):
-constexpr double kMinChunkPairs = 32768;   // (pair x 32 rows) look-ups, ~1-2 ns each
+// The least work worth a chunk of its own: a few microseconds, since a worker spinning between
+// jobs joins within ~1-3 us (thread_pool.cpp); a sleeping one costs ~10-50 us, but in a decode
+// loop the layers come faster than the spin ends.
+constexpr double kMinChunkPairs = 1024;    // (pair x 32 rows) look-ups, ~1-2 ns each
 constexpr double kMinChunkGroups = 16384;  // table groups built, ~3 ns each
 
 int64_t grain_for(double least, double unit_cost) noexcept {
