@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import blocks, table_ops, torch_ops  # noqa: F401 (table_ops: registers its ops)
+from . import blocks, plan_op, table_ops, torch_ops  # noqa: F401 (registers their ops)
 from ._native import core
 
 
@@ -238,27 +238,25 @@ def sdq_linear(module, x: Tensor) -> Tensor:
     cfg = module.config
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     x2 = x.reshape(-1, module.in_features).to(compute)
-    xt, xsum = torch.ops.sdq.activation_transform(
-        x2, module.transform_signs, module.down_full, module.down_last, module.in_features,
-        cfg.block_size, cfg.osr)
     geometry = (module.in_features, cfg.block_size, cfg.osr)
     if _table_gemm_ok(module, x):
-        if module.ternary:
-            y = torch.ops.sdq.trit5_gemm(module.trits, module.trit_signs, module.scale,
-                                         module.mean, xt, xsum, *geometry)
-        else:
-            y = torch.ops.sdq.lut_gemm_binary(module.lut_codes(), module.scale, module.mean, xt,
-                                              xsum, *geometry)
-    else:
-        sign, nonzero = module.bitplanes()  # ternary: derived from trit5 (SDQLinear.bitplanes)
-        y = torch.ops.sdq.addonly_gemm(sign, nonzero, module.scale, module.mean, xt, xsum,
-                                       *geometry)
+        # one op for the whole layer (sdq.plan_op): what compiled decode steps run on the CPU
+        codes = (module.trits, module.trit_signs) if module.ternary else (module.lut_codes(), None)
+        y = torch.ops.sdq.plan_linear(x2, *codes, module.scale, module.mean,
+                                      module.transform_signs, module.down_full, module.down_last,
+                                      *geometry)
+        return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
+    xt, xsum = torch.ops.sdq.activation_transform(
+        x2, module.transform_signs, module.down_full, module.down_last, *geometry)
+    sign, nonzero = module.bitplanes()  # ternary: derived from trit5 (SDQLinear.bitplanes)
+    y = torch.ops.sdq.addonly_gemm(sign, nonzero, module.scale, module.mean, xt, xsum, *geometry)
     return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
 
 
 def _table_gemm_ok(module, x: Tensor) -> bool:
-    """Whether a dispatcher-path call runs the int8-table ops (sdq.table_ops): CPU inference in
-    float32 kernels, as the eager plans do; otherwise the exact ops, which have autograd."""
+    """Whether a dispatcher-path call runs the int8-table kernels (sdq::plan_linear): CPU
+    inference in float32 kernels, as the eager plans do; otherwise the exact ops, which have
+    autograd."""
     if _cpu_gemm != "auto" or not x.is_cpu or x.dtype not in _EAGER_DTYPES:
         return False
     scale, mean = module.scale, module.mean

@@ -1,0 +1,98 @@
+"""A whole CPU layer call as one dispatcher op, for compiled graphs:
+
+  sdq::plan_linear(x, codes, codes2, scale, mean, signs, down_full, down_last,
+                   in_features, block_size, osr) -> y float32 [batch, out]
+
+Eager CPU calls already run one LinearPlan per layer (sdq.ops._eager_cpu). Inside a
+torch.compile'd decode step the layer used to be two torch.library.custom_op calls (the transform,
+then the table GEMM), and each such call costs 15-40 us of Python wrappers: more than a 576-wide
+layer's C++ work. This op is registered on the CPU key directly (torch.library.Library: ~4 us a
+call) and runs the same LinearPlan the eager path builds, so a compiled step gets one C++
+crossing per layer and the shared q/k/v and gate/up transforms too.
+
+codes/codes2 are what the int8-table kernels read: ternary trits/trit_signs (trit5), binary
+lut_codes/None. Plans are cached by the identities and version counters of the tensors they read;
+an entry keeps its tensors alive, so an address in a key cannot be reused by a new tensor while it
+is cached, and the cache is bounded. Inference only (no autograd): sdq.ops.sdq_linear calls it
+only where the int8-table ops would run.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._native import core
+
+_MAX_PLANS = 4096  # a 70B model has ~560 linears; more than this would be several models at once
+_plans: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+_lib = torch.library.Library("sdq", "FRAGMENT")
+_lib.define("plan_linear(Tensor x, Tensor codes, Tensor? codes2, Tensor scale, Tensor mean, "
+            "Tensor? signs, Tensor down_full, Tensor down_last, int in_features, int block_size, "
+            "float osr) -> Tensor")
+
+
+def _np(t: Tensor | None, dtype=None):
+    if t is None:
+        return None
+    a = t.detach().numpy()
+    return a if dtype is None else a.view(dtype)
+
+
+def _version(t: Tensor | None) -> int:
+    return 0 if t is None or t.is_inference() else t._version
+
+
+def _plan(tensors: tuple, geometry: tuple):
+    """The cached LinearPlan for these tensors (built on a miss; least recently used dropped)."""
+    key = (*(None if t is None else (t.data_ptr(), t.shape, t.dtype, _version(t))
+             for t in tensors), geometry)
+    hit = _plans.get(key)
+    if hit is not None:
+        _plans.move_to_end(key)
+        return hit[0]
+    codes, codes2, scale, mean, signs, down_full, down_last = tensors
+    in_features, block_size, osr = geometry
+    for t in tensors:
+        if t is not None and (not t.is_cpu or not t.is_contiguous()):
+            raise ValueError("sdq::plan_linear: every tensor must be a contiguous CPU tensor")
+    ternary = codes2 is not None
+    plan = core().LinearPlan(
+        in_features, block_size, osr, None, None, _np(scale, np.uint16), _np(mean, np.uint16),
+        _np(signs), _np(down_full), _np(down_last), gemm="trit5" if ternary else "lut_binary",
+        trits=_np(codes) if ternary else None,
+        trit_signs=_np(codes2, np.uint32) if ternary else None,
+        lut_codes=None if ternary else _np(codes))
+    _plans[key] = (plan, tensors)  # the tensors stay alive with the plan that reads them
+    if len(_plans) > _MAX_PLANS:
+        _plans.popitem(last=False)
+    return plan
+
+
+def _plan_linear_cpu(x, codes, codes2, scale, mean, signs, down_full, down_last, in_features,
+                     block_size, osr):
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"sdq::plan_linear: x must be float32 [batch, {in_features}], got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    plan = _plan((codes, codes2, scale, mean, signs, down_full, down_last),
+                 (in_features, block_size, osr))
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], scale.shape[0])
+    plan.run_ptr(x.data_ptr(), x.shape[0], y.data_ptr(), _version(x), torch.get_num_threads())
+    return y
+
+
+_lib.impl("plan_linear", _plan_linear_cpu, "CPU")
+
+
+@torch.library.register_fake("sdq::plan_linear")
+def _(x, codes, codes2, scale, mean, signs, down_full, down_last, in_features, block_size, osr):
+    return x.new_empty(x.shape[0], scale.shape[0], dtype=torch.float32)
+
+
+def clear_cache() -> None:
+    """Drops every cached plan (and the references that keep their tensors alive)."""
+    _plans.clear()
