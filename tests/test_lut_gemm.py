@@ -30,6 +30,7 @@ SHAPES = [
     (33, 200, 128, 1.0),
     (5, 128, 128, 16.0),  # 512 pairs per block: int16 sums are flushed to int32
     (97, 96, 32, 3.0),
+    (41, 1100, 64, 1.5),  # 18 blocks: the scale transpose's 8-block steps and a tail of 2
 ]
 
 

@@ -32,6 +32,7 @@ SHAPES = [
     (33, 40, 16, 1.0),     # m = 16, 16, 8 (16 % 3 == 1)
     (40, 128, 64, 16.0),   # m = 1024: 342 groups
     (7, 2, 2, 1.0),        # one block, m = 2: one group
+    (37, 700, 64, 1.5),    # 11 blocks: the scale transpose's 8-block step and a tail of 3
 ]
 
 

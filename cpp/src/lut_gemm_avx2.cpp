@@ -180,18 +180,26 @@ SDQ_AVX2 void lut_transpose_scales_avx2(const LutCtx& c, int64_t r0, int64_t wid
   uint16_t* dst[2] = {s, mu};
   for (int which = 0; which < 2; ++which) {
     for (int64_t i0 = 0; i0 < width; i0 += 8) {
-      const bool full_rows = r0 + i0 + 8 <= c.out;
-      int64_t b0 = 0;
-      for (; full_rows && b0 + 8 <= c.nb; b0 += 8) {
+      // Every block through the 8x8 transpose, the last nb % 8 too (a 576-wide layer has 5 in
+      // all). A row's 8-value load may run into the next row (lanes not stored); rows past out
+      // and loads that would run past the matrix are copied out first (zero-padded).
+      for (int64_t b0 = 0; b0 < c.nb; b0 += 8) {
+        const int64_t n = std::min<int64_t>(8, c.nb - b0);
         __m128i in[8], out[8];
-        for (int i = 0; i < 8; ++i)
-          in[i] = _mm_loadu_si128((const __m128i*)(src[which] + (r0 + i0 + i) * c.nb + b0));
+        for (int i = 0; i < 8; ++i) {
+          const int64_t at = (r0 + i0 + i) * c.nb + b0;
+          if (r0 + i0 + i < c.out && at + 8 <= c.out * c.nb) {
+            in[i] = _mm_loadu_si128((const __m128i*)(src[which] + at));
+          } else {
+            alignas(16) uint16_t row[8] = {};
+            if (r0 + i0 + i < c.out) std::memcpy(row, src[which] + at, n * sizeof(uint16_t));
+            in[i] = _mm_load_si128((const __m128i*)row);
+          }
+        }
         transpose8x8_epi16(in, out);
-        for (int j = 0; j < 8; ++j) _mm_storeu_si128((__m128i*)(dst[which] + (b0 + j) * width + i0), out[j]);
+        for (int64_t j = 0; j < n; ++j)
+          _mm_storeu_si128((__m128i*)(dst[which] + (b0 + j) * width + i0), out[j]);
       }
-      for (; b0 < c.nb; ++b0)  // tail blocks, and rows past out (zero)
-        for (int64_t i = i0; i < i0 + 8; ++i)
-          dst[which][b0 * width + i] = r0 + i < c.out ? src[which][(r0 + i) * c.nb + b0] : 0;
     }
   }
 }

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 
 #define SDQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -61,36 +62,59 @@ SDQ_AVX2 inline __m128i group_table(const Patterns& p, const float* v, __m256 pr
 
 }  // namespace
 
+namespace {
+
+// 8 rows x 8 blocks of fp16 (h[k] = row k's blocks b .. b + 7) to float, transposed into
+// out[(b + j) * kRows + i0 + k] for the first n (<= 8) blocks j.
+SDQ_AVX2 inline void transpose_8x8(const __m128i* h, float* out, int64_t b, int n, int i0) {
+  __m256 r[8], t[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm256_cvtph_ps(h[k]);
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+    r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xee);
+    r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xee);
+  }
+  for (int k = 0; k < 4; ++k) {
+    if (k < n) _mm256_store_ps(out + (b + k) * kRows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+    if (k + 4 < n)
+      _mm256_store_ps(out + (b + k + 4) * kRows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+  }
+}
+
+}  // namespace
+
 // Scale and mean of rows [r0, r0 + 32) for blocks [b0, b1), transposed: out[b * 32 + i] holds row
-// r0 + i (0 for rows past out), so a block's 32 row scales are 4 aligned vectors.
+// r0 + i (0 for rows past out), so a block's 32 row scales are 4 aligned vectors. The last
+// (b1 - b0) % 8 blocks go through the same 8x8 transpose: narrow layers (576 wide: 5 blocks) have
+// nothing else, and converting them one value at a time was a third of their GEMM. A row's
+// 8-value load may run into the next row (those lanes are not stored); only where it would run
+// past the matrix are the values copied out first.
 SDQ_AVX2 void trit5_transpose_halves(const Trit5Ctx& c, const uint16_t* src, int64_t r0, int rows,
                                int64_t b0, int64_t b1, float* out) {
+  const int64_t total = c.out * c.nb;
   for (int i0 = 0; i0 < kRows; i0 += 8) {
-    int64_t b = b0;
-    for (; b + 8 <= b1; b += 8) {
-      __m256 r[8], t[8];
-      for (int k = 0; k < 8; ++k)
-        r[k] = i0 + k < rows ? _mm256_cvtph_ps(_mm_loadu_si128(
-                                   reinterpret_cast<const __m128i*>(src + (r0 + i0 + k) * c.nb + b)))
-                             : _mm256_setzero_ps();
-      for (int k = 0; k < 8; k += 2) {
-        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+    __m128i h[8];
+    for (int64_t b = b0; b < b1; b += 8) {
+      const int n = static_cast<int>(std::min<int64_t>(8, b1 - b));
+      for (int k = 0; k < 8; ++k) {
+        const int64_t at = (r0 + i0 + k) * c.nb + b;
+        if (i0 + k >= rows) {
+          h[k] = _mm_setzero_si128();
+        } else if (at + 8 <= total) {
+          h[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + at));
+        } else {
+          alignas(16) uint16_t row[8] = {};
+          std::memcpy(row, src + at, static_cast<size_t>(n) * sizeof(uint16_t));
+          h[k] = _mm_load_si128(reinterpret_cast<const __m128i*>(row));
+        }
       }
-      for (int k = 0; k < 8; k += 4) {
-        r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
-        r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xee);
-        r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-        r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xee);
-      }
-      for (int k = 0; k < 4; ++k) {
-        _mm256_store_ps(out + (b + k) * kRows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
-        _mm256_store_ps(out + (b + k + 4) * kRows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
-      }
+      transpose_8x8(h, out, b, n, i0);
     }
-    for (; b < b1; ++b)
-      for (int k = 0; k < 8; ++k)
-        out[b * kRows + i0 + k] = i0 + k < rows ? half_to_float(src[(r0 + i0 + k) * c.nb + b]) : 0.0f;
   }
 }
 
