@@ -166,3 +166,40 @@ def test_pool_under_an_address_space_cap(mode):
     assert "SAME True" in lines, lines
     if mode == "cold":  # the failure path really ran: no worker could start
         assert "STARTED 0" in lines, lines
+
+
+# The pool's workers poll ~100 us for the next job before they sleep; the tests above call the
+# kernels back to back, so they mostly meet spinning workers. Here the sleeping path: with
+# SDQ_POOL_SPIN_US=0 nobody spins, and with the default the calls come 5 ms apart (workers
+# asleep by then). Both in a child, since the setting is read once per process.
+_SLEEP_PATH_CHILD = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from test_thread_pool import SHAPES, _problem, _run
+    pause = float(sys.argv[2])
+    bad = 0
+    for rep in range(3):
+        for i, shape in enumerate(SHAPES):
+            p = _problem(i, *shape)
+            want = _run(p, 1)
+            for threads in (2, 3):
+                time.sleep(pause)
+                got = _run(p, threads)
+                bad += not all(np.array_equal(w, g) for w, g in zip(want, got))
+    print("BAD", bad)
+""")
+
+
+@pytest.mark.parametrize("spin_us, pause", [("0", 0.0), (None, 0.005)])
+def test_sleeping_workers_wake_for_the_next_job(spin_us, pause):
+    import os
+    env = dict(os.environ)
+    env.pop("SDQ_POOL_SPIN_US", None)
+    if spin_us is not None:
+        env["SDQ_POOL_SPIN_US"] = spin_us
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _SLEEP_PATH_CHILD, tests, str(pause)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BAD 0" in out.stdout.split("\n"), out.stdout

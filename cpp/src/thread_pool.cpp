@@ -8,9 +8,9 @@
 // Spin, then sleep: a decode step calls a layer every few tens of microseconds, and a futex
 // wake-up costs 5-50 us before the worker runs (more while torch's own threads hold the other
 // cores), as much as a small layer's work. So a worker that just finished a job watches the
-// generation for kSpinMicros before it sleeps, and the caller watches `inside_` as long before it
-// sleeps on idle_. Correctness never rests on the spin: both fall back to the condition
-// variables, whose predicates are checked under m_.
+// generation for ~100 us ($SDQ_POOL_SPIN_US) before it sleeps, and the caller watches `inside_`
+// as long before it sleeps on idle_. Correctness never rests on the spin: both fall back to the
+// condition variables, whose predicates are checked under m_.
 #include "thread_pool.h"
 
 #include <pthread.h>
@@ -19,6 +19,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -30,7 +31,21 @@
 namespace sdq::detail {
 namespace {
 
-constexpr auto kSpinMicros = std::chrono::microseconds(100);
+constexpr long kDefaultSpinMicros = 100;
+constexpr long kMaxSpinMicros = 100000;
+
+// How long a worker (and the caller) polls before sleeping: $SDQ_POOL_SPIN_US (0: sleep at once,
+// for machines where the cores are shared with other busy threads), else kDefaultSpinMicros.
+std::chrono::microseconds spin_budget() noexcept {
+  static const std::chrono::microseconds budget{[] {
+    const char* s = std::getenv("SDQ_POOL_SPIN_US");
+    if (!s || !*s) return kDefaultSpinMicros;
+    char* end = nullptr;
+    const long v = std::strtol(s, &end, 10);
+    return *end != '\0' || v < 0 ? kDefaultSpinMicros : std::min(v, kMaxSpinMicros);
+  }()};
+  return budget;
+}
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -40,10 +55,12 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
-// Polls done() for up to kSpinMicros; true when it came true.
+// Polls done() for up to spin_budget(); true when it came true.
 template <typename Done>
 bool spin_until(Done&& done) noexcept {
-  const auto until = std::chrono::steady_clock::now() + kSpinMicros;
+  const auto budget = spin_budget();
+  if (budget.count() == 0) return done();
+  const auto until = std::chrono::steady_clock::now() + budget;
   for (;;) {
     for (int i = 0; i < 64; ++i) {
       if (done()) return true;
