@@ -22,15 +22,15 @@ namespace {
 #define SDQ_VECTOR_CLONES
 #endif
 
-constexpr int64_t kTokens = 16;  // tokens projected together: each row of D is read once for all
+constexpr int64_t kTokens = 16;  // vectors projected together: each row of D is read once for all
 // The least work worth a chunk of its own, in multiply-adds of the projection (~4 us: batch 1 of
 // a 576-wide layer, 147k MACs, took 9.9 us here): a worker spinning between jobs joins within
-// ~1-3 us (thread_pool.cpp), so batch 1 of a 576-wide layer splits in two.
+// ~1-3 us (thread_pool.cpp).
 constexpr double kMinChunkMacs = 1 << 16;
 
 // out_t[j] = sum_i down[i, j] * v_t[i] for `tokens` vectors v_t (stride padded) and outputs out_t
 // (stride out_stride): row-by-row accumulation so the inner loop is contiguous, and each row of D
-// is used by every token while it is in L1.
+// is used by every vector while it is in L1.
 SDQ_VECTOR_CLONES void project(const float* __restrict down, int64_t padded, int64_t m,
                                const float* __restrict v, int64_t tokens,
                                float* __restrict out, int64_t out_stride) noexcept {
@@ -51,15 +51,29 @@ float block_sum(const float* v, int64_t n) noexcept {
   return static_cast<float>(s);
 }
 
-// Block b of tokens [t0, t1): pad, rotate, project; writes the block's slices of xt and xsum.
-Status transform_block(const BlockLayout& L, int64_t b, int64_t t0, int64_t t1, bool hadamard,
-                       const float* signs, const float* down, const float* x, float* xt,
-                       float* xsum, float* buf) noexcept {
-  const int64_t width = L.width(b), padded = L.padded(b), m = L.m(b), n = t1 - t0;
-  const int64_t cols = L.total_code_cols(), nb = L.num_blocks();
-  for (int64_t t = 0; t < n; ++t) {
-    float* v = buf + t * padded;
-    std::memcpy(v, x + (t0 + t) * L.in_features + L.start(b), sizeof(float) * width);
+// The (block, token) vectors that share one down-sampler: group "full" holds every block but
+// the last, of every token (vector v is block v % (nb - 1) of token v / (nb - 1): they all read
+// down_full); group "last" holds the last block of every token. Projecting a group's vectors
+// together reads its matrix once per kTokens vectors, not once per block: at batch 1 a 576-wide
+// layer read down_full 4 times per call, a 4096-wide one 31 times, from L2.
+struct Group {
+  bool last;
+  int64_t nfull;  // blocks in the full group per token (nb - 1)
+  int64_t block(int64_t v, int64_t nb) const noexcept { return last ? nb - 1 : v % nfull; }
+  int64_t token(int64_t v) const noexcept { return last ? v : v / nfull; }
+};
+
+// Vectors [v0, v1) of one group: pad, rotate, project; writes their slices of xt and xsum.
+// Every vector of a group has the same padded width and code count (the full blocks are alike).
+Status transform_vectors(const BlockLayout& L, const Group& g, int64_t v0, int64_t v1,
+                         bool hadamard, const float* signs, const float* down, const float* x,
+                         float* xt, float* xsum, float* buf) noexcept {
+  const int64_t nb = L.num_blocks(), cols = L.total_code_cols(), n = v1 - v0;
+  const int64_t b0 = g.block(v0, nb), padded = L.padded(b0), m = L.m(b0);
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t b = g.block(v0 + k, nb), t = g.token(v0 + k), width = L.width(b);
+    float* v = buf + k * padded;
+    std::memcpy(v, x + t * L.in_features + L.start(b), sizeof(float) * width);
     std::fill(v + width, v + padded, 0.0f);
   }
   if (hadamard) {
@@ -70,11 +84,12 @@ Status transform_block(const BlockLayout& L, int64_t b, int64_t t0, int64_t t1, 
   // place would put every token's output in the same L1 sets.
   float* acc = buf + n * padded;
   project(down, padded, m, buf, n, acc, m);
-  for (int64_t t = 0; t < n; ++t) {
-    float* dst = xt + (t0 + t) * cols + L.code_offset(b);
-    std::memcpy(dst, acc + t * m, sizeof(float) * m);
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t b = g.block(v0 + k, nb), t = g.token(v0 + k);
+    float* dst = xt + t * cols + L.code_offset(b);
+    std::memcpy(dst, acc + k * m, sizeof(float) * m);
     std::fill(dst + m, dst + L.code_cols(b), 0.0f);  // padding codes must meet zeros
-    xsum[(t0 + t) * nb + b] = block_sum(buf + t * padded, padded);
+    xsum[t * nb + b] = block_sum(buf + k * padded, padded);
   }
   return Status::ok;
 }
@@ -87,22 +102,28 @@ Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs
   if (!x || !xt || !xsum || !down_last) return Status::null_pointer;
   const int64_t nb = L.num_blocks();
   if (nb > 1 && !down_full) return Status::null_pointer;
-  const int64_t chunks = (batch + kTokens - 1) / kTokens, tokens = std::min(batch, kTokens);
-  // A unit is one block of one token chunk; double: a huge layout must not overflow the estimate.
-  const double unit_macs = static_cast<double>(tokens) * static_cast<double>(L.padded(0)) *
-                           static_cast<double>(L.m(0));
+  // Units: chunks of kTokens vectors of the full group, then of the last group.
+  const Group full{false, nb - 1}, last{true, nb - 1};
+  const int64_t full_vectors = batch * (nb - 1);
+  const int64_t full_units = (full_vectors + kTokens - 1) / kTokens;
+  const int64_t units = full_units + (batch + kTokens - 1) / kTokens;
+  // double: a huge layout must not overflow the estimate
+  const double unit_macs = static_cast<double>(std::min(std::max(full_vectors, batch), kTokens)) *
+                           static_cast<double>(L.padded(0)) * static_cast<double>(L.m(0));
   const int64_t grain =
       unit_macs >= kMinChunkMacs ? 1 : static_cast<int64_t>(std::ceil(kMinChunkMacs / unit_macs));
   std::atomic<Status> result{Status::ok};
-  detail::parallel_for(nb * chunks, threads, grain, [&](int64_t begin, int64_t end) {
-    // Reused per thread; transform_block writes every element before reading it.
+  detail::parallel_for(units, threads, grain, [&](int64_t begin, int64_t end) {
+    // Reused per thread; transform_vectors writes every element before reading it.
     float* buf = detail::scratch<float>(detail::ScratchSlot::transform,
-                                        tokens * (L.padded(0) + L.m(0)));
+                                        kTokens * (L.padded(0) + L.m(0)));
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / chunks, t0 = (u % chunks) * kTokens;
-      const float* down = b == nb - 1 ? down_last : down_full;
-      const Status s = transform_block(L, b, t0, std::min(batch, t0 + kTokens), hadamard, signs,
-                                       down, x, xt, xsum, buf);
+      const bool in_full = u < full_units;
+      const Group& g = in_full ? full : last;
+      const int64_t v0 = (in_full ? u : u - full_units) * kTokens;
+      const int64_t v1 = std::min(in_full ? full_vectors : batch, v0 + kTokens);
+      const Status s = transform_vectors(L, g, v0, v1, hadamard, signs,
+                                         in_full ? down_full : down_last, x, xt, xsum, buf);
       if (s != Status::ok) {
         result.store(s);
         return;
