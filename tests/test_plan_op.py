@@ -93,6 +93,15 @@ def test_cache_is_bounded_and_keeps_what_it_reads_alive(monkeypatch):
     assert not plan_op._plans
 
 
+def test_moving_a_layer_drops_the_plans_that_keep_its_old_tensors():
+    mod = _module(8, 128, "ternary")
+    with torch.no_grad():
+        _op(mod, torch.randn(1, 128))
+    assert any(any(t is mod.trits for t in entry[1]) for entry in plan_op._plans.values())
+    mod.float()  # replaces the module's tensors (SDQLinear._apply)
+    assert not plan_op._plans
+
+
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 def test_compiled_layer_runs_the_op(levels):
     """Under torch.compile (inductor) a CPU inference call is one sdq::plan_linear per layer and

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from . import ops
+from . import ops, plan_op
 from .config import SDQConfig
 from .packed_linear import PackedLinear, set_max_kernel_tokens
 from .weight import STATE_KEYS, QuantizedWeight
@@ -87,6 +87,7 @@ class SDQLinear(PackedLinear):
         them every call): on the CPU the trit5 kernels need none."""
         super()._apply(fn, recurse)
         self.__dict__.pop("_eager_plan", None)  # holds the old tensors (ops._layer_plan)
+        plan_op.clear_cache()  # so do sdq::plan_linear's plans (rebuilt on their next call)
         self.register_buffer("lut_binary_codes", None, persistent=False)  # CPU-only, rebuilt
         if self.ternary:
             if self.trits.device.type != "cuda":  # CPU, or a "meta" skeleton: nothing to derive

@@ -11,10 +11,12 @@ call) and runs the same LinearPlan the eager path builds, so a compiled step get
 crossing per layer and the shared q/k/v and gate/up transforms too.
 
 codes/codes2 are what the int8-table kernels read: ternary trits/trit_signs (trit5), binary
-lut_codes/None. Plans are cached by the identities and version counters of the tensors they read;
-an entry keeps its tensors alive, so an address in a key cannot be reused by a new tensor while it
-is cached, and the cache is bounded. Inference only (no autograd): sdq.ops.sdq_linear calls it
-only where the int8-table ops would run.
+lut_codes/None. Plans are cached by the addresses, shapes, dtypes and version counters of the
+tensors they read; an entry keeps its tensors alive, so an address in a key cannot be reused by a
+new tensor while it is cached. The cache is bounded, and emptied whenever an SDQLinear's tensors
+are replaced (SDQLinear._apply: .to(), .float(), ...), so that it does not keep old copies
+alive. Inference only (no autograd): sdq.ops.sdq_linear calls it only where the int8-table ops
+would run.
 """
 from __future__ import annotations
 
