@@ -22,6 +22,13 @@ def saved_default(tmp_path_factory):
     return out, tok
 
 
+def _dense(model):
+    """From now on every packed layer of model computes through its dequantized weight."""
+    for m in model.modules():
+        if isinstance(m, SDQLinear):
+            m.use_kernels = False
+
+
 def _kernels_and_dequantized(saved_default):
     """Greedy tokens of the saved default model through the kernels and through dense weights,
     and both paths' logits on the kernels' tokens."""
@@ -31,9 +38,7 @@ def _kernels_and_dequantized(saved_default):
     with torch.no_grad():
         fast = model.generate(ids, max_new_tokens=6, do_sample=False)
         logits_fast = model(fast).logits
-        for m in model.modules():
-            if isinstance(m, SDQLinear):
-                m.use_kernels = False
+        _dense(model)
         slow = model.generate(ids, max_new_tokens=6, do_sample=False)
         logits_slow = model(fast).logits
     return fast, slow, logits_fast, logits_slow
@@ -62,9 +67,7 @@ def test_int8_tables_add_little_to_what_quantization_costs(saved_default):
     with torch.no_grad():
         reference = full(ids).logits.log_softmax(-1)
         fast = model(ids).logits.log_softmax(-1)
-        for m in model.modules():
-            if isinstance(m, SDQLinear):
-                m.use_kernels = False
+        _dense(model)
         dense = model(ids).logits.log_softmax(-1)
 
     def kl(p, q):

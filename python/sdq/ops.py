@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import blocks, plan_op, table_ops, torch_ops  # noqa: F401 (registers their ops)
+from .plan_op import version
 from ._native import core
 
 
@@ -303,11 +304,6 @@ def set_cpu_gemm(name: str) -> str:
         raise ValueError(f"set_cpu_gemm: expected one of {_CPU_GEMMS}, got {name!r}")
     previous, _cpu_gemm = _cpu_gemm, name
     return previous
-
-
-def version(t: Optional[Tensor]) -> int:
-    """t's version counter (in-place writes bump it); inference tensors have none: 0."""
-    return 0 if t is None or t.is_inference() else t._version
 
 
 def _plan_key(module) -> tuple:

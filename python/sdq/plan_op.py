@@ -37,20 +37,24 @@ _lib.define("plan_linear(Tensor x, Tensor codes, Tensor? codes2, Tensor scale, T
             "float osr) -> Tensor")
 
 
-def _np(t: Tensor | None, dtype=None):
+def _view(t: Tensor | None, dtype=None):
+    """A NumPy view of t's own memory (never a copy, unlike sdq.ops._np): the plan must read the
+    tensor itself, so that in-place writes reach it; _plan checks contiguity first."""
     if t is None:
         return None
     a = t.detach().numpy()
     return a if dtype is None else a.view(dtype)
 
 
-def _version(t: Tensor | None) -> int:
+def version(t: Tensor | None) -> int:
+    """t's version counter (in-place writes bump it); inference tensors have none: 0. What the
+    plan caches here and the eager plans (sdq.ops) are keyed on."""
     return 0 if t is None or t.is_inference() else t._version
 
 
 def _plan(tensors: tuple, geometry: tuple):
     """The cached LinearPlan for these tensors (built on a miss; least recently used dropped)."""
-    key = (*(None if t is None else (t.data_ptr(), t.shape, t.dtype, _version(t))
+    key = (*(None if t is None else (t.data_ptr(), t.shape, t.dtype, version(t))
              for t in tensors), geometry)
     hit = _plans.get(key)
     if hit is not None:
@@ -63,11 +67,11 @@ def _plan(tensors: tuple, geometry: tuple):
             raise ValueError("sdq::plan_linear: every tensor must be a contiguous CPU tensor")
     ternary = codes2 is not None
     plan = core().LinearPlan(
-        in_features, block_size, osr, None, None, _np(scale, np.uint16), _np(mean, np.uint16),
-        _np(signs), _np(down_full), _np(down_last), gemm="trit5" if ternary else "lut_binary",
-        trits=_np(codes) if ternary else None,
-        trit_signs=_np(codes2, np.uint32) if ternary else None,
-        lut_codes=None if ternary else _np(codes))
+        in_features, block_size, osr, None, None, _view(scale, np.uint16),
+        _view(mean, np.uint16), _view(signs), _view(down_full), _view(down_last),
+        gemm="trit5" if ternary else "lut_binary", trits=_view(codes) if ternary else None,
+        trit_signs=_view(codes2, np.uint32) if ternary else None,
+        lut_codes=None if ternary else _view(codes))
     _plans[key] = (plan, tensors)  # the tensors stay alive with the plan that reads them
     if len(_plans) > _MAX_PLANS:
         _plans.popitem(last=False)
@@ -83,7 +87,7 @@ def _plan_linear_cpu(x, codes, codes2, scale, mean, signs, down_full, down_last,
                  (in_features, block_size, osr))
     x = x.contiguous()
     y = x.new_empty(x.shape[0], scale.shape[0])
-    plan.run_ptr(x.data_ptr(), x.shape[0], y.data_ptr(), _version(x), torch.get_num_threads())
+    plan.run_ptr(x.data_ptr(), x.shape[0], y.data_ptr(), version(x), torch.get_num_threads())
     return y
 
 
