@@ -6,6 +6,7 @@
 // R tiles share every table load. Also the AVX2 table builder and scale transpose, which the
 // AVX-512 variant uses too (every AVX-512 CPU has AVX2).
 // Compiled with a target attribute so the build needs no -mavx2; chosen at run time.
+#include "fp16_rows.h"
 #include "lut_gemm.h"
 #include "scratch.h"
 
@@ -181,21 +182,14 @@ SDQ_AVX2 void lut_transpose_scales_avx2(const LutCtx& c, int64_t r0, int64_t wid
   for (int which = 0; which < 2; ++which) {
     for (int64_t i0 = 0; i0 < width; i0 += 8) {
       // Every block through the 8x8 transpose, the last nb % 8 too (a 576-wide layer has 5 in
-      // all). A row's 8-value load may run into the next row (lanes not stored); rows past out
-      // and loads that would run past the matrix are copied out first (zero-padded).
+      // all); rows past out are zero.
       for (int64_t b0 = 0; b0 < c.nb; b0 += 8) {
         const int64_t n = std::min<int64_t>(8, c.nb - b0);
         __m128i in[8], out[8];
-        for (int i = 0; i < 8; ++i) {
-          const int64_t at = (r0 + i0 + i) * c.nb + b0;
-          if (r0 + i0 + i < c.out && at + 8 <= c.out * c.nb) {
-            in[i] = _mm_loadu_si128((const __m128i*)(src[which] + at));
-          } else {
-            alignas(16) uint16_t row[8] = {};
-            if (r0 + i0 + i < c.out) std::memcpy(row, src[which] + at, n * sizeof(uint16_t));
-            in[i] = _mm_load_si128((const __m128i*)row);
-          }
-        }
+        for (int i = 0; i < 8; ++i)
+          in[i] = r0 + i0 + i < c.out
+                      ? load_fp16x8(src[which], (r0 + i0 + i) * c.nb + b0, c.out * c.nb, n)
+                      : _mm_setzero_si128();
         transpose8x8_epi16(in, out);
         for (int64_t j = 0; j < n; ++j)
           _mm_storeu_si128((__m128i*)(dst[which] + (b0 + j) * width + i0), out[j]);

@@ -4,6 +4,7 @@
 // (broadcast, shuffle, test) and applied as (v ^ m) - m; the two groups' bytes are interleaved and
 // summed into int16 by vpmaddubsw with ones, flushed to int32 before they could overflow.
 // Compiled with a target attribute so the build needs no -mavx2; chosen at run time.
+#include "fp16_rows.h"
 #include "scratch.h"
 #include "trit5_gemm.h"
 
@@ -11,7 +12,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstring>
 
 #define SDQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -91,9 +91,7 @@ SDQ_AVX2 inline void transpose_8x8(const __m128i* h, float* out, int64_t b, int 
 // Scale and mean of rows [r0, r0 + 32) for blocks [b0, b1), transposed: out[b * 32 + i] holds row
 // r0 + i (0 for rows past out), so a block's 32 row scales are 4 aligned vectors. The last
 // (b1 - b0) % 8 blocks go through the same 8x8 transpose: narrow layers (576 wide: 5 blocks) have
-// nothing else, and converting them one value at a time was a third of their GEMM. A row's
-// 8-value load may run into the next row (those lanes are not stored); only where it would run
-// past the matrix are the values copied out first.
+// nothing else, and converting them one value at a time was a third of their GEMM.
 SDQ_AVX2 void trit5_transpose_halves(const Trit5Ctx& c, const uint16_t* src, int64_t r0, int rows,
                                int64_t b0, int64_t b1, float* out) {
   const int64_t total = c.out * c.nb;
@@ -101,18 +99,9 @@ SDQ_AVX2 void trit5_transpose_halves(const Trit5Ctx& c, const uint16_t* src, int
     __m128i h[8];
     for (int64_t b = b0; b < b1; b += 8) {
       const int n = static_cast<int>(std::min<int64_t>(8, b1 - b));
-      for (int k = 0; k < 8; ++k) {
-        const int64_t at = (r0 + i0 + k) * c.nb + b;
-        if (i0 + k >= rows) {
-          h[k] = _mm_setzero_si128();
-        } else if (at + 8 <= total) {
-          h[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + at));
-        } else {
-          alignas(16) uint16_t row[8] = {};
-          std::memcpy(row, src + at, static_cast<size_t>(n) * sizeof(uint16_t));
-          h[k] = _mm_load_si128(reinterpret_cast<const __m128i*>(row));
-        }
-      }
+      for (int k = 0; k < 8; ++k)
+        h[k] = i0 + k < rows ? load_fp16x8(src, (r0 + i0 + k) * c.nb + b, total, n)
+                             : _mm_setzero_si128();
       transpose_8x8(h, out, b, n, i0);
     }
   }
