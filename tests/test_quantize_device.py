@@ -40,6 +40,23 @@ def test_select_codes_matches_gptq_columnwise(ternary, m):
     assert set(got.unique().tolist()) <= ({-1.0, 0.0, 1.0} if ternary else {-1.0, 1.0})
 
 
+@pytest.mark.parametrize("ternary", [False, True])
+def test_select_codes_stack_rounds_each_group_against_its_own_factor(ternary):
+    """The code search's stacked call: group i of the rows gets exactly the codes that a call
+    with its own Hinv alone gives (dampings differ, so the factors do)."""
+    gen = torch.Generator().manual_seed(7 + ternary)
+    m, n = 96, 24
+    D = blocks.resampler(m, m // 2)
+    X = torch.randn(2 * m, m // 2, generator=gen, dtype=torch.float64)
+    factors = [damped_inverse_cholesky(D.T @ (X.T @ X) @ D, d)[0].float() for d in (0.2, 0.05, 0.5)]
+    z = torch.randn(3 * n, m, generator=gen, dtype=torch.float64)
+    tau = z.abs().quantile(0.55, dim=1).float() if ternary else None
+    got = select_codes(z, torch.stack(factors), tau)
+    for i, Hinv in enumerate(factors):
+        rows = slice(i * n, (i + 1) * n)
+        assert torch.equal(got[rows], select_codes(z[rows], Hinv, None if tau is None else tau[rows]))
+
+
 @pytest.mark.parametrize("n", [8, 128])
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("with_signs", [False, True])

@@ -93,17 +93,31 @@ def test_search_never_worse_than_the_closed_form(levels):
     u, rows, g, cfg, C = _block(levels)
     errors = {}
     for search in ("closed_form", "fp16", "grid"):
-        c = cfg.replace(scale_search=search, refine_passes=0)
+        c = cfg.replace(scale_search=search, refine_passes=0, code_search=False)
         errors[search] = _block_error(*gram_codes(u, rows, g, c, C), rows, g, C)
     assert (errors["fp16"] <= errors["closed_form"]).all()
     assert (errors["grid"] <= errors["fp16"] * (1 + 1e-9)).all()
     assert errors["grid"].sum() < errors["fp16"].sum()  # the grid pays on random blocks
 
 
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_code_search_never_worse_than_one_setting(levels, seed):
+    """Each row keeps the best of the searched settings, (gram_damp, sd_scale) among them: its
+    weighted error can only go down, and on random blocks some rows must gain."""
+    u, rows, g, cfg, C = _block(levels, seed)
+    one, searched = (_block_error(*gram_codes(u, rows, g, cfg.replace(code_search=on,
+                                                                         refine_passes=0), C),
+                                  rows, g, C) for on in (False, True))
+    assert (searched <= one * (1 + 1e-9)).all()
+    assert searched.sum() < one.sum()
+
+
 @pytest.mark.parametrize("search", ["fp16", "grid"])
-def test_search_is_deterministic(search):
+@pytest.mark.parametrize("code_search", [False, True])
+def test_search_is_deterministic(search, code_search):
     u, rows, g, cfg, C = _block("ternary")
-    cfg = cfg.replace(scale_search=search)
+    cfg = cfg.replace(scale_search=search, code_search=code_search)
     first, second = gram_codes(u, rows, g, cfg, C), gram_codes(u, rows, g, cfg, C)
     assert np.array_equal(first[0], second[0])
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
@@ -114,9 +128,11 @@ def test_config_fields_validate_and_old_metadata_loads():
                 {"refine_passes": 1.0}, {"refine_passes": True}, {"refine_passes": 99}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             sdq.SDQConfig(**bad)
+    with pytest.raises(TypeError, match="code_search"):
+        sdq.SDQConfig(code_search=1)
     cfg = sdq.SDQConfig(codes="gram", scale_search="grid", refine_passes=3,
                         compensation="diagonal")
     assert sdq.SDQConfig.from_json(cfg.to_json()) == cfg
     old = sdq.SDQConfig().to_dict()
-    del old["scale_search"], old["refine_passes"], old["compensation"]
+    del old["scale_search"], old["refine_passes"], old["compensation"], old["code_search"]
     assert sdq.SDQConfig.from_dict(old) == sdq.SDQConfig()

@@ -76,6 +76,9 @@ def _add_quantize(sub) -> None:
                    help="gram codes: how the fp16 scale/mean are chosen: the least-squares fit "
                    "rounded, the best of its fp16 neighbours (never worse, free), or also codes "
                    "for 5 normalisation scales keeping the best per row (slower code selection)")
+    p.add_argument("--no-code-search", action="store_true",
+                   help="gram codes: choose codes for one (damping, scale) setting only, not the "
+                   "3 measured per levels keeping the best per row (faster, worse)")
     p.add_argument("--refine-passes", type=_nonneg_int, default=1,
                    help="gram codes: coordinate-descent passes over the codes after their "
                    "sequential choice, each with a scale/mean refit (0: none; at most 16)")
@@ -185,7 +188,7 @@ def _method_config(args):
         return SDQConfig(osr=args.osr, levels=args.levels, order=args.order,
                          block_size=args.block_size, hadamard=not args.no_hadamard,
                          seed=args.seed, codes=args.codes, scale_search=args.scale_search,
-                         refine_passes=args.refine_passes, compensation=args.compensation)
+                         code_search=not args.no_code_search, refine_passes=args.refine_passes, compensation=args.compensation)
     if args.method in ("rtn", "iwrtn", "gptq") and args.bits is None:
         raise CliError(f"--method {args.method} needs --bits 2, 3, 4 or 8")
     return BaselineConfig(args.method, args.bits)

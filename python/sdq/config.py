@@ -67,6 +67,10 @@ class SDQConfig(ConfigIO):
                 "fp16" (the best of the fit's fp16 neighbours, never worse), or "grid" (codes
                 chosen for several normalisation scales, the best kept per row; costs 5x the
                 code selection).
+    code_search: choose the codes for a few (Gram damping, normalisation scale) settings per
+                block, measured per levels (gram.CODE_SEARCH: 3 each), and keep per row the one
+                with the smallest weighted error ("gram" only; costs about 2x the code
+                selection); False: only (gram_damp, sd_scale).
     refine_passes: passes of coordinate descent over the codes after their sequential choice,
                 each followed by a scale/mean refit ("gram" only; methods/refine.py); 0 = none.
     compensation: calibrated only: "exact" (each block's error is pushed onto the later columns
@@ -87,6 +91,7 @@ class SDQConfig(ConfigIO):
     codes: str = "sigma_delta"
     gram_damp: float = 0.2
     scale_search: str = "fp16"
+    code_search: bool = True
     refine_passes: int = 1
     compensation: str = "exact"
     version: int = 1
@@ -122,6 +127,8 @@ class SDQConfig(ConfigIO):
         if self.compensation not in COMPENSATIONS:
             raise ValueError(f"compensation must be one of {COMPENSATIONS}, "
                              f"got {self.compensation!r}")
+        if not isinstance(self.code_search, bool):
+            raise TypeError(f"code_search must be a bool, got {self.code_search!r}")
         rp = self.refine_passes
         if isinstance(rp, bool) or not isinstance(rp, int) or not 0 <= rp <= MAX_REFINE_PASSES:
             raise ValueError(f"refine_passes must be an int in [0, {MAX_REFINE_PASSES}], "

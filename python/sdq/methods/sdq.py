@@ -149,8 +149,14 @@ def _exact_compensation(Hinv: torch.Tensor, block_size: int) -> tuple[torch.Tens
     return out.float(), weights
 
 
+# H's damping (fraction of its mean diagonal) before the compensation. GPTQ's 0.01 fits the
+# calibration text too closely for SDQ's codes: on the default model the layers' output error under
+# held-out Hessians and the held-out perplexity are lower at 0.1 (README "Code search").
+PERCDAMP = 0.1
+
+
 def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = None,
-                               percdamp: float = 0.01, *, name: str | None = None
+                               percdamp: float = PERCDAMP, *, name: str | None = None
                                ) -> QuantizedWeight:
     """SDQ with GPTQ-style error compensation between blocks (method.md step 6).
 
