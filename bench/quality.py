@@ -75,13 +75,22 @@ def _runs():
         SDQ(osr=2.5, levels="binary", codes="gram"), True, True)
     # The layer solver's options, named explicitly so that the rows keep their meaning when the
     # defaults move: "-v0" = before them (diagonal compensation, closed-form scales, no
-    # refinement), "-exact" = exact block compensation only, "-r1" = the defaults (exact, best
-    # fp16 scales, one refinement pass), "-grid-r1" = plus the normalisation-scale grid.
-    solver = {"v0": dict(compensation="diagonal", scale_search="closed_form", refine_passes=0),
-              "exact": dict(compensation="exact", scale_search="closed_form", refine_passes=0),
-              "r1": dict(compensation="exact", scale_search="fp16", refine_passes=1),
-              "grid-r1": dict(compensation="exact", scale_search="grid", refine_passes=1),
-              "diag-r1": dict(compensation="diagonal", scale_search="fp16", refine_passes=1)}
+    # refinement), "-exact" = exact block compensation only, "-r1" = exact, best fp16 scales, one
+    # refinement pass, "-grid-r1" = plus the normalisation-scale grid (all four with GPTQ's
+    # damping 0.01 and no code search, as before those), "-search-r1" = the defaults (r1 with
+    # the code search and H damped by 0.1).
+    before = dict(code_search=False, percdamp=0.01)
+    solver = {"v0": dict(compensation="diagonal", scale_search="closed_form", refine_passes=0,
+                         **before),
+              "exact": dict(compensation="exact", scale_search="closed_form", refine_passes=0,
+                            **before),
+              "r1": dict(compensation="exact", scale_search="fp16", refine_passes=1, **before),
+              "grid-r1": dict(compensation="exact", scale_search="grid", refine_passes=1,
+                              **before),
+              "diag-r1": dict(compensation="diagonal", scale_search="fp16", refine_passes=1,
+                              **before),
+              "search-r1": dict(compensation="exact", scale_search="fp16", refine_passes=1,
+                                code_search=True, percdamp=0.1)}
     for lv, o in (("binary", 2.0), ("ternary", 2.0), ("binary", 2.5), ("binary", 3.0),
                   ("ternary", 1.5)):
         for tag, opts in solver.items():
@@ -89,13 +98,15 @@ def _runs():
                 SDQ(osr=o, levels=lv, codes="gram", **opts), True)
     # Ternary at the IQ4_XS budget: OSR 2.4 in trit5 is 4.25 bits all-in.
     add("sdq-gram-gptq-t2.4-r1", "SDQ+gram+GPTQ r1, ternary",
+        SDQ(osr=2.4, levels="ternary", codes="gram", **before), True)
+    add("sdq-gram-gptq-t2.4-search-r1", "SDQ+gram+GPTQ search-r1, ternary",
         SDQ(osr=2.4, levels="ternary", codes="gram"), True)
     # Scale groups at the same all-in bits (2.5): B=64 pays 0.25 bits more for scales and
     # means than B=128, and code columns are whole 32-bit words per block (so not OSR 2.25).
     add("sdq-gram-gptq-b2-B64-r1", "SDQ+gram+GPTQ r1, binary, B=64",
-        SDQ(osr=2, levels="binary", codes="gram", block_size=64), True)
+        SDQ(osr=2, levels="binary", codes="gram", block_size=64, **before), True)
     add("sdq-gram-gptq-b2.25-r1", "SDQ+gram+GPTQ r1, binary",
-        SDQ(osr=2.25, levels="binary", codes="gram"), True)
+        SDQ(osr=2.25, levels="binary", codes="gram", **before), True)
     # Strong baselines: GPTQ asymmetric with act-order at three group sizes, and importance-
     # weighted RTN (grid searched per group under the Hessian diagonal, like llama.cpp's imatrix).
     for b, g in ((2, 64), (3, 128), (2, 32), (3, 64), (4, 128), (4, 64), (2, 128), (3, 32),
@@ -127,7 +138,7 @@ def _runs():
         tag = name.split("-")[3]
         levels = "binary" if tag[0] == "b" else "ternary"
         add(name, f"SDQ+gram+GPTQ+finetune {name.rsplit('ft', 1)[1]} steps, {levels}",
-            SDQ(osr=float(tag[1:]), levels=levels, codes="gram"), True)
+            SDQ(osr=float(tag[1:]), levels=levels, codes="gram", **before), True)
     return runs
 
 

@@ -130,9 +130,13 @@ def test_config_fields_validate_and_old_metadata_loads():
             sdq.SDQConfig(**bad)
     with pytest.raises(TypeError, match="code_search"):
         sdq.SDQConfig(code_search=1)
+    for bad in (-0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="percdamp"):
+            sdq.SDQConfig(percdamp=bad)
     cfg = sdq.SDQConfig(codes="gram", scale_search="grid", refine_passes=3,
                         compensation="diagonal")
     assert sdq.SDQConfig.from_json(cfg.to_json()) == cfg
     old = sdq.SDQConfig().to_dict()
     del old["scale_search"], old["refine_passes"], old["compensation"], old["code_search"]
+    del old["percdamp"]
     assert sdq.SDQConfig.from_dict(old) == sdq.SDQConfig()

@@ -149,14 +149,8 @@ def _exact_compensation(Hinv: torch.Tensor, block_size: int) -> tuple[torch.Tens
     return out.float(), weights
 
 
-# H's damping (fraction of its mean diagonal) before the compensation. GPTQ's 0.01 fits the
-# calibration text too closely for SDQ's codes: on the default model the layers' output error under
-# held-out Hessians and the held-out perplexity are lower at 0.1 (README "Code search").
-PERCDAMP = 0.1
-
-
 def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = None,
-                               percdamp: float = PERCDAMP, *, name: str | None = None
+                               percdamp: float | None = None, *, name: str | None = None
                                ) -> QuantizedWeight:
     """SDQ with GPTQ-style error compensation between blocks (method.md step 6).
 
@@ -171,6 +165,7 @@ def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = No
     factorisations succeed, a block covariance that no damping makes usable is replaced by the
     identity, and a weighted scale/mean fit it cannot pin down by the unweighted one (gram.py).
     Any of that gives one CalibrationWarning naming the layer (`name`) and the blocks.
+    percdamp: H's damping, overriding config.percdamp (None: the config's).
     Everything runs on H's device (the layer's: sdq.device); the result is on the CPU.
     """
     cfg = config or SDQConfig()
@@ -183,6 +178,7 @@ def quantize_weight_calibrated(W, H: torch.Tensor, config: SDQConfig | None = No
     groups = blocks.block_groups(n_in, cfg.block_size, cfg.osr)
     group_of = {g.first + i: g for g in groups for i in range(g.count)}
     notes = CalibrationNotes(name)
+    percdamp = cfg.percdamp if percdamp is None else percdamp
     Hinv, W = prepare_hessian(H, W, percdamp, block_size=cfg.block_size, notes=notes)
     uncalibrated = set(dead_blocks(H, cfg.block_size))
     if cfg.compensation == "exact":
