@@ -30,7 +30,7 @@ COMPONENTS = [
     ("  of which Hessian products", "sdq/traversal.py", "add"),
     ("quantize linears (all below)", "sdq/methods/sdq.py", "quantize_weight_calibrated"),
     ("  prepare H (Cholesky of H^-1)", "sdq/gptq.py", "prepare_hessian"),
-    ("  code selection: Gram factor", "sdq/methods/gram.py", "_gram_factor"),
+    ("  code selection: Gram factor", "sdq/methods/gram.py", "_gram_factors"),
     ("  code selection: rounding loop", "sdq/methods/gram.py", "select_codes"),
     ("  code selection: normalise", "sdq/methods/normalise.py", "normalise"),
     ("  scale/mean refit", "sdq/methods/gram.py", "refit_scale_mean"),

@@ -11,7 +11,7 @@ import sdq
 from sdq import blocks, device
 from sdq.dense_forward import dense_packed_layers
 from sdq.gptq import damped_inverse_cholesky, gptq_columnwise
-from sdq.methods.gram import select_codes
+from sdq.methods.gram import _select_codes_torch, select_codes
 from sdq.packed_linear import PackedLinear
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
@@ -26,7 +26,9 @@ def _reference_round(v, tau):
 @pytest.mark.parametrize("ternary", [False, True])
 @pytest.mark.parametrize("m", [64, 256])
 def test_select_codes_matches_gptq_columnwise(ternary, m):
-    """The code-selection loop is GPTQ on the Gram matrix: same codes as the generic engine."""
+    """The torch code-selection loop (what non-CPU devices run) is GPTQ on the Gram matrix: same
+    codes as the generic engine, whose lazy batches it shares. (The CPU's core loop is checked
+    against its own float32 reference in test_gram_select.py.)"""
     gen = torch.Generator().manual_seed(m + ternary)
     z = torch.randn(40, m, generator=gen, dtype=torch.float64)
     D = blocks.resampler(m, m // 2)
@@ -35,7 +37,7 @@ def test_select_codes_matches_gptq_columnwise(ternary, m):
     Hinv = Hinv.float()
     tau = z.abs().quantile(0.55, dim=1).float() if ternary else None
     ref = gptq_columnwise(z.float(), Hinv, min(128, m), lambda j, w, _: _reference_round(w, tau))
-    got = select_codes(z, Hinv, tau)
+    got = _select_codes_torch(z, Hinv, tau)
     assert torch.equal(got, ref)
     assert set(got.unique().tolist()) <= ({-1.0, 0.0, 1.0} if ternary else {-1.0, 1.0})
 
@@ -51,10 +53,12 @@ def test_select_codes_stack_rounds_each_group_against_its_own_factor(ternary):
     factors = [damped_inverse_cholesky(D.T @ (X.T @ X) @ D, d)[0].float() for d in (0.2, 0.05, 0.5)]
     z = torch.randn(3 * n, m, generator=gen, dtype=torch.float64)
     tau = z.abs().quantile(0.55, dim=1).float() if ternary else None
-    got = select_codes(z, torch.stack(factors), tau)
-    for i, Hinv in enumerate(factors):
-        rows = slice(i * n, (i + 1) * n)
-        assert torch.equal(got[rows], select_codes(z[rows], Hinv, None if tau is None else tau[rows]))
+    for select in (select_codes, _select_codes_torch):
+        got = select(z, torch.stack(factors), tau)
+        for i, Hinv in enumerate(factors):
+            rows = slice(i * n, (i + 1) * n)
+            assert torch.equal(got[rows], select(z[rows], Hinv,
+                                                 None if tau is None else tau[rows]))
 
 
 @pytest.mark.parametrize("n", [8, 128])

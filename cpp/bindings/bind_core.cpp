@@ -8,6 +8,7 @@
 #include "sdq/bitplane.h"
 #include "sdq/encode.h"
 #include "sdq/fwht.h"
+#include "sdq/gram_select.h"
 #include "sdq/layout.h"
 #include "sdq/modulator.h"
 #include "sdq/resample.h"
@@ -203,6 +204,38 @@ py::tuple encode(const py::object& W_obj, const py::object& signs_obj, const std
   return py::make_tuple(sign, nonzero, scale, mean);
 }
 
+py::array_t<float> gram_select(const py::object& z_obj, const py::object& hinv_obj,
+                               const py::object& tau_obj, const std::string& levels_name,
+                               int threads) {
+  auto z = require_array<float>(z_obj, "z", 2);
+  auto hinv = require_array<float>(hinv_obj, "hinv", 3);
+  const Levels levels = parse_levels(levels_name);
+  const int64_t groups = hinv.shape(0), m = hinv.shape(1);
+  require_shape(hinv, "hinv", {groups, m, m});
+  if (groups == 0 || z.shape(0) % groups != 0)
+    throw py::value_error("z.shape[0] must be a multiple of hinv.shape[0] (rows per factor), got " +
+                          std::to_string(z.shape(0)) + " and " + std::to_string(groups));
+  require_shape(z, "z", {z.shape(0), m});
+  const int64_t n = z.shape(0) / groups;
+  const float* tau_ptr = nullptr;
+  py::array_t<float> tau;
+  if (levels == Levels::ternary) {
+    if (tau_obj.is_none()) throw py::value_error("tau is required for ternary levels");
+    tau = require_array<float>(tau_obj, "tau", 1);
+    require_shape(tau, "tau", {z.shape(0)});
+    tau_ptr = tau.data();
+  }
+  py::array_t<float> codes({z.shape(0), m});
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = gram_select_codes(z.data(), groups, n, m, hinv.data(), tau_ptr, levels,
+                           codes.mutable_data(), threads);
+  }
+  check_status(st, "gram_select_codes");
+  return codes;
+}
+
 }  // namespace
 
 void bind_core(py::module_& m) {
@@ -211,6 +244,11 @@ void bind_core(py::module_& m) {
         py::arg("order") = 1, py::arg("levels") = "ternary", py::arg("threads") = 0,
         "Modulate each row of z (float32 [rows, m], normalised) to codes int8 [rows, m].\n"
         "tau: float32 [rows] ternary thresholds (required for ternary). threads<=0: all cores.");
+  m.def("gram_select_codes", &gram_select, py::arg("z"), py::arg("hinv"),
+        py::arg("tau") = py::none(), py::arg("levels") = "ternary", py::arg("threads") = 0,
+        "Sequential rounding (gram_select.h) of z (float32 [groups * n, m]) against the upper\n"
+        "factors hinv (float32 [groups, m, m]; rows g*n.. use hinv[g]) -> codes float32 [groups*n, m].\n"
+        "tau: float32 [groups * n] ternary thresholds (required for ternary). threads<=0: all cores.");
   m.def("fwht", &fwht_inplace, py::arg("x"), py::arg("signs") = py::none(),
         py::arg("inverse") = false, py::arg("threads") = 0,
         "In place on float32 [rows, n], n a power of two: x <- H diag(signs) x / sqrt(n)\n"

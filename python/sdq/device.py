@@ -71,17 +71,30 @@ def resampler(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
     return blocks.resampler(n_in, n_out).to(device)
 
 
+_caller_threads: int | None = None  # torch's threads outside single_thread_on_cpu
+
+
 @contextlib.contextmanager
 def single_thread_on_cpu(dev: torch.device):
     """One torch intra-op thread inside the block, on the CPU only. Code selection is thousands of
     small ops per block ([rows, <=256] updates), where the threads' fork and join cost more than
-    they save: measured 2-30x slower per block with 2 threads on 2 busy cores, never faster."""
+    they save: measured 2-30x slower per block with 2 threads on 2 busy cores, never faster.
+    The core's own loops inside still use the caller's threads (caller_threads())."""
+    global _caller_threads
     if dev.type != "cpu":
         yield
         return
     threads = torch.get_num_threads()
+    outer, _caller_threads = _caller_threads, threads if _caller_threads is None else _caller_threads
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        _caller_threads = outer
+
+
+def caller_threads() -> int:
+    """The threads the caller gave torch (torch.get_num_threads() outside single_thread_on_cpu):
+    what a core routine called inside such a block should use."""
+    return _caller_threads or torch.get_num_threads()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .. import blocks, device
+from .._native import core
 from ..config import SDQConfig
 from ..gptq import damped_inverse_cholesky
 from .normalise import FP16_MAX, normalise, quantile_lastdim
@@ -49,26 +50,36 @@ def _ignore(what: str) -> None:
     pass
 
 
-def _gram_factor(D: torch.Tensor, C: torch.Tensor | None, damp: float, note: Note):
-    """(Hinv float32 [m, m], C used): GPTQ's factor of G = D^T C D, damped by `damp` x mean diag.
+def _gram_factors(D: torch.Tensor, C: torch.Tensor | None, damps: list[float], note: Note):
+    """(Hinv float32 [k, m, m], C used): GPTQ's factor of G = D^T C D damped by each of `damps`
+    x mean diag (G formed once).
 
-    A G that does not factorise at that damping gets more (damped_inverse_cholesky); a covariance
-    that no damping makes usable (non-finite, or no mean diagonal) is dropped for the identity,
-    i.e. this block gets uncalibrated codes. D^T D always factorises once damped.
+    A G that does not factorise at a damping gets more (damped_inverse_cholesky); a covariance
+    that no damping makes usable (non-finite, or no mean diagonal) is dropped for the identity at
+    every damping, i.e. this block gets uncalibrated codes. D^T D always factorises once damped.
     """
     if C is not None:
-        U, used = damped_inverse_cholesky(D.T @ (C @ D), damp)
-        if U is not None:
-            if used != damp:
-                note(f"Gram matrix damped by {used:g} x mean diag (gram_damp={damp:g} failed)")
-            return U.float(), C
+        factors = _factors_of(D.T @ (C @ D), damps, note)
+        if factors is not None:
+            return factors, C
         note("input covariance unusable (no damping made it factorise): uncalibrated codes")
-    U, used = damped_inverse_cholesky(D.T @ D, damp)
-    if U is None:  # unreachable: D^T D is finite with a positive diagonal
+    factors = _factors_of(D.T @ D, damps, note)
+    if factors is None:  # unreachable: D^T D is finite with a positive diagonal
         raise ValueError("the down-sampler's Gram matrix does not factorise: this is a bug in sdq")
-    if used != damp:
-        note(f"Gram matrix damped by {used:g} x mean diag (gram_damp={damp:g} failed)")
-    return U.float(), None
+    return factors, None
+
+
+def _factors_of(G: torch.Tensor, damps: list[float], note: Note) -> torch.Tensor | None:
+    """damped_inverse_cholesky of G at each damping, stacked (float32); None if one fails."""
+    factors = {}
+    for damp in dict.fromkeys(damps):
+        U, used = damped_inverse_cholesky(G, damp)
+        if U is None:
+            return None
+        if used != damp:
+            note(f"Gram matrix damped by {used:g} x mean diag (gram_damp={damp:g} failed)")
+        factors[damp] = U.float()
+    return torch.stack([factors[d] for d in damps])
 
 
 def _round_into(out: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | None,
@@ -86,7 +97,25 @@ def select_codes(z: torch.Tensor, Hinv: torch.Tensor, tau: torch.Tensor | None,
     """GPTQ's sequential rounding of rows z [n, m] against Hinv [m, m] (upper, from
     damped_inverse_cholesky); float32 codes [n, m] on z's device. Hinv may also be a stack
     [k, m, m]: z then holds k groups of n / k rows, group i rounded against Hinv[i] (the
-    settings of the code search, all in one loop).
+    settings of the code search, all in one call).
+
+    On the CPU the core does it (cpp/include/sdq/gram_select.h: one row's chain at a time, in
+    SIMD lanes; ~10x faster than the torch loop below, which other devices run). Both compute
+    the same recurrence; float32 rounding differs with the order of the updates.
+    """
+    if z.device.type != "cpu":
+        return _select_codes_torch(z, Hinv, tau, batch)
+    Hs = Hinv if Hinv.dim() == 3 else Hinv[None]
+    as_np = lambda t: np.ascontiguousarray(t.detach().to(torch.float32).numpy())  # noqa: E731
+    codes = core().gram_select_codes(as_np(z), as_np(Hs), None if tau is None else as_np(tau),
+                                     "binary" if tau is None else "ternary",
+                                     device.caller_threads())
+    return torch.from_numpy(codes)
+
+
+def _select_codes_torch(z: torch.Tensor, Hinv: torch.Tensor, tau: torch.Tensor | None,
+                        batch: int = 128) -> torch.Tensor:
+    """select_codes as torch ops, for any device.
 
     Sample j is rounded, and its error (z_j - q_j) / Hinv[j, j] is pushed onto the samples after
     it through row j of Hinv; inside a batch of `batch` samples at once, onto later batches in
@@ -201,14 +230,13 @@ def refit_scale_mean(a: torch.Tensor, w: torch.Tensor, C: torch.Tensor | None):
     return s, mu, ~usable & plain_solved
 
 
-def _codes_and_fit(z: torch.Tensor, target: torch.Tensor, D: torch.Tensor, Hinv: torch.Tensor,
-                   C: torch.Tensor | None, cfg: SDQConfig, note: Note):
-    """Sequential codes for z [k n, m] (k stacked candidate normalisations of the n rows), their
-    (s, mu) fit (fp16; the best fp16 pair unless scale_search is "closed_form") and weighted
-    error per row [k n] (inf where the fit leaves the fp16 range)."""
-    tau = None
-    if cfg.levels == "ternary":
-        tau = quantile_lastdim(z.abs(), cfg.p_cut).float()
+def _codes_and_fit(z: torch.Tensor, tau: torch.Tensor | None, target: torch.Tensor,
+                   D: torch.Tensor, Hinv: torch.Tensor, C: torch.Tensor | None, cfg: SDQConfig,
+                   note: Note):
+    """Sequential codes for z [k n, m] (k stacked candidate normalisations of the n rows, tau
+    [k n] their ternary thresholds or None), their (s, mu) fit (fp16; the best fp16 pair unless
+    scale_search is "closed_form") and weighted error per row [k n] (inf where the fit leaves
+    the fp16 range)."""
     q = select_codes(z, Hinv, tau)
     a = q.double() @ D.T
     target = target.repeat(z.shape[0] // target.shape[0], 1)
@@ -230,15 +258,6 @@ def _settings(cfg: SDQConfig) -> list[tuple[float, float]]:
     return [(cfg.gram_damp * d, f * g) for d, f in search for g in grid]
 
 
-def _gram_factors(D: torch.Tensor, C: torch.Tensor | None, damps: list[float], note: Note):
-    """(Hinv stack float32 [k, m, m], C used): _gram_factor at each damping. Should any of them
-    drop C (unusable at every damping, so in practice all or none), all use the identity."""
-    factors = {d: _gram_factor(D, C, d, note) for d in dict.fromkeys(damps)}
-    if any(used is None for _, used in factors.values()) and C is not None:
-        factors = {d: _gram_factor(D, None, d, note) for d in factors}
-    return torch.stack([factors[d][0] for d in damps]), next(iter(factors.values()))[1]
-
-
 def gram_codes(u: torch.Tensor, target: torch.Tensor, g: blocks.BlockGroup, cfg: SDQConfig,
                C: torch.Tensor | None = None, note: Note | None = None):
     """Codes for rows u [n, m] (up-sampled, rotated) whose block is target [n, padded].
@@ -256,8 +275,12 @@ def gram_codes(u: torch.Tensor, target: torch.Tensor, g: blocks.BlockGroup, cfg:
     D = device.resampler(g.m, g.padded, u.device)  # [padded, m]
     settings = _settings(cfg)
     Hinv, C = _gram_factors(D, C, [d for d, _ in settings], note)
-    q, s16, mu16, err = _codes_and_fit(torch.cat([z / f for _, f in settings]), target, D, Hinv,
-                                       C, cfg, note)
+    # quantile(|z / f|) = quantile(|z|) / f: one sort serves every setting
+    tau = quantile_lastdim(z.abs(), cfg.p_cut) if cfg.levels == "ternary" else None
+    q, s16, mu16, err = _codes_and_fit(
+        torch.cat([z / f for _, f in settings]),
+        None if tau is None else torch.cat([tau / f for _, f in settings]).float(),
+        target, D, Hinv, C, cfg, note)
     if len(settings) > 1:
         n = z.shape[0]
         pick = err.view(len(settings), n).argmin(0) * n + torch.arange(n, device=z.device)

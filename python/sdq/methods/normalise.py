@@ -16,7 +16,10 @@ FP16_MAX = 65504.0
 
 def quantile_lastdim(x: torch.Tensor, p: float) -> torch.Tensor:
     """numpy's default 'linear' quantile along the last axis (torch.quantile caps its input size)."""
-    v, _ = torch.sort(x, dim=-1)
+    if x.device.type == "cpu":  # numpy sorts rows of a few hundred values ~10x faster than torch
+        v = torch.from_numpy(np.sort(x.detach().numpy(), axis=-1))
+    else:
+        v, _ = torch.sort(x, dim=-1)
     pos = p * (x.shape[-1] - 1)
     lo = int(np.floor(pos))
     hi = min(lo + 1, x.shape[-1] - 1)
