@@ -28,7 +28,7 @@ def _reference_round(v, tau):
 def test_select_codes_matches_gptq_columnwise(ternary, m):
     """The torch code-selection loop (what non-CPU devices run) is GPTQ on the Gram matrix: same
     codes as the generic engine, whose lazy batches it shares. (The CPU's core loop is checked
-    against its own float32 reference in test_gram_select.py.)"""
+    against its own float32 reference in test_gram_codes.py.)"""
     gen = torch.Generator().manual_seed(m + ternary)
     z = torch.randn(40, m, generator=gen, dtype=torch.float64)
     D = blocks.resampler(m, m // 2)

@@ -8,7 +8,7 @@
 #include "sdq/bitplane.h"
 #include "sdq/encode.h"
 #include "sdq/fwht.h"
-#include "sdq/gram_select.h"
+#include "sdq/gram_codes.h"
 #include "sdq/layout.h"
 #include "sdq/modulator.h"
 #include "sdq/resample.h"
@@ -236,6 +236,31 @@ py::array_t<float> gram_select(const py::object& z_obj, const py::object& hinv_o
   return codes;
 }
 
+void gram_refine(const py::object& q_obj, const py::object& h_obj, const py::object& G_obj,
+                 const py::object& active_obj, const std::string& levels_name, int threads) {
+  auto q = require_writable<float>(q_obj, "q", 2);
+  auto h = require_writable<float>(h_obj, "h", 2);
+  auto G = require_array<float>(G_obj, "G", 2);
+  const Levels levels = parse_levels(levels_name);
+  const int64_t n = q.shape(0), m = q.shape(1);
+  require_shape(h, "h", {n, m});
+  require_shape(G, "G", {m, m});
+  const uint8_t* active_ptr = nullptr;
+  py::array_t<uint8_t> active;
+  if (!active_obj.is_none()) {
+    active = require_array<uint8_t>(active_obj, "active", 1);
+    require_shape(active, "active", {n});
+    active_ptr = active.data();
+  }
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = gram_refine_pass(q.mutable_data(), h.mutable_data(), n, m, G.data(), active_ptr, levels,
+                          threads);
+  }
+  check_status(st, "gram_refine_pass");
+}
+
 }  // namespace
 
 void bind_core(py::module_& m) {
@@ -246,9 +271,13 @@ void bind_core(py::module_& m) {
         "tau: float32 [rows] ternary thresholds (required for ternary). threads<=0: all cores.");
   m.def("gram_select_codes", &gram_select, py::arg("z"), py::arg("hinv"),
         py::arg("tau") = py::none(), py::arg("levels") = "ternary", py::arg("threads") = 0,
-        "Sequential rounding (gram_select.h) of z (float32 [groups * n, m]) against the upper\n"
+        "Sequential rounding (gram_codes.h) of z (float32 [groups * n, m]) against the upper\n"
         "factors hinv (float32 [groups, m, m]; rows g*n.. use hinv[g]) -> codes float32 [groups*n, m].\n"
         "tau: float32 [groups * n] ternary thresholds (required for ternary). threads<=0: all cores.");
+  m.def("gram_refine_pass", &gram_refine, py::arg("q"), py::arg("h"), py::arg("G"),
+        py::arg("active") = py::none(), py::arg("levels") = "ternary", py::arg("threads") = 0,
+        "One coordinate-descent pass (gram_codes.h) over codes q (float32 [n, m], in place) with\n"
+        "residual h (float32 [n, m], consumed) and G (float32 [m, m]); active: uint8 [n] or None.");
   m.def("fwht", &fwht_inplace, py::arg("x"), py::arg("signs") = py::none(),
         py::arg("inverse") = false, py::arg("threads") = 0,
         "In place on float32 [rows, n], n a power of two: x <- H diag(signs) x / sqrt(n)\n"

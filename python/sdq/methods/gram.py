@@ -99,7 +99,7 @@ def select_codes(z: torch.Tensor, Hinv: torch.Tensor, tau: torch.Tensor | None,
     [k, m, m]: z then holds k groups of n / k rows, group i rounded against Hinv[i] (the
     settings of the code search, all in one call).
 
-    On the CPU the core does it (cpp/include/sdq/gram_select.h: one row's chain at a time, in
+    On the CPU the core does it (cpp/include/sdq/gram_codes.h: one row's chain at a time, in
     SIMD lanes; ~10x faster than the torch loop below, which other devices run). Both compute
     the same recurrence; float32 rounding differs with the order of the updates.
     """

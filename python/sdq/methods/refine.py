@@ -17,8 +17,11 @@ refinement never raises the error it minimises.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from .. import device
+from .._native import core
 from .normalise import FP16_MAX
 from .scale_search import Quadratic, best_fp16
 
@@ -44,8 +47,24 @@ def one_pass(q: torch.Tensor, h: torch.Tensor, G: torch.Tensor, ternary: bool,
     Code j moves to the level nearest to q_j - h_j / G_jj, which never raises E (a 1-D convex
     quadratic): binary, a flip (d = -2 q_j, E' - E = 4 s^2 (G_jj - q_j h_j)) exactly when
     q_j h_j > G_jj; ternary, round and clamp. A row with h = 0 stays put, hence inactive rows'
-    h is zeroed. The fewest torch ops per step: this loop runs m times per block.
+    h is zeroed. On the CPU the core runs the sweep (cpp/include/sdq/gram_codes.h: each row's
+    chain in SIMD lanes); other devices run the torch loop below, the fewest ops per step (it
+    runs m times per block). Same recurrence; float32 rounding differs with the update order.
     """
+    if q.device.type == "cpu":
+        as_np = lambda t: np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)  # noqa: E731
+        codes = as_np(q)  # q's own memory when q is contiguous float32
+        core().gram_refine_pass(codes, as_np(h), as_np(G),
+                                np.ascontiguousarray(active.numpy(), dtype=np.uint8),
+                                "ternary" if ternary else "binary", device.caller_threads())
+        q.copy_(torch.from_numpy(codes))
+    else:
+        _one_pass_torch(q, h, G, ternary, active)
+
+
+def _one_pass_torch(q: torch.Tensor, h: torch.Tensor, G: torch.Tensor, ternary: bool,
+                    active: torch.Tensor) -> None:
+    """one_pass as torch ops, for any device."""
     qT, hT = q.T.contiguous(), h.T.contiguous()  # sample-major: each step reads contiguous rows
     hT[:, ~active] = 0
     m, n = qT.shape

@@ -1,6 +1,7 @@
-"""The core's sequential rounding (cpp/include/sdq/gram_select.h) against a plain NumPy float32
-reference of the same recurrence, on random and adversarial shapes; and sdq's CPU code selection
-(which calls it) against the torch loop that other devices run."""
+"""The core's two Gram loops (cpp/include/sdq/gram_codes.h: sequential rounding, and one
+coordinate-descent pass) against plain NumPy float32 references of the same recurrences, on random
+and adversarial shapes; and sdq's CPU code selection and refinement (which call them) against the
+torch loops that other devices run."""
 import numpy as np
 import pytest
 import torch
@@ -9,10 +10,11 @@ from sdq import blocks
 from sdq._native import core
 from sdq.gptq import damped_inverse_cholesky
 from sdq.methods.gram import _select_codes_torch, select_codes
+from sdq.methods.refine import _one_pass_torch, one_pass
 
 
 def _reference(z, hinv, tau):
-    """gram_select.h's recurrence, one row at a time, in float32 (no fused multiply-add)."""
+    """gram_codes.h's recurrence, one row at a time, in float32 (no fused multiply-add)."""
     groups, m = hinv.shape[0], hinv.shape[1]
     n = z.shape[0] // groups
     codes = np.empty_like(z)
@@ -100,3 +102,71 @@ def test_cpu_selection_agrees_with_the_torch_loop(ternary):
     got, torch_loop = select_codes(z, hinv, tau), _select_codes_torch(z, hinv, tau)
     assert got.dtype == torch.float32 and got.shape == (3 * n, m)
     assert (got == torch_loop).float().mean() > 0.99
+
+
+def _refine_reference(q, h, G, active, ternary):
+    """gram_codes.h's refinement pass, one row at a time, in float32."""
+    q, m = q.copy(), q.shape[1]
+    for r in range(q.shape[0]):
+        if not active[r]:
+            continue
+        hr = h[r].copy()
+        for j in range(m):
+            g = G[j, j]
+            if not g > 0:
+                continue
+            if ternary:
+                t = q[r, j] + hr[j] * np.float32(-1.0 / float(g))
+                d = np.clip(np.round(t), -1, 1) - q[r, j]  # np.round: half to even
+            else:
+                d = q[r, j] * np.float32(-2) if q[r, j] * hr[j] > g else np.float32(0)
+            q[r, j] += d
+            hr[j + 1:] = hr[j + 1:] + G[j, j + 1:] * d
+    return q
+
+
+def _refine_problem(n, m, ternary, seed):
+    rng = np.random.default_rng(seed)
+    levels = [-1.0, 0.0, 1.0] if ternary else [-1.0, 1.0]
+    q = rng.choice(levels, (n, m)).astype(np.float32)
+    A = rng.standard_normal((m, m + 3)).astype(np.float32)
+    G = (A @ A.T / m).astype(np.float32)
+    G[np.arange(m) % 7 == 3, np.arange(m) % 7 == 3] *= 0  # a few samples the weighting cannot see
+    h = (rng.standard_normal((n, m)) * rng.choice([0.1, 1.0, 5.0], (n, 1))).astype(np.float32)
+    active = rng.random(n) > 0.2
+    return q, h, G, active
+
+
+@pytest.mark.parametrize("ternary", [False, True])
+@pytest.mark.parametrize("n,m", [(1, 1), (15, 7), (16, 33), (17, 64), (40, 130), (5, 256)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_core_refine_matches_reference(ternary, n, m, threads):
+    q, h, G, active = _refine_problem(n, m, ternary, n * 100 + m)
+    want = _refine_reference(q, h, G, active, ternary)
+    got = q.copy()
+    core().gram_refine_pass(got, h.copy(), G, active.astype(np.uint8),
+                            "ternary" if ternary else "binary", threads)
+    np.testing.assert_array_equal(got, want)
+    assert (got[~active] == q[~active]).all()
+    if n * m >= 100:
+        assert (got != q).any()  # the pass does something on these problems
+
+
+def test_core_refine_ties_round_half_to_even():
+    """t = q + h * (-1 / G_jj) exactly at +-0.5 and +-1.5: rounds to even, as torch.round does."""
+    G = np.eye(4, dtype=np.float32)
+    q = np.zeros((1, 4), np.float32)
+    h = np.array([[-0.5, 0.5, -1.5, 1.5]], np.float32)
+    core().gram_refine_pass(q, h.copy(), G, None, "ternary", 1)
+    np.testing.assert_array_equal(q, [[0.0, 0.0, 1.0, -1.0]])
+
+
+@pytest.mark.parametrize("ternary", [False, True])
+def test_cpu_refine_agrees_with_the_torch_loop(ternary):
+    q, h, G, active = _refine_problem(96, 256, ternary, 3)
+    got, loop = torch.from_numpy(q.copy()), torch.from_numpy(q.copy())
+    act = torch.from_numpy(active)
+    one_pass(got, torch.from_numpy(h.copy()), torch.from_numpy(G), ternary, act)
+    _one_pass_torch(loop, torch.from_numpy(h.copy()), torch.from_numpy(G), ternary, act)
+    assert (got == loop).float().mean() > 0.99
+    assert (got != torch.from_numpy(q)).any()

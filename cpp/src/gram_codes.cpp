@@ -1,13 +1,14 @@
-// Sequential rounding against a Gram factor (gram_select.h).
+// Code selection and refinement against a Gram matrix (gram_codes.h).
 //
 // Like the modulator, a thread takes tiles of kLanes rows of one group and runs them in lock-step,
 // transposed to [sample][lane] so that every update is a loop over lanes the compiler turns into
 // SIMD. The whole transposed tile (m x kLanes floats, 16 KiB at m = 256) stays in L1 while the
 // factor's row j streams past it. Built with -ffp-contract=off (CMakeLists.txt): a fused
 // multiply-add would round differently from the reference.
-#include "sdq/gram_select.h"
+#include "sdq/gram_codes.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -21,12 +22,12 @@ constexpr int64_t kLanes = 16;
 typedef float lanes_f __attribute__((vector_size(kLanes * sizeof(float))));
 
 // Unaligned loads and stores of a lane vector (the scratch is a plain float buffer).
-inline lanes_f load(const float* p) {
+__attribute__((always_inline)) inline lanes_f load(const float* p) {
   lanes_f v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void store(float* p, lanes_f v) { std::memcpy(p, &v, sizeof v); }
+__attribute__((always_inline)) inline void store(float* p, lanes_f v) { std::memcpy(p, &v, sizeof v); }
 
 // One tile: rows r0 .. r0+lanes-1 of one group, factor U, transposed scratch zt [m][kLanes].
 template <bool Ternary>
@@ -60,7 +61,57 @@ __attribute__((always_inline)) inline void run_tile(const float* z, const float*
   }
 }
 
-// One non-template entry so GCC can clone it per instruction set and pick at load time.
+// One tile of a refinement pass: rows r0 .. r0+lanes-1 (all active), scratch qt and ht [m][kLanes].
+template <bool Ternary>
+__attribute__((always_inline)) inline void refine_tile(float* q, float* h, const float* G,
+                                                       const int64_t* rows, int64_t lanes,
+                                                       int64_t m, float* qt, float* ht) {
+  std::fill(qt, qt + m * kLanes, 0.0f);
+  std::fill(ht, ht + m * kLanes, 0.0f);  // padding lanes: h = 0 never moves a code
+  for (int64_t l = 0; l < lanes; ++l) {
+    const float *qs = q + rows[l] * m, *hs = h + rows[l] * m;
+    for (int64_t j = 0; j < m; ++j) {
+      qt[j * kLanes + l] = qs[j];
+      ht[j * kLanes + l] = hs[j];
+    }
+  }
+  const lanes_f one = lanes_f{} + 1.0f, zero = lanes_f{};
+  for (int64_t j = 0; j < m; ++j) {
+    const float* row = G + j * m;
+    const float g = row[j];
+    if (!(g > 0.0f)) continue;  // the weighting cannot see this sample: leave it
+    const lanes_f qj = load(qt + j * kLanes), hj = load(ht + j * kLanes);
+    lanes_f d;
+    if (Ternary) {
+      const float a = static_cast<float>(-1.0 / static_cast<double>(g));
+      const lanes_f t = qj + hj * a;
+      lanes_f r;
+      for (int64_t l = 0; l < kLanes; ++l) r[l] = std::nearbyint(t[l]);  // half to even
+      r = r > one ? one : (r < -one ? -one : r);
+      d = r - qj;
+    } else {
+      d = qj * hj > g ? qj * -2.0f : zero;
+    }
+    store(qt + j * kLanes, qj + d);
+    for (int64_t k = j + 1; k < m; ++k) {
+      const lanes_f t = row[k] * d;
+      store(ht + k * kLanes, load(ht + k * kLanes) + t);
+    }
+  }
+  for (int64_t l = 0; l < lanes; ++l) {
+    float* dst = q + rows[l] * m;
+    for (int64_t j = 0; j < m; ++j) dst[j] = qt[j * kLanes + l];
+  }
+}
+
+// One non-template entry per loop so GCC can clone it per instruction set and pick at load time.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void refine(
+    float* q, float* h, const float* G, const int64_t* rows, int64_t lanes, int64_t m, float* qt,
+    float* ht, bool ternary) {
+  ternary ? refine_tile<true>(q, h, G, rows, lanes, m, qt, ht)
+          : refine_tile<false>(q, h, G, rows, lanes, m, qt, ht);
+}
+
 __attribute__((target_clones("avx512f", "avx2", "default"))) void tile(
     const float* z, const float* U, const float* tau, int64_t r0, int64_t lanes, int64_t m,
     float* codes, float* zt, bool ternary) {
@@ -89,7 +140,38 @@ Status select_checked(const float* z, int64_t groups, int64_t n, int64_t m, cons
   return Status::ok;
 }
 
+Status refine_checked(float* q, float* h, int64_t n, int64_t m, const float* G,
+                      const uint8_t* active, Levels levels, int threads) {
+  if (levels != Levels::binary && levels != Levels::ternary) return Status::bad_levels;
+  if (n < 0 || m < 0) return Status::bad_size;
+  if (n == 0 || m == 0) return Status::ok;
+  if (!q || !h || !G) return Status::null_pointer;
+  std::vector<int64_t> rows;  // the active rows, in order: tiles of kLanes of them
+  rows.reserve(static_cast<size_t>(n));
+  for (int64_t r = 0; r < n; ++r)
+    if (!active || active[r]) rows.push_back(r);
+  const int64_t count = static_cast<int64_t>(rows.size());
+  const int64_t tiles = (count + kLanes - 1) / kLanes;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, m * m / 64));
+  detail::parallel_for(tiles, threads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> qt(static_cast<size_t>(m * kLanes)), ht(qt.size());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = t * kLanes;
+      refine(q, h, G, rows.data() + first, std::min(kLanes, count - first), m, qt.data(),
+             ht.data(), levels == Levels::ternary);
+    }
+  });
+  return Status::ok;
+}
+
 }  // namespace
+
+Status gram_refine_pass(float* q, float* h, int64_t n, int64_t m, const float* G,
+                        const uint8_t* active, Levels levels, int threads) noexcept {
+  return detail::guarded([&] {
+    return refine_checked(q, h, n, m, G, active, levels, threads);
+  });
+}
 
 Status gram_select_codes(const float* z, int64_t groups, int64_t n, int64_t m, const float* hinv,
                          const float* tau, Levels levels, float* codes, int threads) noexcept {
