@@ -1,0 +1,100 @@
+"""What the layer solver's settings do to each linear's output error, calibration vs held-out.
+
+    python bench/code_search.py [--calib-samples 32] [--layers 0,8,16,24,29]
+
+Captures the input Hessian of every linear of the chosen decoder layers of the default model
+(full precision) twice: from the calibration sequences (seed 0) and from as many other sequences
+(seed 1, held out). Each configuration quantizes those weights with quantize_weight_calibrated
+against the calibration Hessians and reports the relative output error
+tr(E H E^T) / tr(W H W^T) (E = dequantized - W) under both, as a geometric mean over the linears:
+what the solver minimises, and what it should generalise to. Writes
+bench/results/code_search.json. A layer-level proxy: bench/quality.py measures perplexity.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+
+import torch
+
+import sdq
+from sdq.methods.sdq import quantize_weight_calibrated
+
+from _common import machine, write_json
+
+SDQ = sdq.SDQConfig
+BEFORE = dict(code_search=False, percdamp=0.01)  # the solver before the code search
+CONFIGS = {  # name -> SDQConfig keywords (codes="gram" throughout)
+    "t2 before": dict(osr=2, levels="ternary", **BEFORE),
+    "t2 percdamp 0.1": dict(osr=2, levels="ternary", code_search=False),
+    "t2 code search, percdamp 0.01": dict(osr=2, levels="ternary", percdamp=0.01),
+    "t2 default (search + percdamp 0.1)": dict(osr=2, levels="ternary"),
+    "b2 before": dict(osr=2, levels="binary", **BEFORE),
+    "b2 default": dict(osr=2, levels="binary"),
+    "t1.5 before": dict(osr=1.5, levels="ternary", **BEFORE),
+    "t1.5 default": dict(osr=1.5, levels="ternary"),
+    "b3 before": dict(osr=3, levels="binary", **BEFORE),
+    "b3 default": dict(osr=3, levels="binary"),
+}
+
+
+def capture(model, tokens, layers) -> dict:
+    """{"layer.name": (weight, Hessian)} of every linear of the given layers."""
+    from sdq.traversal import HessianAccumulator, decoder_layers, linear_modules
+    blocks = decoder_layers(model)
+    accs = {i: HessianAccumulator(blocks[i]) for i in layers}
+    for acc in accs.values():
+        acc.__enter__()
+    try:
+        for start in range(0, len(tokens), 4):
+            model(input_ids=tokens[start:start + 4])
+    finally:
+        for acc in accs.values():
+            acc.__exit__(None, None, None)
+    out = {}
+    for i, acc in accs.items():
+        linears = linear_modules(blocks[i])
+        for name, H in acc.hessians().items():
+            out[f"{i}.{name}"] = (linears[name].weight.detach().clone(), H)
+    return out
+
+
+def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    E, W, H = (Q - W).double(), W.double(), H.double()
+    return float(torch.einsum("oi,ij,oj->", E, H, E) / torch.einsum("oi,ij,oj->", W, H, W))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--layers", default="0,8,16,24,29")
+    args = ap.parse_args()
+    from sdq.data import calibration_tokens, load_model
+    torch.set_grad_enabled(False)
+    warnings.filterwarnings("ignore", category=sdq.CalibrationWarning)
+    model, tok = load_model()
+    layers = [int(x) for x in args.layers.split(",")]
+    calib = capture(model, calibration_tokens(tok, args.calib_samples, 512, seed=0), layers)
+    held = capture(model, calibration_tokens(tok, args.calib_samples, 512, seed=1), layers)
+    rows = {}
+    for name, kw in CONFIGS.items():
+        cfg = SDQ(codes="gram", **kw)
+        t0 = time.perf_counter()
+        errs = {"calibration": [], "held_out": []}
+        for key, (W, H) in calib.items():
+            Q = quantize_weight_calibrated(W, H, cfg).dequantize().float()
+            errs["calibration"].append(relative_error(W, Q, H))
+            errs["held_out"].append(relative_error(W, Q, held[key][1]))
+        gmean = {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in errs.items()}
+        rows[name] = {"config": cfg.to_dict(), **gmean, "seconds": time.perf_counter() - t0}
+        print(f"{name:38s} calibration {gmean['calibration']:.5f}  held-out "
+              f"{gmean['held_out']:.5f}  ({rows[name]['seconds']:.0f} s)", flush=True)
+    write_json("code_search.json", {"layers": layers, "calib_samples": args.calib_samples,
+                                    "linears": len(calib), "rows": rows, "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()
