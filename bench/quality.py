@@ -101,6 +101,11 @@ def _runs():
         SDQ(osr=2.4, levels="ternary", codes="gram", **before), True)
     add("sdq-gram-gptq-t2.4-search-r1", "SDQ+gram+GPTQ search-r1, ternary",
         SDQ(osr=2.4, levels="ternary", codes="gram"), True)
+    # The defaults at the OSRs that fill the llama.cpp budgets best: binary 2.25 (2.52 bits,
+    # <= Q2_K's 2.63), binary 2.75 (3.02, <= IQ3_XXS's 3.06), ternary 2.3 (<= IQ4_XS's 4.25).
+    for lv, o in (("binary", 2.25), ("binary", 2.75), ("ternary", 2.3)):
+        add(f"sdq-gram-gptq-{lv[0]}{o:g}-search-r1", f"SDQ+gram+GPTQ search-r1, {lv}",
+            SDQ(osr=o, levels=lv, codes="gram"), True)
     # Scale groups at the same all-in bits (2.5): B=64 pays 0.25 bits more for scales and
     # means than B=128, and code columns are whole 32-bit words per block (so not OSR 2.25).
     add("sdq-gram-gptq-b2-B64-r1", "SDQ+gram+GPTQ r1, binary, B=64",
