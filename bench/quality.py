@@ -101,9 +101,10 @@ def _runs():
         SDQ(osr=2.4, levels="ternary", codes="gram", **before), True)
     add("sdq-gram-gptq-t2.4-search-r1", "SDQ+gram+GPTQ search-r1, ternary",
         SDQ(osr=2.4, levels="ternary", codes="gram"), True)
-    # The defaults at the OSRs that fill the llama.cpp budgets best: binary 2.25 (2.52 bits,
-    # <= Q2_K's 2.63), binary 2.75 (3.02, <= IQ3_XXS's 3.06), ternary 2.3 (<= IQ4_XS's 4.25).
-    for lv, o in (("binary", 2.25), ("binary", 2.75), ("ternary", 2.3)):
+    # The defaults at the OSRs that fill the llama.cpp budgets best: binary 2.25 (2.54 bits,
+    # <= Q2_K's 2.63), binary 2.75 (3.04, <= IQ3_XXS's 3.06), ternary 1.85 (3.40, <= Q3_K's
+    # 3.44), ternary 2.3 (4.11, <= IQ4_XS's 4.25).
+    for lv, o in (("binary", 2.25), ("binary", 2.75), ("ternary", 2.3), ("ternary", 1.85)):
         add(f"sdq-gram-gptq-{lv[0]}{o:g}-search-r1", f"SDQ+gram+GPTQ search-r1, {lv}",
             SDQ(osr=o, levels=lv, codes="gram"), True)
     # Scale groups at the same all-in bits (2.5): B=64 pays 0.25 bits more for scales and

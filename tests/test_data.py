@@ -83,6 +83,16 @@ def test_strip_markup():
     assert "\n\n\n" not in text
 
 
+def test_strip_markup_drops_nodes_nested_in_kept_ones():
+    """Dropped nodes inside kept tags, links and headings go too; their neighbours stay."""
+    text = data.strip_markup("A ''kept {{t1}} words'' [[Page|shown<ref>r1</ref> text]]\n"
+                             "== Head {{t2}} ==\n<div>in [[Category:c1]] div</div>")
+    for kept in ("kept", "words", "shown", "text", "Head", "in", "div"):
+        assert kept in text
+    for gone in ("t1", "t2", "r1", "c1", "{{", "<ref"):
+        assert gone not in text
+
+
 def test_wiki_pages_skips_redirects_and_other_namespaces(tmp_path):
     ns = "http://www.mediawiki.org/xml/export-0.10/"
 

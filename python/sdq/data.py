@@ -176,12 +176,28 @@ def _wiki_pages(path: Path):
             el.clear()  # keeps memory flat over the whole dump
 
 
-def _remove_all(code, nodes) -> None:
-    for node in nodes:
-        try:
-            code.remove(node)
-        except ValueError:  # it sat inside a node removed earlier in this loop
-            pass
+def _dropped(node) -> bool:
+    """Templates, <ref>/<table>/<gallery> tags, and file, image and category links."""
+    from mwparserfromhell.nodes import Tag, Template, Wikilink
+
+    if isinstance(node, Template):
+        return True
+    if isinstance(node, Tag):
+        return str(node.tag).strip().lower() in _DROPPED_TAGS
+    if isinstance(node, Wikilink):
+        return str(node.title).split(":")[0].strip().lower() in _DROPPED_LINK_PREFIXES
+    return False
+
+
+def _prune(code) -> None:
+    """Drop the _dropped nodes at any depth, in one walk. (Wikicode.remove searches the whole tree
+    for each node: 6x slower over the dump, for the same text.)"""
+    kept = [node for node in code.nodes if not _dropped(node)]
+    if len(kept) != len(code.nodes):
+        code.nodes = kept
+    for node in kept:
+        for child in node.__children__():
+            _prune(child)
 
 
 def strip_markup(wikitext: str) -> str:
@@ -189,11 +205,7 @@ def strip_markup(wikitext: str) -> str:
     import mwparserfromhell
 
     code = mwparserfromhell.parse(wikitext)
-    _remove_all(code, code.filter_templates(recursive=True))
-    _remove_all(code, [t for t in code.filter_tags(recursive=True)
-                       if str(t.tag).strip().lower() in _DROPPED_TAGS])
-    _remove_all(code, [link for link in code.filter_wikilinks(recursive=True)
-                       if str(link.title).split(":")[0].strip().lower() in _DROPPED_LINK_PREFIXES])
+    _prune(code)
     lines = [line.strip() for line in code.strip_code().splitlines()]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
@@ -210,7 +222,7 @@ def _extract_text() -> str:
 
 
 def load_text() -> str:
-    """The Wikipedia text (~2.9 M characters), extracted once (~15 s) and cached."""
+    """The Wikipedia text (~2.9 M characters), extracted once (~5 s) and cached."""
     path = cache_dir() / TEXT_FILE_NAME
     if not path.is_file():
         text = _extract_text()
