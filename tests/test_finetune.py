@@ -95,6 +95,25 @@ def test_topk_teacher_with_the_whole_vocabulary_is_the_full_kl():
     assert topk.losses == pytest.approx(full.losses, rel=1e-4)
 
 
+def test_topk_loss_is_the_kl_with_the_tail_as_one_outcome():
+    """The top-k loss is KL(teacher || student) over the top k tokens plus one "tail" outcome:
+    never negative, zero when the student equals the teacher, and equal to that coarse KL
+    computed by hand."""
+    gen = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(3, 5, 40, generator=gen) * 2
+    student_logits = torch.randn(3, 5, 40, generator=gen) * 2
+    logp = torch.log_softmax(teacher_logits, -1)
+    top, idx = logp.topk(6, -1)
+    loss = kl_loss(student_logits, (top, idx))
+    p, q = logp.exp(), torch.softmax(student_logits, -1)
+    p_k, q_k = p.gather(-1, idx), q.gather(-1, idx)
+    coarse = (p_k * (p_k / q_k).log()).sum(-1) + (1 - p_k.sum(-1)) * (
+        (1 - p_k.sum(-1)) / (1 - q_k.sum(-1))).log()
+    assert float(loss) == pytest.approx(float(coarse.mean()), rel=1e-4)
+    assert float(loss) > 0
+    assert abs(float(kl_loss(teacher_logits, (top, idx)))) < 1e-6
+
+
 def test_topk_teacher_lowers_the_kl():
     teacher = _teacher()
     model = _student(teacher)

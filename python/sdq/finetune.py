@@ -250,13 +250,25 @@ def cached_teacher(model: nn.Module, config, calibration: torch.Tensor | None, s
 
 def _kl(student_logits: torch.Tensor, target) -> torch.Tensor:
     """Mean per-token KL(teacher || student); target: full teacher logits, or (logprobs,
-    indices) of its top k (the tail's mass left out)."""
+    indices) of its top k, the rest of the vocabulary counting as one more outcome (the tail).
+
+    Without the tail the top-k sum is no divergence: it rewards moving the student's mass from
+    the tail into the top k whatever the teacher's tail holds (it even goes negative), and tuning
+    it raised the full KL where the top k leave much mass out (tiny random models)."""
     logq = F.log_softmax(student_logits.float(), -1).flatten(0, -2)
     if isinstance(target, torch.Tensor):
         logp = F.log_softmax(target.float(), -1).flatten(0, -2)
         return F.kl_div(logq, logp, log_target=True, reduction="batchmean")
     logp, idx = (t.flatten(0, -2) for t in target)
-    return (logp.exp() * (logp - logq.gather(-1, idx))).sum() / logp.shape[0]
+    p = logp.exp()
+    top = (p * (logp - logq.gather(-1, idx))).sum()
+    if idx.shape[-1] >= logq.shape[-1]:  # the whole vocabulary: no tail
+        return top / logp.shape[0]
+    p_tail = (1 - p.sum(-1)).clamp_min(0)
+    logq_tail = logq.scatter(-1, idx, float("-inf")).logsumexp(-1)  # exact, no 1 - sum
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-30).log() - logq_tail),
+                       torch.zeros_like(p_tail)).sum()
+    return (top + tail) / logp.shape[0]
 
 
 # ----------------------------------------------------------------------------- the loop
