@@ -78,7 +78,7 @@ def _factors_of(G: torch.Tensor, damps: list[float], note: Note) -> torch.Tensor
         if U is None:
             return None
         if used != damp:
-            note(f"Gram matrix damped by {used:g} x mean diag (gram_damp={damp:g} failed)")
+            note(f"Gram matrix damped by {used:g} x mean diag (damping {damp:g} failed)")
         factors[damp] = U.float()
     return torch.stack([factors[d] for d in damps])
 
