@@ -8,7 +8,10 @@ calibrated). Choosing the codes one sample at a time and pushing each sample's r
 the samples not yet chosen with G's inverse Cholesky factor is exactly GPTQ on G, so the GPTQ engine
 does it. G has rank <= padded < m, hence the damping (gram_damp * mean diag). Afterwards the scale
 and mean are refitted per row by (weighted) least squares for the chosen codes, stored as the best
-fp16 pair (scale_search.py), and the codes are refined by coordinate descent (refine.py).
+fp16 pair (scale_search.py), and the codes are refined by coordinate descent (refine.py). With the
+code search (the default) this runs for a few (damping, normalisation scale) settings at once and
+each row keeps its best (CODE_SEARCH). On the CPU the two sequential loops run in the core
+(cpp/include/sdq/gram_codes.h).
 
 Calibration data can be dead or too thin to pin C down (few tokens, MoE experts): the damping then
 grows until G factorises, a C that stays unusable is replaced by the identity, and a weighted refit
