@@ -170,3 +170,12 @@ def test_cpu_refine_agrees_with_the_torch_loop(ternary):
     _one_pass_torch(loop, torch.from_numpy(h.copy()), torch.from_numpy(G), ternary, act)
     assert (got == loop).float().mean() > 0.99
     assert (got != torch.from_numpy(q)).any()
+
+
+@pytest.mark.parametrize("select", [select_codes, _select_codes_torch])
+def test_selection_leaves_its_input_alone(select):
+    """One row (its transposed copy would otherwise alias it), float32 in: z is not written."""
+    z = torch.randn(1, 16, generator=torch.Generator().manual_seed(2))
+    before = z.clone()
+    select(z, torch.from_numpy(_factors(1, 16, 1)[0]), z.abs().quantile(0.5, dim=1))
+    assert torch.equal(z, before)

@@ -131,7 +131,8 @@ def _select_codes_torch(z: torch.Tensor, Hinv: torch.Tensor, tau: torch.Tensor |
     k, m = Hs.shape[0], z.shape[1]
     n = z.shape[0] // k
     # [k, m, n]: row j of group i = sample j of that group's rows
-    Zt = z.to(torch.float32).reshape(k, n, m).transpose(1, 2).contiguous()
+    Zt = z.to(torch.float32).reshape(k, n, m).transpose(1, 2).clone(  # never z's own memory
+        memory_format=torch.contiguous_format)
     inv_diag = 1.0 / torch.diagonal(Hs, dim1=1, dim2=2)[:, :, None]  # [k, m, 1]
     tau = None if tau is None else tau.to(torch.float32).reshape(k, n)
     Q = torch.empty_like(Zt)
