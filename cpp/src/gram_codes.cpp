@@ -27,7 +27,9 @@ __attribute__((always_inline)) inline lanes_f load(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-__attribute__((always_inline)) inline void store(float* p, lanes_f v) { std::memcpy(p, &v, sizeof v); }
+__attribute__((always_inline)) inline void store(float* p, lanes_f v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
 // One tile: rows r0 .. r0+lanes-1 of one group, factor U, transposed scratch zt [m][kLanes].
 template <bool Ternary>

@@ -4,8 +4,9 @@
 // of operations (products, then sums: never fused), so a float32 reference doing the same
 // operations gets bit-identical codes.
 //
-// gram_select_codes: each row of z is an independent chain over its m samples. For group g (rows g*n .. g*n+n-1)
-// with upper-triangular factor U = hinv[g] ([m, m], row-major; U^T U = G^-1):
+// gram_select_codes: each row of z is an independent chain over its m samples. For group g
+// (rows g*n .. g*n+n-1) with upper-triangular factor U = hinv[g] ([m, m], row-major;
+// U^T U = G^-1):
 //   for j = 0 .. m-1:
 //     q[j] = Q(z[j])                          (Q as in modulator.h: binary sign, ternary tau[row])
 //     e    = (z[j] - q[j]) * (1 / U[j][j])     (1 / U[j][j] rounded to float32 first)
