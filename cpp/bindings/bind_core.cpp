@@ -16,6 +16,16 @@
 namespace sdq::bind {
 namespace {
 
+// The per-row ternary thresholds tau (float32 [rows]) that ternary levels require; an empty array
+// for binary levels, which do not read them.
+py::array_t<float> ternary_thresholds(const py::object& tau_obj, Levels levels, int64_t rows) {
+  if (levels != Levels::ternary) return py::array_t<float>();
+  if (tau_obj.is_none()) throw py::value_error("tau is required for ternary levels");
+  auto tau = require_array<float>(tau_obj, "tau", 1);
+  require_shape(tau, "tau", {rows});
+  return tau;
+}
+
 py::array_t<int8_t> modulate(const py::object& z_obj, const py::object& tau_obj, int order,
                              const std::string& levels_name, int threads) {
   auto z = require_array<float>(z_obj, "z", 2);
@@ -23,14 +33,8 @@ py::array_t<int8_t> modulate(const py::object& z_obj, const py::object& tau_obj,
   if (order != 1 && order != 2)
     throw py::value_error("order must be 1 or 2, got " + std::to_string(order));
   const int64_t rows = z.shape(0), m = z.shape(1);
-  const float* tau_ptr = nullptr;
-  py::array_t<float> tau;
-  if (levels == Levels::ternary) {
-    if (tau_obj.is_none()) throw py::value_error("tau is required for ternary levels");
-    tau = require_array<float>(tau_obj, "tau", 1);
-    require_shape(tau, "tau", {rows});
-    tau_ptr = tau.data();
-  }
+  const py::array_t<float> tau = ternary_thresholds(tau_obj, levels, rows);
+  const float* tau_ptr = levels == Levels::ternary ? tau.data() : nullptr;
   py::array_t<int8_t> codes({rows, m});
   Status st;
   {
@@ -217,14 +221,8 @@ py::array_t<float> gram_select(const py::object& z_obj, const py::object& hinv_o
                           std::to_string(z.shape(0)) + " and " + std::to_string(groups));
   require_shape(z, "z", {z.shape(0), m});
   const int64_t n = z.shape(0) / groups;
-  const float* tau_ptr = nullptr;
-  py::array_t<float> tau;
-  if (levels == Levels::ternary) {
-    if (tau_obj.is_none()) throw py::value_error("tau is required for ternary levels");
-    tau = require_array<float>(tau_obj, "tau", 1);
-    require_shape(tau, "tau", {z.shape(0)});
-    tau_ptr = tau.data();
-  }
+  const py::array_t<float> tau = ternary_thresholds(tau_obj, levels, z.shape(0));
+  const float* tau_ptr = levels == Levels::ternary ? tau.data() : nullptr;
   py::array_t<float> codes({z.shape(0), m});
   Status st;
   {

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 
 @functools.lru_cache(maxsize=None)
 def core():
@@ -14,3 +16,9 @@ def core():
             "sdq's compiled core (sdq._core) is missing: install sdq with `pip install .` "
             f"from a source checkout ({e})") from e
     return _core
+
+
+def float32_array(t) -> np.ndarray:
+    """A CPU tensor as the C-contiguous float32 NumPy array the core's entry points take (the
+    tensor's own memory when it already is one)."""
+    return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import blocks, device
-from .._native import core
+from .._native import core, float32_array
 from ..config import SDQConfig
 from ..gptq import damped_inverse_cholesky
 from .normalise import FP16_MAX, normalise, quantile_lastdim
@@ -110,8 +110,8 @@ def select_codes(z: torch.Tensor, Hinv: torch.Tensor, tau: torch.Tensor | None,
     if z.device.type != "cpu":
         return _select_codes_torch(z, Hinv, tau, batch)
     Hs = Hinv if Hinv.dim() == 3 else Hinv[None]
-    as_np = lambda t: np.ascontiguousarray(t.detach().to(torch.float32).numpy())  # noqa: E731
-    codes = core().gram_select_codes(as_np(z), as_np(Hs), None if tau is None else as_np(tau),
+    codes = core().gram_select_codes(float32_array(z), float32_array(Hs),
+                                     None if tau is None else float32_array(tau),
                                      "binary" if tau is None else "ternary",
                                      device.caller_threads())
     return torch.from_numpy(codes)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import device
-from .._native import core
+from .._native import core, float32_array
 from .normalise import FP16_MAX
 from .scale_search import Quadratic, best_fp16
 
@@ -52,9 +52,8 @@ def one_pass(q: torch.Tensor, h: torch.Tensor, G: torch.Tensor, ternary: bool,
     runs m times per block). Same recurrence; float32 rounding differs with the update order.
     """
     if q.device.type == "cpu":
-        as_np = lambda t: np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)  # noqa: E731
-        codes = as_np(q)  # q's own memory when q is contiguous float32
-        core().gram_refine_pass(codes, as_np(h), as_np(G),
+        codes = float32_array(q)  # q's own memory when q is contiguous float32
+        core().gram_refine_pass(codes, float32_array(h), float32_array(G),
                                 np.ascontiguousarray(active.numpy(), dtype=np.uint8),
                                 "ternary" if ternary else "binary", device.caller_threads())
         q.copy_(torch.from_numpy(codes))
