@@ -13,6 +13,7 @@ bench/results/code_search.json. A layer-level proxy: bench/quality.py measures p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 import warnings
@@ -44,15 +45,10 @@ def capture(model, tokens, layers) -> dict:
     """{"layer.name": (weight, Hessian)} of every linear of the given layers."""
     from sdq.traversal import HessianAccumulator, decoder_layers, linear_modules
     blocks = decoder_layers(model)
-    accs = {i: HessianAccumulator(blocks[i]) for i in layers}
-    for acc in accs.values():
-        acc.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:  # every chosen layer's hooks, one forward of the model
+        accs = {i: stack.enter_context(HessianAccumulator(blocks[i])) for i in layers}
         for start in range(0, len(tokens), 4):
             model(input_ids=tokens[start:start + 4])
-    finally:
-        for acc in accs.values():
-            acc.__exit__(None, None, None)
     out = {}
     for i, acc in accs.items():
         linears = linear_modules(blocks[i])
