@@ -31,6 +31,12 @@ __attribute__((always_inline)) inline void store(float* p, lanes_f v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// Tiles per parallel chunk: a tile costs ~m^2 / 2 lane updates, and a chunk should be worth tens
+// of microseconds.
+int64_t tiles_per_chunk(int64_t m) {
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, m * m / 64));
+}
+
 // One tile: rows r0 .. r0+lanes-1 of one group, factor U, transposed scratch zt [m][kLanes].
 template <bool Ternary>
 __attribute__((always_inline)) inline void run_tile(const float* z, const float* U,
@@ -128,8 +134,7 @@ Status select_checked(const float* z, int64_t groups, int64_t n, int64_t m, cons
   if (groups == 0 || n == 0 || m == 0) return Status::ok;
   if (!z || !hinv || !codes || (levels == Levels::ternary && !tau)) return Status::null_pointer;
   const int64_t tiles_per_group = (n + kLanes - 1) / kLanes;
-  // a tile costs ~m^2 / 2 lane updates: split so a chunk is worth tens of microseconds
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, m * m / 64));
+  const int64_t grain = tiles_per_chunk(m);
   detail::parallel_for(groups * tiles_per_group, threads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> zt(static_cast<size_t>(m * kLanes));
     for (int64_t t = begin; t < end; ++t) {
@@ -154,7 +159,7 @@ Status refine_checked(float* q, float* h, int64_t n, int64_t m, const float* G,
     if (!active || active[r]) rows.push_back(r);
   const int64_t count = static_cast<int64_t>(rows.size());
   const int64_t tiles = (count + kLanes - 1) / kLanes;
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, m * m / 64));
+  const int64_t grain = tiles_per_chunk(m);
   detail::parallel_for(tiles, threads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> qt(static_cast<size_t>(m * kLanes)), ht(qt.size());
     for (int64_t t = begin; t < end; ++t) {
