@@ -35,6 +35,13 @@ SDQ = sdq.SDQConfig
 # 1e-3, cosine).
 FINETUNE_STEPS = {f"sdq-gram-gptq-{tag}-ft{n}": n for tag in ("b2", "b3", "t2")
                   for n in (50, 100, 200)}
+# The OSRs that fill the llama.cpp budgets best: binary 2.25 (2.54 bits, <= Q2_K's 2.63),
+# binary 2.75 (3.04, <= IQ3_XXS's 3.06), ternary 1.85 (3.40, <= Q3_K's 3.44), ternary 2.3
+# (4.11, <= IQ4_XS's 4.25).
+BUDGET_OSRS = (("binary", 2.25), ("binary", 2.75), ("ternary", 1.85), ("ternary", 2.3))
+BEAMS = (8,)  # beam widths of the "-beamK" rows (SDQConfig.beam)
+BEAM_FINETUNE = {f"sdq-gram-gptq-{lv[0]}{o:g}-beam{k}-ft100": 100 for lv, o in BUDGET_OSRS
+                 for k in BEAMS}
 
 
 def _runs():
@@ -101,12 +108,19 @@ def _runs():
         SDQ(osr=2.4, levels="ternary", codes="gram", **before), True)
     add("sdq-gram-gptq-t2.4-search-r1", "SDQ+gram+GPTQ search-r1, ternary",
         SDQ(osr=2.4, levels="ternary", codes="gram"), True)
-    # The defaults at the OSRs that fill the llama.cpp budgets best: binary 2.25 (2.54 bits,
-    # <= Q2_K's 2.63), binary 2.75 (3.04, <= IQ3_XXS's 3.06), ternary 1.85 (3.40, <= Q3_K's
-    # 3.44), ternary 2.3 (4.11, <= IQ4_XS's 4.25).
-    for lv, o in (("binary", 2.25), ("binary", 2.75), ("ternary", 2.3), ("ternary", 1.85)):
+    # The defaults at the OSRs that fill the llama.cpp budgets best (BUDGET_OSRS); then with
+    # the codes chosen by a beam search ("-beamK"), and that tuned end to end ("-beamK-ft100").
+    for lv, o in BUDGET_OSRS:
         add(f"sdq-gram-gptq-{lv[0]}{o:g}-search-r1", f"SDQ+gram+GPTQ search-r1, {lv}",
             SDQ(osr=o, levels=lv, codes="gram"), True)
+    for k in BEAMS:
+        for lv, o in BUDGET_OSRS:
+            add(f"sdq-gram-gptq-{lv[0]}{o:g}-beam{k}", f"SDQ+gram+GPTQ beam {k}, {lv}",
+                SDQ(osr=o, levels=lv, codes="gram", beam=k), True)
+        for lv, o in BUDGET_OSRS:
+            add(f"sdq-gram-gptq-{lv[0]}{o:g}-beam{k}-ft100",
+                f"SDQ+gram+GPTQ beam {k}+finetune 100 steps, {lv}",
+                SDQ(osr=o, levels=lv, codes="gram", beam=k), True)
     # Scale groups at the same all-in bits (2.5): B=64 pays 0.25 bits more for scales and
     # means than B=128, and code columns are whole 32-bit words per block (so not OSR 2.25).
     add("sdq-gram-gptq-b2-B64-r1", "SDQ+gram+GPTQ r1, binary, B=64",
@@ -173,7 +187,7 @@ def run_one(base, tok, spec, calib, eval_ids) -> dict:
     name, family, cfg, calibrated, multi = spec
     model = copy.deepcopy(base)
     t0 = time.time()
-    steps = FINETUNE_STEPS.get(name, 0)
+    steps = {**FINETUNE_STEPS, **BEAM_FINETUNE}.get(name, 0)
     report = quantize_(model, cfg, calib if calibrated else None,
                        osr_for=_multi_osr(model, cfg, multi, calib) if multi else None,
                        finetune_steps=steps)

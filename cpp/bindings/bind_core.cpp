@@ -8,6 +8,7 @@
 #include "sdq/bitplane.h"
 #include "sdq/encode.h"
 #include "sdq/fwht.h"
+#include "sdq/gram_beam.h"
 #include "sdq/gram_codes.h"
 #include "sdq/layout.h"
 #include "sdq/modulator.h"
@@ -234,6 +235,33 @@ py::array_t<float> gram_select(const py::object& z_obj, const py::object& hinv_o
   return codes;
 }
 
+py::tuple gram_beam(const py::object& z_obj, const py::object& hinv_obj, int beam,
+                    const std::string& levels_name, int threads) {
+  auto z = require_array<float>(z_obj, "z", 2);
+  auto hinv = require_array<float>(hinv_obj, "hinv", 3);
+  const Levels levels = parse_levels(levels_name);
+  const int64_t groups = hinv.shape(0), m = hinv.shape(1);
+  require_shape(hinv, "hinv", {groups, m, m});
+  if (groups == 0 || z.shape(0) % groups != 0)
+    throw py::value_error("z.shape[0] must be a multiple of hinv.shape[0] (rows per factor), got " +
+                          std::to_string(z.shape(0)) + " and " + std::to_string(groups));
+  require_shape(z, "z", {z.shape(0), m});
+  if (beam < 1 || beam > kMaxBeam)
+    throw py::value_error("beam must be in 1.." + std::to_string(kMaxBeam) + ", got " +
+                          std::to_string(beam));
+  const int64_t n = z.shape(0) / groups;
+  py::array_t<float> codes({static_cast<int64_t>(beam), z.shape(0), m});
+  py::array_t<float> cost({static_cast<int64_t>(beam), z.shape(0)});
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = gram_beam_codes(z.data(), groups, n, m, hinv.data(), levels, beam, codes.mutable_data(),
+                         cost.mutable_data(), threads);
+  }
+  check_status(st, "gram_beam_codes");
+  return py::make_tuple(codes, cost);
+}
+
 void gram_refine(const py::object& q_obj, const py::object& h_obj, const py::object& G_obj,
                  const py::object& active_obj, const std::string& levels_name, int threads) {
   auto q = require_writable<float>(q_obj, "q", 2);
@@ -272,6 +300,11 @@ void bind_core(py::module_& m) {
         "Sequential rounding (gram_codes.h) of z (float32 [groups * n, m]) against the upper\n"
         "factors hinv (float32 [groups, m, m]; rows g*n.. use hinv[g]) -> codes float32 [groups*n, m].\n"
         "tau: float32 [groups * n] ternary thresholds (required for ternary). threads<=0: all cores.");
+  m.def("gram_beam_codes", &gram_beam, py::arg("z"), py::arg("hinv"), py::arg("beam"),
+        py::arg("levels") = "ternary", py::arg("threads") = 0,
+        "Beam search (gram_beam.h) over the sequential rounding of z (float32 [groups * n, m])\n"
+        "against hinv (float32 [groups, m, m]) -> (codes float32 [beam, groups*n, m] best first,\n"
+        "cost float32 [beam, groups*n]: each chain's damped weighted error). threads<=0: all cores.");
   m.def("gram_refine_pass", &gram_refine, py::arg("q"), py::arg("h"), py::arg("G"),
         py::arg("active") = py::none(), py::arg("levels") = "ternary", py::arg("threads") = 0,
         "One coordinate-descent pass (gram_codes.h) over codes q (float32 [n, m], in place) with\n"

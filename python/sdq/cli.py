@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import MAX_BEAM
+
 DESCRIPTION = """Sigma-Delta quantization of LLM weights to 1 bit (binary) and 1.58 bits (ternary).
 
   sdq quantize [MODEL] --out DIR   quantize a model (default: SmolLM2-135M, offline) and save it
@@ -34,6 +36,13 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _beam_width(text: str) -> int:
+    v = _nonneg_int(text)
+    if not 1 <= v <= MAX_BEAM:
+        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_BEAM}, got {text}")
     return v
 
 
@@ -67,7 +76,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--osr", type=_positive_float, default=2.0,
                    help="over-sampling ratio (average, with --multi-osr); fractional allowed, <= 16")
     p.add_argument("--levels", choices=["binary", "ternary"], default="ternary",
-                   help="binary: OSR bits/weight; ternary: 2*OSR bits/weight (plus 0.25 for scales)")
+                   help="binary: OSR bits/weight; ternary: 5/3*OSR bits/weight (trit5), both plus "
+                   "~0.3 for scales and means")
     p.add_argument("--order", type=int, choices=[1, 2], default=1, help="modulator order")
     p.add_argument("--codes", choices=["sigma_delta", "gram"], default="gram",
                    help="code selection: the paper's modulator, or sdq's Gram-matrix rounding "
@@ -79,6 +89,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--no-code-search", action="store_true",
                    help="gram codes: choose codes for one (damping, scale) setting only, not the "
                    "3 measured per levels keeping the best per row (faster, worse)")
+    p.add_argument("--beam", type=_beam_width, default=1,
+                   help="gram codes: chains kept per row by a beam search over the sequential "
+                   "choice (1: greedy; 4-16 lower each layer's error by a fifth or more and cost "
+                   "about that many times the code selection; at most 64)")
     p.add_argument("--refine-passes", type=_nonneg_int, default=1,
                    help="gram codes: coordinate-descent passes over the codes after their "
                    "sequential choice, each with a scale/mean refit (0: none; at most 16)")
@@ -192,7 +206,8 @@ def _method_config(args):
                          block_size=args.block_size, hadamard=not args.no_hadamard,
                          seed=args.seed, codes=args.codes, scale_search=args.scale_search,
                          code_search=not args.no_code_search, percdamp=args.percdamp,
-                         refine_passes=args.refine_passes, compensation=args.compensation)
+                         beam=args.beam, refine_passes=args.refine_passes,
+                         compensation=args.compensation)
     if args.method in ("rtn", "iwrtn", "gptq") and args.bits is None:
         raise CliError(f"--method {args.method} needs --bits 2, 3, 4 or 8")
     return BaselineConfig(args.method, args.bits)

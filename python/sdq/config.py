@@ -11,6 +11,7 @@ CODE_SELECTIONS = ("sigma_delta", "gram")
 SCALE_SEARCHES = ("closed_form", "fp16", "grid")
 COMPENSATIONS = ("exact", "diagonal")
 MAX_REFINE_PASSES = 16  # coordinate descent converges in a few; more is a typo
+MAX_BEAM = 64  # the core's kMaxBeam (gram_beam.h)
 
 
 class ConfigIO:
@@ -71,6 +72,11 @@ class SDQConfig(ConfigIO):
                 block, measured per levels (gram.CODE_SEARCH: 3 each), and keep per row the one
                 with the smallest weighted error ("gram" only; costs about 2x the code
                 selection); False: only (gram_damp, sd_scale).
+    beam:       chains kept per row by the codes' sequential choice ("gram" only; 1 to 64):
+                1 is GPTQ's greedy rounding with the dead-zone threshold tau; more is a beam
+                search that keeps the `beam` cheapest chains under the damped weighted error
+                (cpp/include/sdq/gram_beam.h; no threshold). Lower error, ~beam x the
+                selection's time (README's table).
     refine_passes: passes of coordinate descent over the codes after their sequential choice,
                 each followed by a scale/mean refit ("gram" only; methods/refine.py); 0 = none.
     percdamp:   calibrated only: damping of the layer's input Hessian H before the compensation,
@@ -96,6 +102,7 @@ class SDQConfig(ConfigIO):
     gram_damp: float = 0.2
     scale_search: str = "fp16"
     code_search: bool = True
+    beam: int = 1
     refine_passes: int = 1
     compensation: str = "exact"
     percdamp: float = 0.1
@@ -139,6 +146,9 @@ class SDQConfig(ConfigIO):
                 math.isfinite(pd) and 0 <= pd <= 10):
             raise ValueError(f"percdamp must be a number in [0, 10], got {pd!r}")
         object.__setattr__(self, "percdamp", float(pd))
+        b = self.beam
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BEAM:
+            raise ValueError(f"beam must be an int in [1, {MAX_BEAM}], got {b!r}")
         rp = self.refine_passes
         if isinstance(rp, bool) or not isinstance(rp, int) or not 0 <= rp <= MAX_REFINE_PASSES:
             raise ValueError(f"refine_passes must be an int in [0, {MAX_REFINE_PASSES}], "

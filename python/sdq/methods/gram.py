@@ -97,6 +97,60 @@ def _round_into(out: torch.Tensor, v: torch.Tensor, tau: torch.Tensor | None,
 
 
 def select_codes(z: torch.Tensor, Hinv: torch.Tensor, tau: torch.Tensor | None,
+                 beam: int = 1) -> torch.Tensor:
+    """The codes of rows z [n, m] against Hinv [m, m] or a stack [k, m, m] (see
+    greedy_codes): greedy rounding with the ternary threshold tau when beam is 1, else the best
+    chain of a beam search of that width (beam_codes; tau unused)."""
+    if beam == 1:
+        return greedy_codes(z, Hinv, tau)
+    return beam_codes(z, Hinv, tau is not None, beam)
+
+
+def beam_codes(z: torch.Tensor, Hinv: torch.Tensor, ternary: bool, beam: int) -> torch.Tensor:
+    """The best chain of a beam search of width `beam` over the sequential rounding of rows z
+    [n, m] (or k groups of rows, Hinv [k, m, m]): float32 codes [n, m] on z's device. On the
+    CPU the core does it (cpp/include/sdq/gram_beam.h); other devices run the torch loop."""
+    Hs = Hinv if Hinv.dim() == 3 else Hinv[None]
+    if z.device.type != "cpu":
+        return _beam_codes_torch(z, Hs, ternary, beam)
+    codes, _ = core().gram_beam_codes(float32_array(z), float32_array(Hs), beam,
+                                      "ternary" if ternary else "binary", device.caller_threads())
+    return torch.from_numpy(codes[0])
+
+
+def _beam_codes_torch(z: torch.Tensor, Hs: torch.Tensor, ternary: bool,
+                      beam: int) -> torch.Tensor:
+    """beam_codes as torch ops, for any device: every row's chains at once, [n, beam, m].
+    (torch.topk does not promise to keep ties in order, so a tie between two chains' costs may
+    resolve differently from the core.)"""
+    Hs = Hs.to(device=z.device, dtype=torch.float32)
+    k, m = Hs.shape[0], z.shape[1]
+    n = z.shape[0] // k
+    values = torch.tensor([-1.0, 0.0, 1.0] if ternary else [-1.0, 1.0], device=z.device)
+    L = len(values)
+    out = torch.empty(k * n, m, dtype=torch.float32, device=z.device)
+    for i in range(k):
+        U = Hs[i]
+        inv = 1.0 / torch.diagonal(U)
+        Z = z[i * n:(i + 1) * n].to(torch.float32)[:, None, :].repeat(1, beam, 1)
+        Q = torch.zeros_like(Z)
+        cost = torch.full((n, beam), float("inf"), device=z.device)
+        cost[:, 0] = 0.0  # one chain to start from
+        for j in range(m):
+            e = (Z[:, :, j, None] - values) * inv[j]  # [n, beam, L]
+            best, idx = (cost[:, :, None] + e * e).view(n, beam * L).topk(
+                beam, dim=1, largest=False, sorted=True)
+            take = (idx // L)[:, :, None].expand(-1, -1, m)
+            Z, Q = Z.gather(1, take), Q.gather(1, take)
+            Q[:, :, j] = values[idx % L]
+            if j + 1 < m:
+                Z[:, :, j + 1:] -= e.view(n, beam * L).gather(1, idx)[:, :, None] * U[j, j + 1:]
+            cost = best
+        out[i * n:(i + 1) * n] = Q[:, 0]
+    return out
+
+
+def greedy_codes(z: torch.Tensor, Hinv: torch.Tensor, tau: torch.Tensor | None,
                  batch: int = 128) -> torch.Tensor:
     """GPTQ's sequential rounding of rows z [n, m] against Hinv [m, m] (upper, from
     damped_inverse_cholesky); float32 codes [n, m] on z's device. Hinv may also be a stack
@@ -119,7 +173,7 @@ def select_codes(z: torch.Tensor, Hinv: torch.Tensor, tau: torch.Tensor | None,
 
 def _select_codes_torch(z: torch.Tensor, Hinv: torch.Tensor, tau: torch.Tensor | None,
                         batch: int = 128) -> torch.Tensor:
-    """select_codes as torch ops, for any device.
+    """greedy_codes as torch ops, for any device.
 
     Sample j is rounded, and its error (z_j - q_j) / Hinv[j, j] is pushed onto the samples after
     it through row j of Hinv; inside a batch of `batch` samples at once, onto later batches in
@@ -242,7 +296,7 @@ def _codes_and_fit(z: torch.Tensor, tau: torch.Tensor | None, target: torch.Tens
     [k n] their ternary thresholds or None), their (s, mu) fit (fp16; the best fp16 pair unless
     scale_search is "closed_form") and weighted error per row [k n] (inf where the fit leaves
     the fp16 range)."""
-    q = select_codes(z, Hinv, tau)
+    q = select_codes(z, Hinv, tau, cfg.beam)
     a = q.double() @ D.T
     target = target.repeat(z.shape[0] // target.shape[0], 1)
     s, mu, fell_back = refit_scale_mean(a, target, C)

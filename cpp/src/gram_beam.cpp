@@ -1,0 +1,158 @@
+// Beam search over the Gram codes' sequential rounding (gram_beam.h).
+//
+// One row at a time: its chains' residual targets live in two [beam][m] buffers (read one, write
+// the other), so every update is a contiguous loop the compiler turns into SIMD. The choices are
+// remembered as (parent, level) per sample and chain, and each survivor's codes are read back
+// from them at the end. Built with -ffp-contract=off (CMakeLists.txt): a fused multiply-add would
+// round differently from the reference.
+#include "sdq/gram_beam.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "guard.h"
+#include "parallel.h"
+
+namespace sdq {
+namespace {
+
+struct Candidate {
+  float cost;   // the chain's summed e^2 with this sample's choice
+  float e;      // this sample's scaled error, pushed onto the later samples
+  int32_t from; // the chain it extends
+  int32_t level;  // index into the levels
+};
+
+// Scratch of one worker: two residual buffers, costs, and the choices of every sample.
+struct Scratch {
+  std::vector<float> z0, z1, cost;
+  std::vector<int32_t> parent;
+  std::vector<int8_t> level;
+  std::vector<Candidate> kept;
+  Scratch(int64_t beam, int64_t m)
+      : z0(beam * m), z1(beam * m), cost(beam), parent(beam * m), level(beam * m), kept(beam) {}
+};
+
+// Inserts c into kept[0 .. count) (sorted by cost, at most beam long) after every candidate of
+// equal or smaller cost: earlier candidates win ties. A NaN cost sorts last.
+inline void keep(Candidate c, Candidate* kept, int& count, int beam) {
+  int pos = count;
+  while (pos > 0 && c.cost < kept[pos - 1].cost) --pos;
+  if (pos >= beam) return;
+  const int last = std::min(count, beam - 1);
+  for (int i = last; i > pos; --i) kept[i] = kept[i - 1];
+  kept[pos] = c;
+  count = std::min(count + 1, beam);
+}
+
+constexpr int64_t kVec = 16;
+typedef float vec_f __attribute__((vector_size(kVec * sizeof(float))));
+
+// dst[k] = src[k] - u[k] * e for k in [from, m): a product, then a difference. Whole vectors
+// start at from rounded down to kVec: the samples before `from` are decided, so what lands in
+// their slots is never read.
+inline void push_error(float* dst, const float* src, const float* u, float e, int64_t from,
+                       int64_t m) {
+  int64_t k = from & ~(kVec - 1);
+  for (; k + kVec <= m; k += kVec) {
+    vec_f a, b;
+    std::memcpy(&a, src + k, sizeof a);
+    std::memcpy(&b, u + k, sizeof b);
+    a = a - b * e;
+    std::memcpy(dst + k, &a, sizeof a);
+  }
+  for (; k < m; ++k) dst[k] = src[k] - u[k] * e;
+}
+
+// The beam over one row z [m] against U; writes the row's ranked codes and costs.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void run_row(
+    const float* z, const float* U, int64_t m, const float* values, int nvalues, int beam,
+    Scratch& s, float* const* codes_by_rank, float* cost_by_rank) {
+  float* cur = s.z0.data();
+  float* next = s.z1.data();
+  std::memcpy(cur, z, sizeof(float) * m);
+  s.cost[0] = 0.0f;
+  int chains = 1;
+  for (int64_t j = 0; j < m; ++j) {
+    const float* row = U + j * m;
+    const float inv = 1.0f / row[j];
+    int count = 0;
+    Candidate* kept = s.kept.data();
+    for (int c = 0; c < chains; ++c) {
+      // Chains come in order of cost and a choice adds e^2 >= 0: once the beam is full and this
+      // chain costs no less than its worst entry, neither it nor any later chain can enter.
+      if (count == beam && !(s.cost[c] < kept[beam - 1].cost)) break;
+      const float zj = cur[c * m + j];
+      for (int v = 0; v < nvalues; ++v) {
+        const float e = (zj - values[v]) * inv;
+        const float sq = e * e;
+        const float total = s.cost[c] + sq;
+        if (count == beam && !(total < kept[beam - 1].cost)) continue;
+        keep({total, e, c, v}, kept, count, beam);
+      }
+    }
+    for (int b = 0; b < count; ++b) {
+      const Candidate& k = s.kept[b];
+      push_error(next + b * m, cur + k.from * m, row, k.e, j + 1, m);
+      s.parent[j * beam + b] = k.from;
+      s.level[j * beam + b] = static_cast<int8_t>(k.level);
+      s.cost[b] = k.cost;
+    }
+    chains = count;
+    std::swap(cur, next);
+  }
+  for (int r = 0; r < beam; ++r) {
+    const int rank = r < chains ? r : 0;  // too few distinct chains: repeat the best
+    float* dst = codes_by_rank[r];
+    int at = rank;
+    for (int64_t j = m - 1; j >= 0; --j) {
+      dst[j] = values[s.level[j * beam + at]];
+      at = s.parent[j * beam + at];
+    }
+    if (cost_by_rank) cost_by_rank[r] = s.cost[rank];
+  }
+}
+
+// Rows per parallel chunk: a row costs ~beam * m^2 / 2 updates; a chunk should be worth tens
+// of microseconds.
+int64_t rows_per_chunk(int64_t m, int beam) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, beam * m * m / 2));
+}
+
+Status beam_checked(const float* z, int64_t groups, int64_t n, int64_t m, const float* hinv,
+                    Levels levels, int beam, float* codes, float* cost, int threads) {
+  if (levels != Levels::binary && levels != Levels::ternary) return Status::bad_levels;
+  if (groups < 0 || n < 0 || m < 0 || beam < 1 || beam > kMaxBeam) return Status::bad_size;
+  if (groups == 0 || n == 0 || m == 0) return Status::ok;
+  if (!z || !hinv || !codes) return Status::null_pointer;
+  static const float kBinary[] = {-1.0f, 1.0f}, kTernary[] = {-1.0f, 0.0f, 1.0f};
+  const bool ternary = levels == Levels::ternary;
+  const float* values = ternary ? kTernary : kBinary;
+  const int nvalues = ternary ? 3 : 2;
+  const int64_t rows = groups * n;
+  detail::parallel_for(rows, threads, rows_per_chunk(m, beam), [&](int64_t begin, int64_t end) {
+    Scratch s(beam, m);
+    std::vector<float*> by_rank(beam);
+    std::vector<float> row_cost(beam);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int b = 0; b < beam; ++b) by_rank[b] = codes + (b * rows + r) * m;
+      run_row(z + r * m, hinv + (r / n) * m * m, m, values, nvalues, beam, s, by_rank.data(),
+              row_cost.data());
+      if (cost)
+        for (int b = 0; b < beam; ++b) cost[b * rows + r] = row_cost[b];
+    }
+  });
+  return Status::ok;
+}
+
+}  // namespace
+
+Status gram_beam_codes(const float* z, int64_t groups, int64_t n, int64_t m, const float* hinv,
+                       Levels levels, int beam, float* codes, float* cost, int threads) noexcept {
+  return detail::guarded([&] {
+    return beam_checked(z, groups, n, m, hinv, levels, beam, codes, cost, threads);
+  });
+}
+
+}  // namespace sdq
