@@ -38,6 +38,14 @@ CONFIGS = {  # name -> SDQConfig keywords (codes="gram" throughout)
     "t1.5 default": dict(osr=1.5, levels="ternary"),
     "b3 before": dict(osr=3, levels="binary", **BEFORE),
     "b3 default": dict(osr=3, levels="binary"),
+    # the beam search over the sequential choice (SDQConfig.beam), on top of the defaults
+    **{f"t2 beam {k}": dict(osr=2, levels="ternary", beam=k) for k in (2, 4, 8, 16)},
+    "t2 beam 8, no code search": dict(osr=2, levels="ternary", beam=8, code_search=False),
+    "b2 beam 8": dict(osr=2, levels="binary", beam=8),
+    "b2.75 default": dict(osr=2.75, levels="binary"),
+    "b2.75 beam 8": dict(osr=2.75, levels="binary", beam=8),
+    "t2.3 default": dict(osr=2.3, levels="ternary"),
+    "t2.3 beam 8": dict(osr=2.3, levels="ternary", beam=8),
 }
 
 

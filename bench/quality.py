@@ -40,6 +40,10 @@ FINETUNE_STEPS = {f"sdq-gram-gptq-{tag}-ft{n}": n for tag in ("b2", "b3", "t2")
 # (4.11, <= IQ4_XS's 4.25).
 BUDGET_OSRS = (("binary", 2.25), ("binary", 2.75), ("ternary", 1.85), ("ternary", 2.3))
 BEAMS = (8,)  # beam widths of the "-beamK" rows (SDQConfig.beam)
+# Binary with the beam at the two upper budgets too: OSR 3 (3.27 bits, <= Q3_K's 3.44) and
+# OSR 3.75 (4.04 bits, <= IQ4_XS's 4.25; code columns are whole 32-bit words per block, so
+# OSR 3.9 would store as much as OSR 4: 4.27 bits).
+BEAM_OSRS = BUDGET_OSRS + (("binary", 3.0), ("binary", 3.75))
 BEAM_FINETUNE = {f"sdq-gram-gptq-{lv[0]}{o:g}-beam{k}-ft100": 100 for lv, o in BUDGET_OSRS
                  for k in BEAMS}
 
@@ -114,7 +118,7 @@ def _runs():
         add(f"sdq-gram-gptq-{lv[0]}{o:g}-search-r1", f"SDQ+gram+GPTQ search-r1, {lv}",
             SDQ(osr=o, levels=lv, codes="gram"), True)
     for k in BEAMS:
-        for lv, o in BUDGET_OSRS:
+        for lv, o in BEAM_OSRS:
             add(f"sdq-gram-gptq-{lv[0]}{o:g}-beam{k}", f"SDQ+gram+GPTQ beam {k}, {lv}",
                 SDQ(osr=o, levels=lv, codes="gram", beam=k), True)
         for lv, o in BUDGET_OSRS:

@@ -164,3 +164,15 @@ def test_beam_lowers_the_layer_error(levels):
         return float(torch.einsum("oi,ij,oj->", E.double(), H.double(), E.double()))
 
     assert error(4) < error(1)
+
+
+def test_cli_beam_reaches_the_config(capsys):
+    from sdq.cli import _method_config, build_parser, main
+    args = build_parser().parse_args(["quantize", "--beam", "8", "--out", "x"])
+    assert _method_config(args).beam == 8
+    assert _method_config(build_parser().parse_args(["quantize", "--out", "x"])).beam == 1
+    for bad in ("0", "65", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["quantize", "--beam", bad, "--out", "x"])
+        assert e.value.code != 0
+        assert "--beam" in capsys.readouterr().err

@@ -18,11 +18,21 @@ namespace sdq {
 namespace {
 
 struct Candidate {
-  float cost;   // the chain's summed e^2 with this sample's choice
-  float e;      // this sample's scaled error, pushed onto the later samples
-  int32_t from; // the chain it extends
+  float cost;     // the chain's summed e^2 with this sample's choice
+  float e;        // this sample's scaled error, pushed onto the later samples
+  int32_t from;   // the chain it extends
   int32_t level;  // index into the levels
+  int32_t index;  // from * levels + level: the reference's enumeration order
 };
+
+// The ranking: by cost, then by enumeration order (a stable sort's tie-break); NaN costs last.
+// A strict total order, so the kept set does not depend on the order candidates arrive in.
+inline bool ranks_before(const Candidate& a, const Candidate& b) {
+  const bool a_nan = a.cost != a.cost, b_nan = b.cost != b.cost;
+  if (a_nan != b_nan) return b_nan;
+  if (!a_nan && a.cost != b.cost) return a.cost < b.cost;
+  return a.index < b.index;
+}
 
 // Scratch of one worker: two residual buffers, costs, and the choices of every sample.
 struct Scratch {
@@ -34,16 +44,19 @@ struct Scratch {
       : z0(beam * m), z1(beam * m), cost(beam), parent(beam * m), level(beam * m), kept(beam) {}
 };
 
-// Inserts c into kept[0 .. count) (sorted by cost, at most beam long) after every candidate of
-// equal or smaller cost: earlier candidates win ties. A NaN cost sorts last.
-inline void keep(Candidate c, Candidate* kept, int& count, int beam) {
-  int pos = count;
-  while (pos > 0 && c.cost < kept[pos - 1].cost) --pos;
-  if (pos >= beam) return;
-  const int last = std::min(count, beam - 1);
-  for (int i = last; i > pos; --i) kept[i] = kept[i - 1];
+// Inserts c into kept[0 .. count) (ranked, at most beam long) if it ranks among the first beam.
+inline void keep(const Candidate& c, Candidate* kept, int& count, int beam) {
+  if (count == beam && !ranks_before(c, kept[beam - 1])) return;
+  int pos = std::min(count, beam - 1);
+  for (; pos > 0 && ranks_before(c, kept[pos - 1]); --pos) kept[pos] = kept[pos - 1];
   kept[pos] = c;
   count = std::min(count + 1, beam);
+}
+
+// The level nearest to x (its index into the levels): each chain's likeliest survivor.
+inline int nearest(float x, bool ternary) {
+  if (!ternary) return x > 0.0f ? 1 : 0;
+  return x >= 0.5f ? 2 : (x <= -0.5f ? 0 : 1);
 }
 
 constexpr int64_t kVec = 16;
@@ -79,18 +92,23 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void run_row(
     const float inv = 1.0f / row[j];
     int count = 0;
     Candidate* kept = s.kept.data();
+    const auto candidate = [&](int c, int v) {
+      const float e = (cur[c * m + j] - values[v]) * inv;
+      const float sq = e * e;
+      return Candidate{s.cost[c] + sq, e, c, v, c * nvalues + v};
+    };
+    // Each chain's nearest level first (cheap insertions, a tight beam early), then the rest,
+    // pruned: chains come in order of cost and a choice adds e^2 >= 0, so once the beam is full
+    // a chain dearer than its worst entry, and every later chain, has nothing to add.
+    int first[kMaxBeam];
     for (int c = 0; c < chains; ++c) {
-      // Chains come in order of cost and a choice adds e^2 >= 0: once the beam is full and this
-      // chain costs no less than its worst entry, neither it nor any later chain can enter.
-      if (count == beam && !(s.cost[c] < kept[beam - 1].cost)) break;
-      const float zj = cur[c * m + j];
-      for (int v = 0; v < nvalues; ++v) {
-        const float e = (zj - values[v]) * inv;
-        const float sq = e * e;
-        const float total = s.cost[c] + sq;
-        if (count == beam && !(total < kept[beam - 1].cost)) continue;
-        keep({total, e, c, v}, kept, count, beam);
-      }
+      first[c] = nearest(cur[c * m + j], nvalues == 3);
+      keep(candidate(c, first[c]), kept, count, beam);
+    }
+    for (int c = 0; c < chains; ++c) {
+      if (count == beam && s.cost[c] > kept[beam - 1].cost) break;
+      for (int v = 0; v < nvalues; ++v)
+        if (v != first[c]) keep(candidate(c, v), kept, count, beam);
     }
     for (int b = 0; b < count; ++b) {
       const Candidate& k = s.kept[b];
