@@ -209,26 +209,38 @@ py::tuple encode(const py::object& W_obj, const py::object& signs_obj, const std
   return py::make_tuple(sign, nonzero, scale, mean);
 }
 
-py::array_t<float> gram_select(const py::object& z_obj, const py::object& hinv_obj,
-                               const py::object& tau_obj, const std::string& levels_name,
-                               int threads) {
+// Rows z [groups * n, m] and the upper factors hinv [groups, m, m] they are rounded against
+// (rows g*n .. use hinv[g]): what both Gram rounding loops take, checked once.
+struct GroupedRows {
+  py::array_t<float> z, hinv;
+  int64_t groups, n, m;
+};
+
+GroupedRows grouped_rows(const py::object& z_obj, const py::object& hinv_obj) {
   auto z = require_array<float>(z_obj, "z", 2);
   auto hinv = require_array<float>(hinv_obj, "hinv", 3);
-  const Levels levels = parse_levels(levels_name);
   const int64_t groups = hinv.shape(0), m = hinv.shape(1);
   require_shape(hinv, "hinv", {groups, m, m});
   if (groups == 0 || z.shape(0) % groups != 0)
     throw py::value_error("z.shape[0] must be a multiple of hinv.shape[0] (rows per factor), got " +
                           std::to_string(z.shape(0)) + " and " + std::to_string(groups));
   require_shape(z, "z", {z.shape(0), m});
-  const int64_t n = z.shape(0) / groups;
-  const py::array_t<float> tau = ternary_thresholds(tau_obj, levels, z.shape(0));
+  return {z, hinv, groups, z.shape(0) / groups, m};
+}
+
+py::array_t<float> gram_select(const py::object& z_obj, const py::object& hinv_obj,
+                               const py::object& tau_obj, const std::string& levels_name,
+                               int threads) {
+  const GroupedRows r = grouped_rows(z_obj, hinv_obj);
+  const Levels levels = parse_levels(levels_name);
+  const int64_t rows = r.groups * r.n;
+  const py::array_t<float> tau = ternary_thresholds(tau_obj, levels, rows);
   const float* tau_ptr = levels == Levels::ternary ? tau.data() : nullptr;
-  py::array_t<float> codes({z.shape(0), m});
+  py::array_t<float> codes({rows, r.m});
   Status st;
   {
     py::gil_scoped_release release;
-    st = gram_select_codes(z.data(), groups, n, m, hinv.data(), tau_ptr, levels,
+    st = gram_select_codes(r.z.data(), r.groups, r.n, r.m, r.hinv.data(), tau_ptr, levels,
                            codes.mutable_data(), threads);
   }
   check_status(st, "gram_select_codes");
@@ -237,26 +249,19 @@ py::array_t<float> gram_select(const py::object& z_obj, const py::object& hinv_o
 
 py::tuple gram_beam(const py::object& z_obj, const py::object& hinv_obj, int beam,
                     const std::string& levels_name, int threads) {
-  auto z = require_array<float>(z_obj, "z", 2);
-  auto hinv = require_array<float>(hinv_obj, "hinv", 3);
+  const GroupedRows r = grouped_rows(z_obj, hinv_obj);
   const Levels levels = parse_levels(levels_name);
-  const int64_t groups = hinv.shape(0), m = hinv.shape(1);
-  require_shape(hinv, "hinv", {groups, m, m});
-  if (groups == 0 || z.shape(0) % groups != 0)
-    throw py::value_error("z.shape[0] must be a multiple of hinv.shape[0] (rows per factor), got " +
-                          std::to_string(z.shape(0)) + " and " + std::to_string(groups));
-  require_shape(z, "z", {z.shape(0), m});
   if (beam < 1 || beam > kMaxBeam)
     throw py::value_error("beam must be in 1.." + std::to_string(kMaxBeam) + ", got " +
                           std::to_string(beam));
-  const int64_t n = z.shape(0) / groups;
-  py::array_t<float> codes({static_cast<int64_t>(beam), z.shape(0), m});
-  py::array_t<float> cost({static_cast<int64_t>(beam), z.shape(0)});
+  const int64_t rows = r.groups * r.n;
+  py::array_t<float> codes({static_cast<int64_t>(beam), rows, r.m});
+  py::array_t<float> cost({static_cast<int64_t>(beam), rows});
   Status st;
   {
     py::gil_scoped_release release;
-    st = gram_beam_codes(z.data(), groups, n, m, hinv.data(), levels, beam, codes.mutable_data(),
-                         cost.mutable_data(), threads);
+    st = gram_beam_codes(r.z.data(), r.groups, r.n, r.m, r.hinv.data(), levels, beam,
+                         codes.mutable_data(), cost.mutable_data(), threads);
   }
   check_status(st, "gram_beam_codes");
   return py::make_tuple(codes, cost);
