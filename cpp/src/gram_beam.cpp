@@ -128,7 +128,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void run_row(
       dst[j] = values[s.level[j * beam + at]];
       at = s.parent[j * beam + at];
     }
-    if (cost_by_rank) cost_by_rank[r] = s.cost[rank];
+    cost_by_rank[r] = s.cost[rank];
   }
 }
 
