@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# A GPU machine's checks in one go: build the extension with the CUDA kernels, run the tests that
+# need a GPU, the GPU benchmarks, then the whole suite with the GPU visible (a GPU changes some
+# defaults, e.g. device="auto"). Logs and results go to OUTDIR.
+# Usage (repo root, nvcc and a GPU present): tools/gpu_check.sh OUTDIR [CUDA architectures]
+set -uo pipefail
+out=${1:?usage: tools/gpu_check.sh OUTDIR [archs]}; archs=${2:-90}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi -L
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+bdir=build/gpu; stage=build/stage-gpu
+t0=$(date +%s)
+if ! { cmake -S . -B $bdir -G Ninja -DSDQ_PYTHON=ON -DSDQ_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
+         -DCMAKE_CUDA_ARCHITECTURES="$archs" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
+       && cmake --build $bdir -j "$(nproc)"; } > "$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"; exit 1
+fi
+echo "build: $(( $(date +%s) - t0 )) s"
+rm -rf $stage && mkdir -p $stage && cp -r python/sdq $stage/sdq && cp $bdir/_core*.so $stage/sdq/
+export PYTHONPATH=$PWD/$stage
+python3 -c "import sdq; assert sdq.has_cuda(), 'CUDA kernels missing from the build'"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_boundary.py \
+  tests/test_quantize_device.py tests/test_trit5_format.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
+python3 bench/kernels_gpu.py --out "$out/kernels_gpu.json" 2>&1 | tee "$out/kernels_gpu.log"
+python3 bench/layer_gpu.py --out "$out/layer_gpu.json" 2>&1 | tee "$out/layer_gpu.log"
+timeout "${SUITE_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n "$(nproc)" \
+  -m "not wheel and not slow" tests 2>&1 | tee "$out/suite.log" | tail -25
+echo "total: $(( $(date +%s) - t0 )) s"
