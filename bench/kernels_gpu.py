@@ -2,9 +2,11 @@
 
 Usage:  python bench/kernels_gpu.py [--quick] [--out bench/results/kernels_gpu.json]
 
-For each shape (out x in), OSR and code alphabet it times cuda_addonly_gemm alone and with
-cuda_activation_transform in front, and torch.nn.functional.linear on fp16 weights of the same
-shape, all in the same run with CUDA events. Each call uses the next of several layers' weights,
+For each shape (out x in), OSR, code alphabet and batch it times cuda_addonly_gemm alone (as
+chosen by kernel="auto", and each kernel family forced), with cuda_activation_transform in front,
+and torch.nn.functional.linear on fp16 weights of the same shape, all in the same run, by CUDA
+events around replays of CUDA graphs: the GPU's time, not the host's launch rate (the eager
+figure, gemm_eager_us, is kept beside it). Each call uses the next of several layers' weights,
 enough to exceed the L2 cache, so the numbers are HBM numbers. Effective bandwidth counts the
 bytes the GEMM must read once (bitplanes, fp16 scale and mean, xt, xsum) and write (y); % of peak
 is against the datasheet figure for the device name and against a device-to-device copy
@@ -39,8 +41,9 @@ L2_BYTES_FLOOR = 64 << 20  # rotate over at least 2x this many bytes of weights
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]  # (out, in)
 OSRS = [1.0, 1.5, 2.0]
 LEVELS = ["binary", "ternary"]
-BATCHES = [1, 16]
+BATCHES = [1, 4, 16]
 BLOCK = 128
+KERNELS = ["table", "warp_rows"]  # cuda_addonly_gemm's kernel families, each timed alone
 
 
 def peak_for(name: str):
@@ -83,6 +86,35 @@ def time_rotating(fn, n_layers: int, reps: int = 7, min_calls: int = 200) -> flo
     return statistics.median(times)
 
 
+def time_graph(fn, n_layers: int, reps: int = 7, replays: int = 10) -> float:
+    """Median seconds per call replaying a CUDA graph of fn(0) ... fn(n_layers - 1): the GPU's
+    time alone (eager loops of short kernels measure the host's launch rate instead)."""
+    calls = max(n_layers, 32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(calls):
+            fn(i % n_layers)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i % n_layers)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (replays * calls))
+    del g
+    return statistics.median(times)
+
+
 def copy_bandwidth() -> float:
     n = 256 << 20  # 1 GiB of float32
     a = torch.empty(n // 4, dtype=torch.float32, device="cuda").uniform_()
@@ -91,7 +123,7 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 4 / t
 
 
-def bench_case(core, out, inf, osr, levels, batch, stream):
+def bench_case(core, out, inf, osr, levels, batch):
     blocks, total = geometry(inf, BLOCK, osr)
     nb, words = len(blocks), total // 32
     planes = 2 if levels == "ternary" else 1
@@ -114,22 +146,27 @@ def bench_case(core, out, inf, osr, levels, batch, stream):
     xsum = torch.empty(batch, nb, device=dev)
     y = torch.empty(batch, out, device=dev)
 
+    def stream():
+        return torch.cuda.current_stream().cuda_stream  # the capture stream inside a graph
+
     def act(_i):
         core.cuda_activation_transform(x.data_ptr(), batch, inf, BLOCK, osr, sg.data_ptr(),
                                        d_full.data_ptr(), d_last.data_ptr(), xt.data_ptr(),
-                                       xsum.data_ptr(), stream)
+                                       xsum.data_ptr(), stream())
 
-    def gemm(i):
+    def gemm(i, kernel="auto"):
         core.cuda_addonly_gemm(signs[i].data_ptr(), nzs[i].data_ptr() if nzs else 0,
                                scales[i].data_ptr(), means[i].data_ptr(), xt.data_ptr(),
                                xsum.data_ptr(), y.data_ptr(), inf, BLOCK, osr, levels, out, batch,
-                               stream)
+                               stream(), kernel=kernel)
 
     act(0)
     torch.cuda.synchronize()
-    t_gemm = time_rotating(gemm, n_layers)
-    t_act = time_rotating(act, 1)
-    t_both = time_rotating(lambda i: (act(i), gemm(i)), n_layers)
+    t_kernel = {k: time_graph(lambda i: gemm(i, k), n_layers) for k in KERNELS}
+    t_gemm = time_graph(gemm, n_layers)
+    t_gemm_eager = time_rotating(gemm, n_layers)
+    t_act = time_graph(act, 1)
+    t_both = time_graph(lambda i: (act(i), gemm(i)), n_layers)
     gemm_bytes = layer_bytes + batch * (total + nb) * 4 + batch * out * 4
     del signs, nzs, scales, means
     torch.cuda.empty_cache()
@@ -139,13 +176,15 @@ def bench_case(core, out, inf, osr, levels, batch, stream):
     n_fp16 = max(2, math.ceil(2 * L2_BYTES_FLOOR / w_bytes))
     ws = [torch.randn(out, inf, device=dev, dtype=torch.float16) for _ in range(n_fp16)]
     xh = x.half()
-    t_fp16 = time_rotating(lambda i: torch.nn.functional.linear(xh, ws[i]), n_fp16)
+    t_fp16 = time_graph(lambda i: torch.nn.functional.linear(xh, ws[i]), n_fp16)
     fp16_bytes = w_bytes + batch * (inf + out) * 2
     del ws
     torch.cuda.empty_cache()
     return dict(out=out, in_features=inf, osr=osr, levels=levels, batch=batch,
-                layers_rotated=n_layers, gemm_us=t_gemm * 1e6, act_us=t_act * 1e6,
-                act_plus_gemm_us=t_both * 1e6, fp16_linear_us=t_fp16 * 1e6,
+                layers_rotated=n_layers, gemm_us=t_gemm * 1e6, gemm_eager_us=t_gemm_eager * 1e6,
+                kernel_us={k: t * 1e6 for k, t in t_kernel.items()},
+                kernel_gbps={k: gemm_bytes / t / 1e9 for k, t in t_kernel.items()},
+                act_us=t_act * 1e6, act_plus_gemm_us=t_both * 1e6, fp16_linear_us=t_fp16 * 1e6,
                 gemm_bytes=gemm_bytes, gemm_gbps=gemm_bytes / t_gemm / 1e9,
                 fp16_gbps=fp16_bytes / t_fp16 / 1e9, speedup_vs_fp16=t_fp16 / t_both)
 
@@ -168,25 +207,27 @@ def main() -> int:
     name = torch.cuda.get_device_name()
     peak = peak_for(name)
     copy_bw = copy_bandwidth()
-    stream = torch.cuda.current_stream().cuda_stream
     shapes = SHAPES[:1] if args.quick else SHAPES
     osrs = [1.0, 2.0] if args.quick else OSRS
     rows = []
     print(f"device: {name}; datasheet peak {peak / 1e9 if peak else float('nan'):.0f} GB/s; "
           f"measured copy {copy_bw / 1e9:.0f} GB/s")
-    hdr = (f"{'out':>6} {'in':>6} {'osr':>4} {'levels':>7} {'b':>3} {'gemm us':>8} {'act us':>7} "
-           f"{'GB/s':>6} {'%peak':>6} {'%copy':>6} {'fp16 us':>8} {'x fp16':>6}")
+    hdr = (f"{'out':>6} {'in':>6} {'osr':>4} {'levels':>7} {'b':>3} {'gemm us':>8} {'table':>7} "
+           f"{'warp':>7} {'eager':>7} {'act us':>7} {'GB/s':>6} {'%peak':>6} {'%copy':>6} "
+           f"{'fp16 us':>8} {'x fp16':>6}")
     print(hdr)
     for (out, inf) in shapes:
         for osr in osrs:
             for levels in LEVELS:
                 for batch in BATCHES:
-                    r = bench_case(core, out, inf, osr, levels, batch, stream)
+                    r = bench_case(core, out, inf, osr, levels, batch)
                     r["pct_peak"] = 100 * r["gemm_gbps"] * 1e9 / peak if peak else None
                     r["pct_copy"] = 100 * r["gemm_gbps"] * 1e9 / copy_bw
                     rows.append(r)
                     pk = f"{r['pct_peak']:6.1f}" if peak else "   n/a"
+                    ku = r["kernel_us"]
                     print(f"{out:>6} {inf:>6} {osr:>4} {levels:>7} {batch:>3} {r['gemm_us']:8.1f} "
+                          f"{ku['table']:7.1f} {ku['warp_rows']:7.1f} {r['gemm_eager_us']:7.1f} "
                           f"{r['act_us']:7.1f} {r['gemm_gbps']:6.0f} {pk} {r['pct_copy']:6.1f} "
                           f"{r['fp16_linear_us']:8.1f} {r['speedup_vs_fp16']:6.2f}", flush=True)
     result = dict(device=name, peak_bytes_per_s=peak, copy_bytes_per_s=copy_bw,

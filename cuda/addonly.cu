@@ -5,7 +5,8 @@
 // (xt_b = D_b^T x'_b, 4 slices of the padded length reduced in shared memory). It multiplies:
 // it runs once per token, shared by every output row.
 //
-// addonly_gemm: one thread per output row, kGemmThreads rows per CTA, `tokens` tokens per CTA.
+// addonly_gemm (the table kernel; kernel=warp_rows runs warp_rows.cu instead): one thread per
+// output row, kGemmThreads rows per CTA, `tokens` tokens per CTA.
 // For each chunk of chunk_words words the CTA first builds, per token and per group of 4 code
 // columns, the 16 sums  T[v] = sum_k (bit k of v ? x_k : -x_k)  (binary) or
 // T[v] = sum_k (bit k of v ? x_k : 0)  (ternary, looked up once with the +1 mask nz & sign and
@@ -26,6 +27,7 @@
 #include "guard.h"
 #include "sdq/cuda.h"
 #include "sdq/gemv.h"
+#include "warp_rows.cuh"
 
 namespace sdq::cuda {
 namespace {
@@ -403,8 +405,12 @@ Status act_checked(const BlockLayout& L, bool hadamard, const float* signs, cons
 
 Status gemm_checked(const BlockLayout& L, Levels levels, const word_t* sign, const word_t* nonzero,
                     const uint16_t* scale, const uint16_t* mean, int64_t out, const float* xt,
-                    const float* xsum, int64_t batch, float* y, void* stream) {
+                    const float* xsum, int64_t batch, float* y, void* stream,
+                    GemmKernel kernel) {
   if (levels != Levels::binary && levels != Levels::ternary) return Status::bad_levels;
+  if (kernel != GemmKernel::automatic && kernel != GemmKernel::table &&
+      kernel != GemmKernel::warp_rows)
+    return Status::bad_size;
   if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
   if (out == 0 || batch == 0) return Status::ok;
   const bool tern = levels == Levels::ternary;
@@ -417,6 +423,9 @@ Status gemm_checked(const BlockLayout& L, Levels levels, const word_t* sign, con
       !aligned(scale, sizeof(uint16_t)) || !aligned(mean, sizeof(uint16_t)) ||
       !floats_aligned({xt, xsum, y}))
     return Status::bad_pointer;
+  auto* s = static_cast<cudaStream_t>(stream);
+  if (kernel == GemmKernel::warp_rows)
+    return detail::warp_rows_gemm(L, tern, sign, nonzero, scale, mean, out, xt, xsum, batch, y, s);
   detail::DeviceInfo dev{};
   Status st = detail::device_info(&dev);
   if (st != Status::ok) return st;
@@ -443,7 +452,6 @@ Status gemm_checked(const BlockLayout& L, Levels levels, const word_t* sign, con
   int vec = 1;
   if (plan.words % 4 == 0 && aligned(sign, 16) && (!tern || aligned(nonzero, 16))) vec = 4;
   else if (plan.words % 2 == 0 && aligned(sign, 8) && (!tern || aligned(nonzero, 8))) vec = 2;
-  auto* s = static_cast<cudaStream_t>(stream);
   if (a.atomic) {
     const cudaError_t e =
         cudaMemsetAsync(y, 0, static_cast<size_t>(batch * out) * sizeof(float), s);
@@ -465,9 +473,10 @@ Status activation_transform(const BlockLayout& L, bool hadamard, const float* si
 Status addonly_gemm(const BlockLayout& L, Levels levels, const word_t* sign,
                     const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
                     int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
-                    void* stream) noexcept {
+                    void* stream, GemmKernel kernel) noexcept {
   return sdq::detail::guarded([&] {
-    return gemm_checked(L, levels, sign, nonzero, scale, mean, out, xt, xsum, batch, y, stream);
+    return gemm_checked(L, levels, sign, nonzero, scale, mean, out, xt, xsum, batch, y, stream,
+                        kernel);
   });
 }
 

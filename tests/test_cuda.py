@@ -20,6 +20,7 @@ from sdq import ref  # noqa: E402
 
 HAS_CUDA_BUILD = bool(core.has_cuda())
 
+KERNELS = ["auto", "table", "warp_rows"]  # cuda_addonly_gemm's kernel= choices
 H100_OPTIN = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 (227 KB)
 A100_OPTIN = 166912  # on A100 (163 KB)
 
@@ -295,7 +296,8 @@ def _as_i32(a):
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 @pytest.mark.parametrize("batch,out", [(1, 4096), (1, 7), (3, 1), (3, 4096), (16, 7),
                                        (16, 4096), (64, 7), (64, 1), (200, 4096), (200, 7)])
-def test_addonly_gemm_matches_ref(in_features, osr, levels, batch, out):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_addonly_gemm_matches_ref(in_features, osr, levels, batch, out, kernel):
     _require_gpu()
     bs = 128
     rng = np.random.default_rng(in_features + 31 * batch + out)
@@ -313,13 +315,14 @@ def test_addonly_gemm_matches_ref(in_features, osr, levels, batch, out):
     y = torch.full((batch, out), float("nan"), device="cuda")
     core.cuda_addonly_gemm(sd.data_ptr(), nd.data_ptr() if nd is not None else 0, scd.data_ptr(),
                            mud.data_ptr(), xtd.data_ptr(), xsd.data_ptr(), y.data_ptr(),
-                           in_features, bs, osr, levels, out, batch, _stream())
+                           in_features, bs, osr, levels, out, batch, _stream(), kernel=kernel)
     torch.cuda.synchronize()
     assert _relerr(y, expect) < 1e-5
 
 
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
-def test_addonly_gemm_unaligned_rows(levels):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_addonly_gemm_unaligned_rows(levels, kernel):
     """Rows whose word count is odd (in=200, OSR 1.5 -> 12 words; in=64, OSR 1.5 -> 3 words) and
     a base pointer that is only 4-byte aligned take the scalar-load path."""
     _require_gpu()
@@ -346,9 +349,96 @@ def test_addonly_gemm_unaligned_rows(levels):
         y = torch.full((batch, out), float("nan"), device="cuda")
         core.cuda_addonly_gemm(sp, np_, scd.data_ptr(), mud.data_ptr(), xtd.data_ptr(),
                                xsd.data_ptr(), y.data_ptr(), in_features, bs, osr, levels, out,
-                               batch, _stream())
+                               batch, _stream(), kernel=kernel)
         torch.cuda.synchronize()
         assert _relerr(y, expect) < 1e-5, (in_features, osr)
+
+
+def _gemm_on_gpu(layer, xt, xsum, in_features, bs, osr, levels, kernel, xt_offset=0):
+    """y from cuda_addonly_gemm; xt_offset > 0 places xt that many floats into a larger buffer
+    (a pointer that is 4-byte but not 16-byte aligned)."""
+    _, _, sign, nonzero, scale, mean = layer
+    batch, out = xt.shape[0], sign.shape[0]
+    sd = _as_i32(sign)
+    nd = _as_i32(nonzero) if nonzero is not None else None
+    scd = torch.from_numpy(scale.view(np.int16)).cuda()
+    mud = torch.from_numpy(mean.view(np.int16)).cuda()
+    buf = torch.zeros(xt.size + xt_offset, device="cuda")
+    buf[xt_offset:] = torch.from_numpy(xt).cuda().flatten()
+    xsd = torch.from_numpy(xsum).cuda()
+    y = torch.full((batch, out), float("nan"), device="cuda")
+    core.cuda_addonly_gemm(sd.data_ptr(), nd.data_ptr() if nd is not None else 0, scd.data_ptr(),
+                           mud.data_ptr(), buf.data_ptr() + 4 * xt_offset, xsd.data_ptr(),
+                           y.data_ptr(), in_features, bs, osr, levels, out, batch, _stream(),
+                           kernel=kernel)
+    torch.cuda.synchronize()
+    return y
+
+
+def _layer_inputs(rng, blocks, total, batch):
+    xt = rng.standard_normal((batch, total)).astype(np.float32)
+    for (_, _, _, m, off), nxt in zip(blocks, [b[4] for b in blocks[1:]] + [total]):
+        xt[:, off + m:nxt] = 0.0
+    return xt, rng.standard_normal((batch, len(blocks))).astype(np.float32)
+
+
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+@pytest.mark.parametrize("in_features,osr", [(4096, 2.5), (2176, 1.0), (8192, 1.0)])
+@pytest.mark.parametrize("batch,out", [(1, 37), (2, 16), (5, 9), (4, 129)])
+def test_warp_rows_many_segments(levels, in_features, osr, batch, out):
+    """Rows of many 32-word segments (several per warp), a last row tile that is partly past
+    `out`, and batches that take several token tiles."""
+    _require_gpu()
+    rng = np.random.default_rng(in_features + batch * 7 + out)
+    layer = _random_layer(rng, out, in_features, 128, osr, levels)
+    xt, xsum = _layer_inputs(rng, layer[0], layer[1], batch)
+    expect = ref.addonly_gemm_ref(*layer[2:], xt, xsum, in_features, 128, osr)
+    y = _gemm_on_gpu(layer, xt, xsum, in_features, 128, osr, levels, "warp_rows")
+    assert _relerr(y, expect) < 1e-5
+
+
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gemm_adversarial_inputs(levels, kernel):
+    """All-zero code rows, activations of 1e30 and denormals, an xt pointer that is not 16-byte
+    aligned: every kernel equals the reference."""
+    _require_gpu()
+    rng = np.random.default_rng(3)
+    in_features, osr, out, batch = 1000, 1.5, 70, 3
+    layer = list(_random_layer(rng, out, in_features, 128, osr, levels))
+    layer[2][::5] = 0  # all-zero sign rows (binary: all -1; ternary: no +1)
+    if layer[3] is not None:
+        layer[3][1::7] = 0  # ternary: rows of zero codes
+        layer[2][1::7] = 0
+    xt, xsum = _layer_inputs(rng, layer[0], layer[1], batch)
+    xt[0] *= 1e30
+    xt[1] *= 1e-39  # denormal
+    expect = ref.addonly_gemm_ref(*layer[2:], xt, xsum, in_features, 128, osr)
+    y = _gemm_on_gpu(layer, xt, xsum, in_features, 128, osr, levels, kernel, xt_offset=1)
+    assert torch.isfinite(y).all()
+    for t in range(batch):  # per token: their magnitudes differ by 69 orders
+        scale = np.abs(expect[t]).max() + np.abs(xsum[t]).max()
+        assert torch.allclose(y[t].cpu().double(), torch.from_numpy(expect[t]).double(),
+                              rtol=1e-5, atol=1e-5 * scale), t
+
+
+def test_kernel_name_is_checked():
+    with pytest.raises(ValueError, match="kernel must be"):
+        core.cuda_addonly_gemm(0, 0, 0, 0, 0, 0, 0, 128, 128, 1.0, "binary", 0, 1, kernel="fast")
+
+
+@pytest.mark.parametrize("in_features,osr", [(64, 1.0), (1000, 2.5), (4096, 1.0), (8192, 2.0)])
+@pytest.mark.parametrize("out", [1, 15, 16, 17, 4096])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 9])
+def test_warp_rows_plan_covers_everything(in_features, osr, out, batch):
+    p = core.cuda_warp_rows_plan(in_features, 128, osr, out, batch)
+    words = core.layout(in_features, 128, osr)["words_per_row"]
+    assert p["segments"] * 32 >= words > (p["segments"] - 1) * 32
+    assert 1 <= p["warps_per_cta"] <= min(8, p["segments"])
+    assert p["tokens"] * p["rows_per_warp"] == 16
+    assert p["tokens"] >= min(batch, 4)
+    assert p["row_tiles"] * p["rows_per_warp"] >= out > (p["row_tiles"] - 1) * p["rows_per_warp"]
+    assert p["token_tiles"] * p["tokens"] >= batch > (p["token_tiles"] - 1) * p["tokens"]
 
 
 def test_end_to_end_matches_dense_layer():

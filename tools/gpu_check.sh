@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A GPU machine's checks in one go: build the extension with the CUDA kernels, run the tests that
 # need a GPU, the GPU benchmarks, then the whole suite with the GPU visible (a GPU changes some
-# defaults, e.g. device="auto"). Logs and results go to OUTDIR.
+# defaults, e.g. device="auto"). Results go to OUTDIR: log.txt (tests, benchmarks), build.log,
+# the two benchmarks' JSON, a profiler view (ncu_*.txt) and the warp-rows kernel's SASS.
 # Usage (repo root, nvcc and a GPU present): tools/gpu_check.sh OUTDIR [CUDA architectures]
 set -uo pipefail
 out=${1:?usage: tools/gpu_check.sh OUTDIR [archs]}; archs=${2:-90}
@@ -21,9 +22,15 @@ rm -rf $stage && mkdir -p $stage && cp -r python/sdq $stage/sdq && cp $bdir/_cor
 export PYTHONPATH=$PWD/$stage
 python3 -c "import sdq; assert sdq.has_cuda(), 'CUDA kernels missing from the build'"
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_boundary.py \
-  tests/test_quantize_device.py tests/test_trit5_format.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
-python3 bench/kernels_gpu.py --out "$out/kernels_gpu.json" 2>&1 | tee "$out/kernels_gpu.log"
-python3 bench/layer_gpu.py --out "$out/layer_gpu.json" 2>&1 | tee "$out/layer_gpu.log"
+  tests/test_quantize_device.py tests/test_trit5_format.py 2>&1 | tee -a "$out/log.txt" | tail -15
+for lv in binary ternary; do  # profiler view of one 8192x8192 OSR 2 GEMV per kernel family
+  timeout 120 ncu --clock-control none --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats -k regex:"warp_rows|addonly" \
+    python3 tools/gpu_gemm_once.py 8192 8192 2.0 $lv 1 > "$out/ncu_$lv.txt" 2>&1
+done
+cuobjdump -sass $bdir/CMakeFiles/sdq_cuda.dir/cuda/warp_rows.cu.o > "$out/warp_rows.sass" 2>&1
+python3 bench/kernels_gpu.py --out "$out/kernels_gpu.json" 2>&1 | tee -a "$out/log.txt"
+python3 bench/layer_gpu.py --out "$out/layer_gpu.json" 2>&1 | tee -a "$out/log.txt"
 timeout "${SUITE_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n "$(nproc)" \
-  -m "not wheel and not slow" tests 2>&1 | tee "$out/suite.log" | tail -25
+  -m "not wheel and not slow" tests 2>&1 | tee -a "$out/log.txt" | tail -25
 echo "total: $(( $(date +%s) - t0 )) s"

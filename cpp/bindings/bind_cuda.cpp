@@ -33,6 +33,13 @@ std::string hex(uintptr_t p) {
   return "0x" + s;
 }
 
+cuda::GemmKernel parse_gemm_kernel(const std::string& name) {
+  if (name == "auto") return cuda::GemmKernel::automatic;
+  if (name == "table") return cuda::GemmKernel::table;
+  if (name == "warp_rows") return cuda::GemmKernel::warp_rows;
+  throw py::value_error("kernel must be 'auto', 'table' or 'warp_rows', got '" + name + "'");
+}
+
 void require_ptr(uintptr_t p, const char* name) {
   if (p == 0) throw py::value_error(std::string(name) + " must be a non-null device pointer");
 }
@@ -169,9 +176,10 @@ void addonly_gemm_py(uintptr_t sign_ptr, uintptr_t nonzero_ptr, uintptr_t scale_
                      uintptr_t mean_ptr, uintptr_t xt_ptr, uintptr_t xsum_ptr, uintptr_t y_ptr,
                      int64_t in_features, int64_t block_size, double osr,
                      const std::string& levels_name, int64_t out, int64_t batch,
-                     uintptr_t stream) {
+                     uintptr_t stream, const std::string& kernel_name) {
   const BlockLayout L = make_layout(in_features, block_size, osr);
   const Levels levels = parse_levels(levels_name);
+  const cuda::GemmKernel kernel = parse_gemm_kernel(kernel_name);
   require_nonneg(out, "out");
   require_nonneg(batch, "batch");
   if (levels == Levels::binary && nonzero_ptr != 0)
@@ -206,9 +214,25 @@ void addonly_gemm_py(uintptr_t sign_ptr, uintptr_t nonzero_ptr, uintptr_t scale_
                            static_cast<const uint16_t*>(as_ptr(mean_ptr)), out,
                            static_cast<const float*>(as_ptr(xt_ptr)),
                            static_cast<const float*>(as_ptr(xsum_ptr)), batch,
-                           static_cast<float*>(as_ptr(y_ptr)), as_ptr(stream));
+                           static_cast<float*>(as_ptr(y_ptr)), as_ptr(stream), kernel);
   }
   check_cuda_status(s, "cuda_addonly_gemm");
+}
+
+py::dict warp_rows_plan_py(int64_t in_features, int64_t block_size, double osr, int64_t out,
+                           int64_t batch) {
+  const BlockLayout L = make_layout(in_features, block_size, osr);
+  require_positive(out, "out");
+  require_positive(batch, "batch");
+  const cuda::WarpRowsPlan p = cuda::plan_warp_rows(L, out, batch);
+  py::dict d;
+  d["tokens"] = p.tokens;
+  d["rows_per_warp"] = p.rows_per_warp;
+  d["warps_per_cta"] = p.warps_per_cta;
+  d["segments"] = p.segments;
+  d["row_tiles"] = p.row_tiles;
+  d["token_tiles"] = p.token_tiles;
+  return d;
 }
 
 py::dict gemm_plan_py(int64_t in_features, int64_t block_size, double osr, int64_t out,
@@ -288,9 +312,15 @@ void bind_cuda(py::module_& m) {
         py::arg("scale_ptr"), py::arg("mean_ptr"), py::arg("xt_ptr"), py::arg("xsum_ptr"),
         py::arg("y_ptr"), py::arg("in_features"), py::arg("block_size"), py::arg("osr"),
         py::arg("levels"), py::arg("out"), py::arg("batch"), py::arg("stream") = 0,
+        py::arg("kernel") = "auto",
         "Device version of addonly_gemm. sign / nonzero: uint32 (int32) bitplanes [out, words]\n"
         "(nonzero_ptr 0 for levels='binary'); scale / mean: fp16 [out, num_blocks];\n"
-        "xt, xsum: from cuda_activation_transform; y: float32 [batch, out] output.");
+        "xt, xsum: from cuda_activation_transform; y: float32 [batch, out] output.\n"
+        "kernel: 'auto' (today the table kernel), 'table' or 'warp_rows' (both tested; the\n"
+        "table kernel measured faster, bench/kernels_gpu.py).");
+  m.def("cuda_warp_rows_plan", &warp_rows_plan_py, py::arg("in_features"), py::arg("block_size"),
+        py::arg("osr"), py::arg("out"), py::arg("batch"),
+        "Launch geometry of the warp_rows kernel of cuda_addonly_gemm.");
   m.def("cuda_last_error", [] { return std::string(cuda::last_error()); },
         "Text of the last CUDA runtime error seen by the kernels on this thread.");
   m.def("cuda_gemm_plan", &gemm_plan_py, py::arg("in_features"), py::arg("block_size"),

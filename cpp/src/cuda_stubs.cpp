@@ -24,7 +24,7 @@ Status activation_transform(const BlockLayout&, bool, const float*, const float*
 
 Status addonly_gemm(const BlockLayout&, Levels, const word_t*, const word_t*, const uint16_t*,
                     const uint16_t*, int64_t, const float*, const float*, int64_t, float*,
-                    void*) noexcept {
+                    void*, GemmKernel) noexcept {
   return Status::not_built;
 }
 

@@ -60,10 +60,14 @@ Status fwht(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
 Status activation_transform(const BlockLayout& L, bool hadamard, const float* signs,
                             const float* down_full, const float* down_last, const float* x,
                             int64_t batch, float* xt, float* xsum, void* stream) noexcept;
+// kernel: which kernel family runs it. automatic is the table kernel at every batch (on an H200
+// it beat warp_rows at batch 1, 4 and 16: bench/results/kernels_gpu.json); warp_rows is kept,
+// tested, as the starting point of a coalesced GEMV (see warp_rows.cu for what limits it).
+enum class GemmKernel : int { automatic = 0, table = 1, warp_rows = 2 };
 Status addonly_gemm(const BlockLayout& L, Levels levels, const word_t* sign,
                     const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
                     int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
-                    void* stream) noexcept;
+                    void* stream, GemmKernel kernel = GemmKernel::automatic) noexcept;
 
 // ---- launch geometry (host only) ----
 
@@ -108,6 +112,33 @@ inline GemmPlan plan_addonly_gemm(const BlockLayout& L, int64_t out, int64_t bat
   p.splits = (p.chunks + p.chunks_per_split - 1) / p.chunks_per_split;
   // Table: per token, per group of 4 codes (8 per word), 16 floats.
   p.smem_bytes = static_cast<int64_t>(p.tokens) * p.chunk_words * 8 * 16 * 4;
+  return p;
+}
+
+// Warp-rows GEMV (batch 1-4; larger batches run in token tiles). A warp owns rows_per_warp rows
+// and every warps_per_cta-th segment of 32 words of them; lane l takes word l of a segment, so a
+// row's segment is one coalesced 128-byte load, and keeps that word's 32 activations per token in
+// registers, reused by all the warp's rows: a code costs one predicated add, no table and no
+// barrier. The CTA's warps sum their partials in shared memory: no atomics, no zeroing of y.
+// Grid: (row_tiles, token_tiles); CTA: warps_per_cta * 32 threads.
+struct WarpRowsPlan {
+  int tokens;              // tokens per CTA: 1, 2 or 4
+  int rows_per_warp;       // 16 / tokens (the accumulators' registers stay at 16 per lane)
+  int warps_per_cta;       // min(8, segments): each warp has at least one segment
+  int64_t segments;        // ceil(words / 32)
+  int64_t row_tiles;       // ceil(out / rows_per_warp)
+  int64_t token_tiles;     // ceil(batch / tokens)
+};
+
+// Requires L.valid(), out >= 1, batch >= 1.
+inline WarpRowsPlan plan_warp_rows(const BlockLayout& L, int64_t out, int64_t batch) noexcept {
+  WarpRowsPlan p{};
+  p.tokens = batch <= 1 ? 1 : batch <= 2 ? 2 : 4;
+  p.rows_per_warp = 16 / p.tokens;
+  p.segments = (L.words_per_row() + 31) / 32;
+  p.warps_per_cta = p.segments < 8 ? static_cast<int>(p.segments) : 8;
+  p.row_tiles = (out + p.rows_per_warp - 1) / p.rows_per_warp;
+  p.token_tiles = (batch + p.tokens - 1) / p.tokens;
   return p;
 }
 

@@ -1,0 +1,40 @@
+"""One cuda_addonly_gemm call per kernel family on random codes, for a profiler to watch.
+
+Usage (a CUDA build of sdq on PYTHONPATH):
+  ncu --clock-control none --section SpeedOfLight -k regex:"warp_rows|addonly" \\
+      python3 tools/gpu_gemm_once.py [out in osr levels batch]
+"""
+import sys
+
+import torch
+
+import sdq._core as core
+
+
+def main() -> None:
+    out, n_in = int(sys.argv[1]) if len(sys.argv) > 1 else 8192, int(sys.argv[2]) if len(sys.argv) > 2 else 8192
+    osr = float(sys.argv[3]) if len(sys.argv) > 3 else 2.0
+    levels = sys.argv[4] if len(sys.argv) > 4 else "binary"
+    batch = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    lay = core.layout(n_in, 128, osr)
+    words, nb, cols = lay["words_per_row"], lay["num_blocks"], lay["total_code_cols"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    plane = lambda: torch.randint(-2**31, 2**31 - 1, (out, words), dtype=torch.int32,  # noqa: E731
+                                  device="cuda", generator=g)
+    sign, nz = plane(), plane() if levels == "ternary" else None
+    scale = torch.rand(out, nb, device="cuda", generator=g).half()
+    mean = torch.rand(out, nb, device="cuda", generator=g).half()
+    xt = torch.randn(batch, cols, device="cuda", generator=g)
+    xsum = torch.randn(batch, nb, device="cuda", generator=g)
+    y = torch.empty(batch, out, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    for kernel in ("table", "warp_rows"):
+        core.cuda_addonly_gemm(sign.data_ptr(), nz.data_ptr() if nz is not None else 0,
+                               scale.data_ptr(), mean.data_ptr(), xt.data_ptr(), xsum.data_ptr(),
+                               y.data_ptr(), n_in, 128, osr, levels, out, batch, stream,
+                               kernel=kernel)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
