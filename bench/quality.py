@@ -46,6 +46,11 @@ BEAMS = (8,)  # beam widths of the "-beamK" rows (SDQConfig.beam)
 BEAM_OSRS = BUDGET_OSRS + (("binary", 3.0), ("binary", 3.75))
 BEAM_FINETUNE = {f"sdq-gram-gptq-{lv[0]}{o:g}-beam{k}-ft100": 100 for lv, o in BUDGET_OSRS
                  for k in BEAMS}
+# Ternary filling IQ4_XS's 4.25 bits closer than OSR 2.3 (4.11): trit5 stores whole groups of 3
+# codes, even group counts per block, so OSR 2.34 at B=128 (300 codes, 4.18 bits) and, with half
+# the scales and means, OSR 2.43 at B=256 (622 codes per 256, 4.22 bits).
+IQ4_FILL = ((2.34, 128), (2.43, 256))
+BEAM_FINETUNE.update({f"sdq-gram-gptq-t{o:g}-B{b}-beam8-ft100": 100 for o, b in IQ4_FILL})
 
 
 def _runs():
@@ -125,6 +130,10 @@ def _runs():
             add(f"sdq-gram-gptq-{lv[0]}{o:g}-beam{k}-ft100",
                 f"SDQ+gram+GPTQ beam {k}+finetune 100 steps, {lv}",
                 SDQ(osr=o, levels=lv, codes="gram", beam=k), True)
+    for o, b in IQ4_FILL:
+        add(f"sdq-gram-gptq-t{o:g}-B{b}-beam8-ft100",
+            f"SDQ+gram+GPTQ beam 8+finetune 100 steps, ternary, B={b}",
+            SDQ(osr=o, levels="ternary", codes="gram", beam=8, block_size=b), True)
     # Scale groups at the same all-in bits (2.5): B=64 pays 0.25 bits more for scales and
     # means than B=128, and code columns are whole 32-bit words per block (so not OSR 2.25).
     add("sdq-gram-gptq-b2-B64-r1", "SDQ+gram+GPTQ r1, binary, B=64",
