@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 from _common import write_json
+from _gpu_timing import time_eager, time_graph
 
 PEAK_BYTES_PER_S = {  # datasheet HBM bandwidth by device-name substring (first match wins)
     "H200": 4.8e12,
@@ -68,58 +68,11 @@ def geometry(in_features: int, block: int, osr: float):
     return blocks, total
 
 
-def time_rotating(fn, n_layers: int, reps: int = 7, min_calls: int = 200) -> float:
-    """Median over `reps` of the mean time per call (seconds), calling fn(i % n_layers)."""
-    calls = max(min_calls, n_layers)
-    for i in range(min(calls, 3 * n_layers)):  # warm-up: module load, caches, clocks
-        fn(i % n_layers)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(calls):
-            fn(i % n_layers)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return statistics.median(times)
-
-
-def time_graph(fn, n_layers: int, reps: int = 7, replays: int = 10) -> float:
-    """Median seconds per call replaying a CUDA graph of fn(0) ... fn(n_layers - 1): the GPU's
-    time alone (eager loops of short kernels measure the host's launch rate instead)."""
-    calls = max(n_layers, 32)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(calls):
-            fn(i % n_layers)
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i % n_layers)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / (replays * calls))
-    del g
-    return statistics.median(times)
-
-
 def copy_bandwidth() -> float:
     n = 256 << 20  # 1 GiB of float32
     a = torch.empty(n // 4, dtype=torch.float32, device="cuda").uniform_()
     b = torch.empty_like(a)
-    t = time_rotating(lambda i: b.copy_(a), 1, reps=5, min_calls=20)
+    t = time_eager(lambda i: b.copy_(a), 1, reps=5, min_calls=20)
     return 2 * a.numel() * 4 / t
 
 
@@ -164,7 +117,7 @@ def bench_case(core, out, inf, osr, levels, batch):
     torch.cuda.synchronize()
     t_kernel = {k: time_graph(lambda i: gemm(i, k), n_layers) for k in KERNELS}
     t_gemm = time_graph(gemm, n_layers)
-    t_gemm_eager = time_rotating(gemm, n_layers)
+    t_gemm_eager = time_eager(gemm, n_layers)
     t_act = time_graph(act, 1)
     t_both = time_graph(lambda i: (act(i), gemm(i)), n_layers)
     gemm_bytes = layer_bytes + batch * (total + nb) * 4 + batch * out * 4

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from _common import write_json
+from _gpu_timing import time_eager, time_graph
 
 SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192)]  # (out, in)
 CONFIGS = [("binary", 1.0), ("binary", 2.0), ("ternary", 1.0), ("ternary", 2.0)]
@@ -59,52 +59,13 @@ def layer_bytes(layer) -> int:
     return sum(t.numel() * t.element_size() for t in planes + [layer.scale, layer.mean])
 
 
-def time_calls(fn, n: int, calls: int = 300, reps: int = 5) -> float:
-    """Median over reps of the mean seconds per call, cycling fn(i % n), after a warm-up."""
-    for i in range(max(n, 20)):
-        fn(i % n)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for i in range(calls):
-            fn(i % n)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / calls)
-    return statistics.median(times)
-
-
-def time_graph(fn, n: int, reps: int = 5) -> float | None:
-    """Seconds per call replaying one CUDA graph that holds a call on each of the n layers;
-    None when the call cannot be captured."""
+def graph_or_none(fn, n: int) -> float | None:
+    """time_graph, or None when the call cannot be captured in a CUDA graph."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for i in range(n):  # warm-up on the side stream, as capture requires
-                fn(i)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(n):
-                fn(i)
+        return time_graph(fn, n, reps=5, min_calls=n)
     except RuntimeError as e:
         print(f"  (graph capture failed: {str(e).splitlines()[0]})", file=sys.stderr)
         return None
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(10):
-            g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / (10 * n))
-    return statistics.median(times)
 
 
 def relerr(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -125,8 +86,8 @@ def bench_shape(out: int, n_in: int, levels: str, osr: float, batches, dtype) ->
             if err > 5e-3:  # exact float32 kernels; fp16 output rounding is ~3e-4
                 raise AssertionError(f"{out}x{n_in} {levels} OSR {osr} b{batch}: "
                                      f"relative error {err:.2e} against x @ W_hat^T")
-            t_eager = time_calls(lambda i: layers[i](x), n)
-            t_graph = time_graph(lambda i: layers[i](x), n)
+            t_eager = time_eager(lambda i: layers[i](x), n)
+            t_graph = graph_or_none(lambda i: layers[i](x), n)
             rows.append(dict(out=out, in_features=n_in, levels=levels, osr=osr, batch=batch,
                              dtype=str(dtype).replace("torch.", ""), layers_rotated=n,
                              read_bytes=nbytes, relerr=err, eager_us=t_eager * 1e6,
@@ -142,8 +103,8 @@ def bench_dense(out: int, n_in: int, batch: int, dtype) -> dict:
     ws = [torch.randn(out, n_in, device="cuda", dtype=dtype) for _ in range(n)]
     x = torch.randn(batch, n_in, device="cuda", dtype=dtype)
     with torch.inference_mode():
-        t_eager = time_calls(lambda i: torch.nn.functional.linear(x, ws[i]), n)
-        t_graph = time_graph(lambda i: torch.nn.functional.linear(x, ws[i]), n)
+        t_eager = time_eager(lambda i: torch.nn.functional.linear(x, ws[i]), n)
+        t_graph = graph_or_none(lambda i: torch.nn.functional.linear(x, ws[i]), n)
     del ws
     torch.cuda.empty_cache()
     return dict(eager_us=t_eager * 1e6, graph_us=None if t_graph is None else t_graph * 1e6)
