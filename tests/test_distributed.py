@@ -148,6 +148,22 @@ def test_assign_owners_is_greedy_longest_first_onto_the_least_loaded_rank():
     assert max(loads) - min(loads) <= max(costs)  # LPT never leaves a gap wider than one item
 
 
+@pytest.mark.parametrize("gpus,local,expect", [(0, 2, "gloo"), (1, 2, "gloo"), (2, 2, "nccl"),
+                                                (1, 1, "nccl"), (8, 4, "nccl")])
+def test_backend_is_nccl_only_when_every_local_rank_has_its_own_gpu(monkeypatch, gpus, local,
+                                                                     expect):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.delenv(distributed.BACKEND_ENV, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    assert distributed._backend() == expect
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", str(local))  # started without torchrun's local size
+    assert distributed._backend() == expect
+    monkeypatch.setenv(distributed.BACKEND_ENV, "gloo")  # the user's choice wins
+    assert distributed._backend() == "gloo"
+
+
 def test_quantize_distributed_needs_a_process_group():
     with pytest.raises(RuntimeError, match="process group"):
         distributed.quantize_distributed(tiny_llama(layers=1), CONFIG)

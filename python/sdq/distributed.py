@@ -71,7 +71,11 @@ def quantizer() -> Callable:
 
 
 def _backend() -> str:
-    backend = os.environ.get(BACKEND_ENV) or ("nccl" if torch.cuda.is_available() else "gloo")
+    """SDQ_DIST_BACKEND, else NCCL when every rank of this node has a GPU of its own, else gloo
+    (NCCL refuses two ranks on one GPU: "Duplicate GPU detected")."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+    own_gpus = torch.cuda.is_available() and local <= torch.cuda.device_count()
+    backend = os.environ.get(BACKEND_ENV) or ("nccl" if own_gpus else "gloo")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"{BACKEND_ENV} must be gloo or nccl, got {backend!r}")
     return backend
