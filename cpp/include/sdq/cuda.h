@@ -55,8 +55,9 @@ Status fwht(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
 
 // Same contracts as sdq::activation_transform and sdq::addonly_gemm (gemv.h), on device memory.
 // activation_transform needs padded(0) <= 32768 (bad_size otherwise).
-// addonly_gemm: when its plan has splits > 1 it zeroes y with cudaMemsetAsync and accumulates
-// with atomicAdd, so the float summation order (not the math) can differ between runs.
+// addonly_gemm: when the table kernel's plan has splits > 1 it zeroes y with cudaMemsetAsync and
+// accumulates with atomicAdd, so the float summation order (not the math) can differ between
+// runs; the warp_rows kernel writes each output once, in a fixed order.
 Status activation_transform(const BlockLayout& L, bool hadamard, const float* signs,
                             const float* down_full, const float* down_last, const float* x,
                             int64_t batch, float* xt, float* xsum, void* stream) noexcept;
