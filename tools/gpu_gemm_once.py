@@ -4,7 +4,7 @@ Usage (a CUDA build of sdq on PYTHONPATH):
   ncu --clock-control none --section SpeedOfLight -k regex:"warp_rows|addonly" \\
       python3 tools/gpu_gemm_once.py [out in osr levels batch]
 """
-import sys
+import argparse
 
 import torch
 
@@ -12,10 +12,15 @@ import sdq._core as core
 
 
 def main() -> None:
-    out, n_in = int(sys.argv[1]) if len(sys.argv) > 1 else 8192, int(sys.argv[2]) if len(sys.argv) > 2 else 8192
-    osr = float(sys.argv[3]) if len(sys.argv) > 3 else 2.0
-    levels = sys.argv[4] if len(sys.argv) > 4 else "binary"
-    batch = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=int, nargs="?", default=8192)
+    ap.add_argument("in_features", type=int, nargs="?", default=8192)
+    ap.add_argument("osr", type=float, nargs="?", default=2.0)
+    ap.add_argument("levels", nargs="?", default="binary", choices=["binary", "ternary"])
+    ap.add_argument("batch", type=int, nargs="?", default=1)
+    args = ap.parse_args()
+    out, n_in, osr, levels, batch = (args.out, args.in_features, args.osr, args.levels,
+                                     args.batch)
     lay = core.layout(n_in, 128, osr)
     words, nb, cols = lay["words_per_row"], lay["num_blocks"], lay["total_code_cols"]
     g = torch.Generator(device="cuda").manual_seed(0)
