@@ -34,8 +34,8 @@ namespace {
 
 using detail::pidx;
 
-constexpr int64_t kMaxGridYZ = 65535;
-constexpr int64_t kMaxGridX = 2147483647;
+using detail::kMaxGridX;
+using detail::kMaxGridYZ;
 
 int log2_int(int64_t n) {
   int l = 0;

@@ -9,6 +9,10 @@
 
 namespace sdq::cuda::detail {
 
+// CUDA's launch limits: grid x up to 2^31 - 1 blocks, y and z up to 65535.
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kMaxGridYZ = 65535;
+
 // Records the message of a failed runtime call for last_error() and returns Status::cuda_error.
 Status fail(cudaError_t e) noexcept;
 

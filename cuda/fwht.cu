@@ -18,7 +18,6 @@ namespace {
 using detail::pidx;
 
 constexpr int64_t kMaxLength = int64_t{1} << 24;
-constexpr int64_t kMaxGrid = 2147483647;
 
 int log2_int(int64_t n) {
   int l = 0;
@@ -105,7 +104,7 @@ Status fwht_checked(float* x, int64_t rows, int64_t n, const float* signs, bool 
 
   const int64_t sub_rows = rows * plan.n1;
   const int64_t grid1 = (sub_rows + plan.rows_per_cta - 1) / plan.rows_per_cta;
-  if (grid1 > kMaxGrid) return Status::bad_size;
+  if (grid1 > detail::kMaxGridX) return Status::bad_size;
   st = set_smem(reinterpret_cast<const void*>(&fwht_rows_kernel), plan.smem_bytes_rows, dev);
   if (st != Status::ok) return st;
   fwht_rows_kernel<<<static_cast<unsigned>(grid1), kFwhtThreads,
@@ -118,7 +117,7 @@ Status fwht_checked(float* x, int64_t rows, int64_t n, const float* signs, bool 
 
   const int64_t tiles = plan.n2 / plan.cols_per_cta;
   const int64_t grid2 = rows * tiles;
-  if (grid2 > kMaxGrid) return Status::bad_size;
+  if (grid2 > detail::kMaxGridX) return Status::bad_size;
   st = set_smem(reinterpret_cast<const void*>(&fwht_cols_kernel), plan.smem_bytes_cols, dev);
   if (st != Status::ok) return st;
   fwht_cols_kernel<<<static_cast<unsigned>(grid2), kFwhtThreads,

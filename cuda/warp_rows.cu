@@ -161,11 +161,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32) warp_rows_kernel(const Args a)
 template <int TB, bool TERN>
 Status launch(const Args& base, const WarpRowsPlan& plan, cudaStream_t s) {
   constexpr int RPW = 16 / TB;
-  constexpr int64_t kMaxGridY = 65535;
-  for (int64_t tile = 0; tile < plan.token_tiles; tile += kMaxGridY) {
+  for (int64_t tile = 0; tile < plan.token_tiles; tile += kMaxGridYZ) {
     Args a = base;
     a.tok_base = tile * TB;
-    const int64_t tiles = plan.token_tiles - tile < kMaxGridY ? plan.token_tiles - tile : kMaxGridY;
+    const int64_t tiles = plan.token_tiles - tile < kMaxGridYZ ? plan.token_tiles - tile : kMaxGridYZ;
     const dim3 grid(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(tiles));
     warp_rows_kernel<TB, RPW, TERN><<<grid, plan.warps_per_cta * 32, 0, s>>>(a);
     const Status st = check_launch();
@@ -191,7 +190,7 @@ Status warp_rows_gemm(const BlockLayout& L, bool ternary, const word_t* sign,
                       int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
                       cudaStream_t stream) noexcept {
   const WarpRowsPlan plan = plan_warp_rows(L, out, batch);
-  if (plan.row_tiles > 2147483647) return Status::bad_size;
+  if (plan.row_tiles > kMaxGridX) return Status::bad_size;
   Args a{};
   a.sign = sign;
   a.nonzero = ternary ? nonzero : nullptr;
