@@ -1,10 +1,25 @@
-"""CUDA timers shared by the GPU benchmarks: calls cycle fn(0) ... fn(n - 1) over n layers'
-weights (more than the L2 holds), timed by CUDA events."""
+"""What the GPU benchmarks share: the check that there is something to measure, and CUDA
+timers (calls cycle fn(0) ... fn(n - 1) over n layers' weights, more than the L2 holds, timed
+by CUDA events)."""
 from __future__ import annotations
 
 import statistics
+import sys
 
 import torch
+
+
+def cuda_ready(script: str) -> bool:
+    """A visible GPU and a CUDA build of sdq._core; otherwise say which is missing on stderr."""
+    if not torch.cuda.is_available():
+        print(f"{script}: no CUDA GPU visible to torch; nothing to measure.", file=sys.stderr)
+        return False
+    import sdq._core as core
+    if not core.has_cuda():
+        print(f"{script}: sdq._core was built without CUDA kernels "
+              "(build with tools/dev_build.sh cuda).", file=sys.stderr)
+        return False
+    return True
 
 
 def _events_seconds(run, count: int, reps: int) -> float:

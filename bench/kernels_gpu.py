@@ -23,7 +23,7 @@ import time
 import torch
 
 from _common import write_json
-from _gpu_timing import time_eager, time_graph
+from _gpu_timing import cuda_ready, time_eager, time_graph
 
 PEAK_BYTES_PER_S = {  # datasheet HBM bandwidth by device-name substring (first match wins)
     "H200": 4.8e12,
@@ -148,15 +148,9 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "kernels_gpu.json"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/kernels_gpu.py: no CUDA GPU visible to torch; nothing to measure.",
-              file=sys.stderr)
+    if not cuda_ready("bench/kernels_gpu.py"):
         return 2
     import sdq._core as core
-    if not core.has_cuda():
-        print("bench/kernels_gpu.py: sdq._core was built without CUDA kernels "
-              "(build with tools/dev_build.sh cuda).", file=sys.stderr)
-        return 2
     name = torch.cuda.get_device_name()
     peak = peak_for(name)
     copy_bw = copy_bandwidth()

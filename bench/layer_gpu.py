@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from _common import write_json
-from _gpu_timing import time_eager, time_graph
+from _gpu_timing import cuda_ready, time_eager, time_graph
 
 SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192)]  # (out, in)
 CONFIGS = [("binary", 1.0), ("binary", 2.0), ("ternary", 1.0), ("ternary", 2.0)]
@@ -116,13 +116,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "layer_gpu.json"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/layer_gpu.py: no CUDA GPU visible to torch; nothing to measure.",
-              file=sys.stderr)
-        return 2
-    import sdq
-    if not sdq.has_cuda():
-        print("bench/layer_gpu.py: sdq._core was built without CUDA kernels.", file=sys.stderr)
+    if not cuda_ready("bench/layer_gpu.py"):
         return 2
     name = torch.cuda.get_device_name()
     shapes = SHAPES[:1] if args.quick else SHAPES
