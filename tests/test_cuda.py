@@ -301,22 +301,10 @@ def test_addonly_gemm_matches_ref(in_features, osr, levels, batch, out, kernel):
     _require_gpu()
     bs = 128
     rng = np.random.default_rng(in_features + 31 * batch + out)
-    blocks, total, sign, nonzero, scale, mean = _random_layer(rng, out, in_features, bs, osr, levels)
-    xt = rng.standard_normal((batch, total)).astype(np.float32)
-    for (_, _, _, m, off), nxt in zip(blocks, [b[4] for b in blocks[1:]] + [total]):
-        xt[:, off + m:nxt] = 0.0  # the activation transform writes zeros there
-    xsum = rng.standard_normal((batch, len(blocks))).astype(np.float32)
-    expect = ref.addonly_gemm_ref(sign, nonzero, scale, mean, xt, xsum, in_features, bs, osr)
-    sd = _as_i32(sign)
-    nd = _as_i32(nonzero) if nonzero is not None else None
-    scd = torch.from_numpy(scale.view(np.int16)).cuda()
-    mud = torch.from_numpy(mean.view(np.int16)).cuda()
-    xtd, xsd = torch.from_numpy(xt).cuda(), torch.from_numpy(xsum).cuda()
-    y = torch.full((batch, out), float("nan"), device="cuda")
-    core.cuda_addonly_gemm(sd.data_ptr(), nd.data_ptr() if nd is not None else 0, scd.data_ptr(),
-                           mud.data_ptr(), xtd.data_ptr(), xsd.data_ptr(), y.data_ptr(),
-                           in_features, bs, osr, levels, out, batch, _stream(), kernel=kernel)
-    torch.cuda.synchronize()
+    layer = _random_layer(rng, out, in_features, bs, osr, levels)
+    xt, xsum = _layer_inputs(rng, layer[0], layer[1], batch)
+    expect = ref.addonly_gemm_ref(*layer[2:], xt, xsum, in_features, bs, osr)
+    y = _gemm_on_gpu(layer, xt, xsum, in_features, bs, osr, levels, kernel)
     assert _relerr(y, expect) < 1e-5
 
 
@@ -331,10 +319,7 @@ def test_addonly_gemm_unaligned_rows(levels, kernel):
         out, batch, bs = 300, 5, 128
         blocks, total, sign, nonzero, scale, mean = _random_layer(rng, out, in_features, bs, osr,
                                                                   levels)
-        xt = rng.standard_normal((batch, total)).astype(np.float32)
-        for (_, _, _, m, off), nxt in zip(blocks, [b[4] for b in blocks[1:]] + [total]):
-            xt[:, off + m:nxt] = 0.0
-        xsum = rng.standard_normal((batch, len(blocks))).astype(np.float32)
+        xt, xsum = _layer_inputs(rng, blocks, total, batch)
         expect = ref.addonly_gemm_ref(sign, nonzero, scale, mean, xt, xsum, in_features, bs, osr)
         # offset every plane by one word inside a larger buffer
         def shifted(a):
@@ -376,6 +361,8 @@ def _gemm_on_gpu(layer, xt, xsum, in_features, bs, osr, levels, kernel, xt_offse
 
 
 def _layer_inputs(rng, blocks, total, batch):
+    """Random xt (zeros in each block's padding columns, as the activation transform writes) and
+    xsum."""
     xt = rng.standard_normal((batch, total)).astype(np.float32)
     for (_, _, _, m, off), nxt in zip(blocks, [b[4] for b in blocks[1:]] + [total]):
         xt[:, off + m:nxt] = 0.0
