@@ -20,8 +20,8 @@ namespace {
 
 constexpr int kRows = static_cast<int>(kTrit5TileRows);
 constexpr int kMaxTokens = 4;            // tokens per pass over a tile: accumulators in registers
-constexpr int64_t kL2Bytes = 256 << 10;
-constexpr int64_t kPrefetchPairs = 16;   // 512 bytes of codes ahead  // tables of one block chunk (all tokens): a share of L2
+constexpr int64_t kL2Bytes = 256 << 10;  // tables of one block chunk (all tokens): a share of L2
+constexpr int64_t kPrefetchPairs = 16;   // 512 bytes of codes ahead
 
 // Patterns of the 16 entries, split so that packing two vectors of int32 gives bytes in order:
 // vector a holds entries 0-3 and 8-11, vector b entries 4-7 and 12-15 (vpackssdw works per lane).

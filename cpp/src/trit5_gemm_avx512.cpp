@@ -25,8 +25,8 @@ namespace {
 
 constexpr int kRows = static_cast<int>(kTrit5TileRows);
 constexpr int kMaxTokens = 4;            // tokens per pass over a tile: accumulators in registers
-constexpr int64_t kL2Bytes = 512 << 10;
-constexpr int64_t kPrefetchPairs = 16;   // 512 bytes of codes ahead  // tables of one block chunk (all tokens): a share of L2
+constexpr int64_t kL2Bytes = 512 << 10;  // tables of one block chunk (all tokens): a share of L2
+constexpr int64_t kPrefetchPairs = 16;   // 512 bytes of codes ahead
 
 SDQ_AVX512 inline __mmask64 pair_mask(const uint32_t* words) {
   uint64_t k;
