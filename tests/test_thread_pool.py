@@ -1,4 +1,5 @@
-"""The core's persistent thread pool (cpp/src/thread_pool.h) seen through the add-only kernels.
+"""The core's thread backends (sdq/threads.h: its persistent pool, or the caller's OpenMP team) seen
+through the add-only kernels.
 
 A thread count only changes how rows, tokens and blocks are split, never the arithmetic of one
 output, so every thread count must give bit-identical results. The layers below are large enough
@@ -59,8 +60,20 @@ SHAPES = [(1000, 1024, 2.0, 1, False), (600, 1000, 1.5, 20, True), (2048, 2048, 
           (37, 300, 1.0, 5, True), (5, 64, 2.0, 1, False)]
 
 
+BACKENDS = ["pool"] + (["openmp"] if core.openmp_available() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Runs the test on each thread backend (sdq.threads), restoring the one before."""
+    before = core.thread_backend()
+    core.set_thread_backend(request.param)
+    yield request.param
+    core.set_thread_backend(before)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_thread_counts_give_identical_results(kernel):
+def test_thread_counts_give_identical_results(kernel, backend):
     for i, shape in enumerate(SHAPES):
         p = _problem(i, *shape)
         want = _run(p, 1, kernel)
@@ -70,7 +83,7 @@ def test_thread_counts_give_identical_results(kernel):
                 assert np.array_equal(w, g), (shape, threads, name)
 
 
-def test_many_python_threads_at_once():
+def test_many_python_threads_at_once(backend):
     problems = [_problem(10 + i, 700 + 16 * i, 1024, 2.0, 1 + i % 4, i % 2 == 1)
                 for i in range(6)]
     want = [_run(p, 1)[2] for p in problems]
@@ -88,12 +101,13 @@ def test_many_python_threads_at_once():
 
 
 def _child_run(p, want, queue):
-    queue.put(bool(np.array_equal(_run(p, 2)[2], want)))
+    # a child of fork() is back on the pool: the parent's OpenMP team does not exist there
+    queue.put(core.thread_backend() == "pool" and bool(np.array_equal(_run(p, 2)[2], want)))
 
 
-def test_forked_child_uses_the_kernels():
+def test_forked_child_uses_the_kernels(backend):
     p = _problem(99, 1500, 1024, 2.0, 2, True)
-    want = _run(p, 2)[2]  # the parent's pool now has workers
+    want = _run(p, 2)[2]  # the parent's pool (or OpenMP team) now has workers
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_child_run, args=(p, want, queue))
@@ -114,6 +128,7 @@ _CAPPED_CHILD = textwrap.dedent("""
     import resource, sys
     import numpy as np
     import sdq._core as core
+    core.set_thread_backend("pool")  # the pool's own failure path (libgomp would end the process)
 
     def vm_bytes():
         for line in open("/proc/self/status"):
@@ -203,3 +218,41 @@ def test_sleeping_workers_wake_for_the_next_job(spin_us, pause):
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "BAD 0" in out.stdout.split("\n"), out.stdout
+
+
+# The default backend of the Python package's first use of the core (sdq.threads), in a fresh
+# process each: "openmp" where this build has it and torch's ATen backend is OpenMP, else
+# "pool"; $SDQ_THREAD_BACKEND overrides it and a bad value is a clear error.
+_DEFAULT_CHILD = "import sdq; from sdq._native import core; print(core().thread_backend())"
+
+
+@pytest.mark.parametrize("env_value", [None, "pool", "openmp", "fast"])
+def test_default_backend_and_its_override(env_value):
+    import os
+    import torch
+    env = {k: v for k, v in os.environ.items() if k != "SDQ_THREAD_BACKEND"}
+    if env_value is not None:
+        env["SDQ_THREAD_BACKEND"] = env_value
+    out = subprocess.run([sys.executable, "-c", _DEFAULT_CHILD], capture_output=True, text=True,
+                         timeout=120, env=env)
+    if env_value == "fast":
+        assert out.returncode != 0 and "SDQ_THREAD_BACKEND must be one of" in out.stderr
+        return
+    if env_value == "openmp" and not core.openmp_available():
+        assert out.returncode != 0 and "no OpenMP thread backend" in out.stderr
+        return
+    assert out.returncode == 0, out.stderr[-2000:]
+    torch_omp = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+    want = env_value or ("openmp" if core.openmp_available() and torch_omp else "pool")
+    assert out.stdout.split() == [want]
+
+
+def test_set_thread_backend_checks_its_argument():
+    import sdq
+    before = sdq.thread_backend()
+    with pytest.raises(ValueError, match="one of"):
+        sdq.set_thread_backend("threads")
+    assert sdq.thread_backend() == before
+    sdq.set_thread_backend("pool")
+    assert sdq.thread_backend() == "pool"
+    sdq.set_thread_backend(before)

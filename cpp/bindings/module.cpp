@@ -1,6 +1,11 @@
 // sdq._core: the pybind11 module. Each area binds itself in its own file.
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
+#include <string>
+
+#include "sdq/threads.h"
+
 namespace py = pybind11;
 
 namespace sdq::bind {
@@ -24,4 +29,17 @@ PYBIND11_MODULE(_core, m) {
   sdq::bind::bind_lut(m);
   sdq::bind::bind_plan(m);
   sdq::bind::bind_trit5(m);
+  m.def("openmp_available", &sdq::openmp_available,
+        "Whether this build has the OpenMP thread backend (sdq/threads.h).");
+  m.def("thread_backend", [] {
+    return sdq::thread_backend() == sdq::ThreadBackend::openmp ? "openmp" : "pool";
+  }, "Where parallel work runs now: 'pool' (sdq's workers) or 'openmp' (the caller's team).");
+  m.def("set_thread_backend", [](const std::string& name) {
+    if (name != "pool" && name != "openmp")
+      throw std::invalid_argument("thread backend must be 'pool' or 'openmp', got '" + name + "'");
+    const auto b = name == "openmp" ? sdq::ThreadBackend::openmp : sdq::ThreadBackend::pool;
+    if (sdq::set_thread_backend(b) != sdq::Status::ok)
+      throw std::runtime_error("this build of sdq has no OpenMP thread backend");
+  }, py::arg("name"), "Process-wide: 'pool' or 'openmp' (sdq/threads.h); a forked child "
+     "goes back to 'pool'.");
 }

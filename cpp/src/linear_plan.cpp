@@ -12,6 +12,7 @@
 #include "scratch.h"
 #include "sdq/gemv.h"
 #include "sdq/lut_gemm.h"
+#include "sdq/threads.h"
 #include "sdq/trit5.h"
 
 namespace sdq {
@@ -107,14 +108,17 @@ Status choose_gemm(const LinearPlanDesc& d, PlanGemm* gemm) noexcept {
   return Status::ok;
 }
 
-// A call with less work than this (tokens x (out + block) x code columns: the GEMM's look-ups and
-// the transform's projection) runs on the calling thread alone. Measured inside a compiled decode
-// step of the default model (576/1536-wide layers, batch 1, 2 cores): every such layer was as fast
-// or faster on one thread, and the whole step 15% faster, because the pool's worker, spinning
-// after each call, took the core that torch's own threads needed for the code between the layers.
+// With sdq's own pool (sdq/threads.h), a call with less work than this (tokens x (out + block) x
+// code columns: the GEMM's look-ups and the transform's projection) runs on the calling thread
+// alone. Measured inside a compiled decode step of the default model (576/1536-wide layers, batch
+// 1, 2 cores): every such layer was as fast or faster on one thread, and the whole step 15%
+// faster, because the pool's worker, spinning after each call, took the core that torch's OpenMP
+// threads needed between the layers. On torch's own OpenMP team (the openmp backend) there is
+// no such contest, and splitting every layer made the same step 13% faster still.
 constexpr int64_t kInlineWork = int64_t{4} << 20;
 
 int call_threads(const LinearPlanDesc& d, int64_t batch, int threads) noexcept {
+  if (thread_backend() == ThreadBackend::openmp) return threads;
   const int64_t work = batch * (d.out + d.layout.block_size) * d.layout.total_code_cols();
   return work < kInlineWork ? 1 : threads;
 }

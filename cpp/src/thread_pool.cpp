@@ -13,7 +13,12 @@
 // condition variables, whose predicates are checked under m_.
 #include "thread_pool.h"
 
+#include "sdq/threads.h"
+
 #include <pthread.h>
+#ifdef SDQ_OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -187,10 +192,26 @@ Pool* pool() noexcept {
   }
 }
 
+std::atomic<ThreadBackend> g_backend{ThreadBackend::pool};
+
+#ifdef SDQ_OPENMP
+// Tasks never throw (parallel_for wraps them), so nothing escapes the region.
+void run_openmp(int64_t count, int threads, TaskFn task, void* ctx) noexcept {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int64_t i = 0; i < count; ++i) task(ctx, i);
+}
+#endif
+
 }  // namespace
 
 void run_tasks(int64_t count, int threads, TaskFn task, void* ctx) noexcept {
   if (count > 1 && threads > 1) {
+#ifdef SDQ_OPENMP
+    if (g_backend.load(std::memory_order_relaxed) == ThreadBackend::openmp && !omp_in_parallel()) {
+      run_openmp(count, threads, task, ctx);
+      return;
+    }
+#endif
     Pool* p = pool();
     if (p && p->try_run(count, threads - 1, task, ctx)) return;
   }
@@ -203,3 +224,31 @@ int pool_workers() noexcept {
 }
 
 }  // namespace sdq::detail
+
+namespace sdq {
+
+bool openmp_available() noexcept {
+#ifdef SDQ_OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+Status set_thread_backend(ThreadBackend backend) noexcept {
+  if (backend != ThreadBackend::pool && backend != ThreadBackend::openmp) return Status::bad_value;
+  if (backend == ThreadBackend::openmp && !openmp_available()) return Status::not_built;
+  // A forked child must not use the parent's OpenMP team (libgomp's threads are not in the child).
+  static const int registered = pthread_atfork(nullptr, nullptr, [] {
+    detail::g_backend.store(ThreadBackend::pool, std::memory_order_relaxed);
+  });
+  (void)registered;
+  detail::g_backend.store(backend, std::memory_order_relaxed);
+  return Status::ok;
+}
+
+ThreadBackend thread_backend() noexcept {
+  return detail::g_backend.load(std::memory_order_relaxed);
+}
+
+}  // namespace sdq

@@ -1,6 +1,7 @@
 // The thread pool behind parallel_for (thread_pool.h, parallel.h): every index runs exactly once,
 // chunks are balanced and sized by the grain, concurrent and nested callers neither deadlock nor
-// mix their jobs, workers are created once, and a forked child can still run parallel work.
+// mix their jobs, workers are created once, and a forked child can still run parallel work; the
+// same through the OpenMP backend where it is built.
 // Exit code 0: all checks pass.
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include "scratch.h"
 #include "thread_pool.h"
 #include "expect.h"
+#include "sdq/threads.h"
 
 namespace {
 
@@ -165,6 +167,38 @@ void scratch_reuse() {
   expect(threw, "scratch: an impossible size throws (the guard maps it to out_of_memory)");
 }
 
+// The OpenMP backend (sdq/threads.h), where built: the same guarantees as the pool; a forked
+// child goes back to the pool (the parent's OpenMP team does not exist there).
+void openmp_backend() {
+  using sdq::ThreadBackend;
+  if (!sdq::openmp_available()) {
+    expect(sdq::set_thread_backend(ThreadBackend::openmp) == sdq::Status::not_built,
+           "openmp: not_built without OpenMP");
+    return;
+  }
+  expect(sdq::set_thread_backend(ThreadBackend::openmp) == sdq::Status::ok &&
+             sdq::thread_backend() == ThreadBackend::openmp,
+         "openmp: selected");
+  coverage();
+  concurrent_and_nested();
+  worker_exception();
+  if (std::thread::hardware_concurrency() > 1)
+    expect(runs_concurrently(), "openmp: a team thread runs a chunk beside the caller");
+  const pid_t pid = fork();
+  if (pid == 0) {
+    alarm(20);
+    const bool back = sdq::thread_backend() == ThreadBackend::pool;
+    _exit(back && covers_once(10000, 2, 1) && covers_once(10000, 4, 1) ? 0 : 1);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  expect(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+         "openmp: a forked child is back on the pool and runs parallel work");
+  expect(sdq::set_thread_backend(ThreadBackend::pool) == sdq::Status::ok &&
+             sdq::thread_backend() == ThreadBackend::pool,
+         "openmp: back to the pool");
+}
+
 }  // namespace
 
 int main() {
@@ -175,5 +209,6 @@ int main() {
   worker_exception();
   fork_child();
   scratch_reuse();
+  openmp_backend();
   return sdq_test::finish();
 }

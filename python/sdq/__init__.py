@@ -9,6 +9,7 @@ from .methods import BaselineConfig, CalibrationWarning
 from .methods.sdq import quantize_weight, quantize_weight_calibrated
 from .nn import SDQLinear
 from .pipeline import quantize_
+from .threads import set_thread_backend, thread_backend
 from .weight import CheckpointError, QuantizedWeight
 from . import hf  # noqa: F401  registers quant_method "sdq" for transformers' from_pretrained
 
@@ -35,5 +36,5 @@ def load(directory, **kwargs):
 
 __all__ = ["SDQConfig", "BaselineConfig", "QuantizedWeight", "SDQLinear", "SDQExperts",
            "CheckpointError", "CalibrationWarning", "quantize_weight",
-           "quantize_weight_calibrated", "quantize_", "finetune", "save", "load", "has_cuda",
+           "quantize_weight_calibrated", "quantize_", "finetune", "set_thread_backend", "thread_backend", "save", "load", "has_cuda",
            "__version__"]

@@ -15,6 +15,8 @@ def core():
         raise ImportError(
             "sdq's compiled core (sdq._core) is missing: install sdq with `pip install .` "
             f"from a source checkout ({e})") from e
+    from .threads import choose_default_backend
+    choose_default_backend(_core)
     return _core
 
 

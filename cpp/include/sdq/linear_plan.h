@@ -72,8 +72,9 @@ class LinearPlan {
   // y [batch, out] = the layer applied to x [batch, in_features] (both float32, contiguous).
   // `version` identifies the state of x's memory for the shared transform (see above); callers
   // that do not track one may pass any constant. Safe to call from several threads at once.
-  // `threads` (0: all cores) is an upper bound: a call of little work (at batch 1 and OSR 2, a
-  // layer of up to about two million weights) runs on the calling thread alone (linear_plan.cpp).
+  // `threads` (0: all cores) is an upper bound: with the pool backend (sdq/threads.h), a call of
+  // little work (at batch 1 and OSR 2, a layer of up to about two million weights) runs on the
+  // calling thread alone (linear_plan.cpp).
   Status run(const float* x, int64_t batch, float* y, int threads = 0,
              uint64_t version = 0) const noexcept;
 
