@@ -108,10 +108,10 @@ Status choose_gemm(const LinearPlanDesc& d, PlanGemm* gemm) noexcept {
   return Status::ok;
 }
 
-// With sdq's own pool (sdq/threads.h), a call with less work than this (tokens x (out + block) x
-// code columns: the GEMM's look-ups and the transform's projection) runs on the calling thread
-// alone. Measured inside a compiled decode step of the default model (576/1536-wide layers, batch
-// 1, 2 cores): every such layer was as fast or faster on one thread, and the whole step 15%
+// With sdq's own pool (sdq/threads.h), a call with less work than this (tokens x (out + block)
+// x code columns: the GEMM's look-ups and the transform's projection) runs on the calling thread
+// alone. Measured inside a compiled decode step of the default model (576/1536-wide layers,
+// batch 1, 2 cores): every such layer was as fast or faster on one thread, and the whole step 15%
 // faster, because the pool's worker, spinning after each call, took the core that torch's OpenMP
 // threads needed between the layers. On torch's own OpenMP team (the openmp backend) there is
 // no such contest, and splitting every layer made the same step 13% faster still.

@@ -36,5 +36,5 @@ def load(directory, **kwargs):
 
 __all__ = ["SDQConfig", "BaselineConfig", "QuantizedWeight", "SDQLinear", "SDQExperts",
            "CheckpointError", "CalibrationWarning", "quantize_weight",
-           "quantize_weight_calibrated", "quantize_", "finetune", "set_thread_backend", "thread_backend", "save", "load", "has_cuda",
-           "__version__"]
+           "quantize_weight_calibrated", "quantize_", "finetune", "set_thread_backend",
+           "thread_backend", "save", "load", "has_cuda", "__version__"]

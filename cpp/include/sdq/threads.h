@@ -2,11 +2,12 @@
 //
 //   pool    (default) sdq's own workers (started once, spin ~100 us after a job, then sleep).
 //   openmp  the caller's OpenMP team, in builds with OpenMP. For a process whose other work is
-//           OpenMP too (PyTorch's CPU ops, an engine's own kernels): two sets of threads on the
-//           same cores take turns spinning on them. Inside a compiled decode step on 2 cores,
-//           sdq's pool worker shared a core with torch's spinning OpenMP worker; on torch's team
-//           the 1.1B model's step took 25% less time. The Python package selects it when torch's
-//           ATen backend is OpenMP (sdq.set_thread_backend, SDQ_THREAD_BACKEND).
+//           OpenMP too (PyTorch's CPU ops, an engine's own kernels), where the pool would be a
+//           second set of threads spinning on the same cores. Inside a compiled decode step on
+//           2 cores, sdq's pool worker shared a core with torch's spinning OpenMP worker; on
+//           torch's team the 1.1B model's step took 25% less time. The Python package
+//           selects it when torch's ATen backend is OpenMP (sdq.set_thread_backend,
+//           SDQ_THREAD_BACKEND).
 //
 // OpenMP's limits come with it: a thread that cannot be created ends the process (libgomp), and
 // a forked child must not use the parent's team, so a child of fork() goes back to the pool.
