@@ -41,7 +41,8 @@
  *
  * ---- Threads --------------------------------------------------------------------------------
  * `threads`: how many threads one call may use (<= 0: all hardware threads). The core keeps one
- * process-wide pool; concurrent calls are safe (a call that finds the pool busy runs inline).
+ * process-wide pool (or uses the caller's OpenMP team: sdq_set_thread_backend); concurrent calls
+ * are safe (a call that finds the pool busy runs inline).
  * A layer handle is immutable after creation and may be shared by any number of threads. To split
  * work across your own threads, pass threads = 1 and give each thread a disjoint row range
  * (sdq_quantize_rows) or a disjoint slice of the batch (activation rows and output rows are
@@ -84,6 +85,17 @@ const char* sdq_status_string(sdq_status status);
 const char* sdq_last_error_text(void);
 /* Name of the add-only kernel this CPU runs (e.g. "avx512-lut", "portable"). */
 const char* sdq_kernel_name(void);
+
+/* Where parallel work runs, process-wide (cpp/include/sdq/threads.h): SDQ_THREADS_POOL, the
+ * default, sdq's own workers; SDQ_THREADS_OPENMP, the caller's OpenMP team, for an engine whose
+ * own kernels are OpenMP (no second set of threads spinning on its cores; SDQ_NOT_BUILT in a
+ * build without OpenMP). A forked child goes back to the pool. */
+typedef enum sdq_thread_backend {
+  SDQ_THREADS_POOL = 0,
+  SDQ_THREADS_OPENMP = 1
+} sdq_thread_backend;
+sdq_status sdq_set_thread_backend(sdq_thread_backend backend);
+sdq_thread_backend sdq_get_thread_backend(void);
 
 typedef enum sdq_levels {
   SDQ_BINARY = 2,  /* codes {-1, +1}: one bitplane (sign) */

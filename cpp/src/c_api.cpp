@@ -13,6 +13,7 @@
 #include "sdq/bitplane.h"
 #include "sdq/encode.h"
 #include "sdq/fwht.h"
+#include "sdq/threads.h"
 #include "sdq/gemv.h"
 #include "sdq/layout.h"
 #include "sdq/resample.h"
@@ -99,6 +100,16 @@ const char* sdq_status_string(sdq_status status) {
 const char* sdq_last_error_text(void) { return sdq::last_exception_text(); }
 
 const char* sdq_kernel_name(void) { return sdq::addonly_kernel_name(); }
+
+sdq_status sdq_set_thread_backend(sdq_thread_backend backend) {
+  if (backend != SDQ_THREADS_POOL && backend != SDQ_THREADS_OPENMP) return SDQ_BAD_VALUE;
+  return static_cast<sdq_status>(
+      sdq::set_thread_backend(static_cast<sdq::ThreadBackend>(static_cast<int>(backend))));
+}
+
+sdq_thread_backend sdq_get_thread_backend(void) {
+  return static_cast<sdq_thread_backend>(static_cast<int>(sdq::thread_backend()));
+}
 
 sdq_status sdq_config_init(sdq_config* config) {
   if (!config) return SDQ_NULL_POINTER;

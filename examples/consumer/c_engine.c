@@ -350,6 +350,15 @@ int main(int argc, char** argv) {
   self_check(SDQ_TERNARY, 2.0, 1);
   self_check(SDQ_BINARY, 1.5, 1);
   self_check(SDQ_TERNARY, 3.0, 2);
+  /* The same on the OpenMP thread backend where this build has it (sdq_set_thread_backend). */
+  if (sdq_set_thread_backend(SDQ_THREADS_OPENMP) == SDQ_OK) {
+    expect(sdq_get_thread_backend() == SDQ_THREADS_OPENMP, "OpenMP thread backend selected");
+    self_check(SDQ_TERNARY, 2.0, 1);
+    self_check(SDQ_BINARY, 1.5, 1);
+    check(sdq_set_thread_backend(SDQ_THREADS_POOL), "sdq_set_thread_backend");
+  }
+  expect(sdq_get_thread_backend() == SDQ_THREADS_POOL, "back on the pool");
+  expect(sdq_set_thread_backend((sdq_thread_backend)7) == SDQ_BAD_VALUE, "bad backend refused");
   printf("%s\n", failures == 0 ? "PASS" : "FAIL");
   return failures == 0 ? 0 : 1;
 }
