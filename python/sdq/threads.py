@@ -4,8 +4,8 @@ PyTorch's CPU ops run on an OpenMP team (libgomp on Linux). Beside it, sdq's own
 set of threads on the same cores: after each torch op its OpenMP worker spins for a while, and
 after each sdq call sdq's worker does, so on 2 cores they take turns. On torch's team instead
 (the dynamic loader gives sdq's extension the libgomp torch already loaded) a compiled decode
-step of a 1.1B model took 25% less time (`bench/generate.py`). So when the package loads its core
-picks "openmp" when this build has it and torch's ATen backend is OpenMP, else "pool";
+step of a 1.1B model took 25% less time (`bench/generate.py`). So the package, when it loads
+its core, picks "openmp" when this build has it and torch's ATen backend is OpenMP, else "pool";
 $SDQ_THREAD_BACKEND ("pool" or "openmp") overrides that, and set_thread_backend() changes it
 at any time. The C++ API's default is the pool (sdq/threads.h).
 
