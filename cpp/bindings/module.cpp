@@ -36,7 +36,8 @@ PYBIND11_MODULE(_core, m) {
   }, "Where parallel work runs now: 'pool' (sdq's workers) or 'openmp' (the caller's team).");
   m.def("set_thread_backend", [](const std::string& name) {
     if (name != "pool" && name != "openmp")
-      throw std::invalid_argument("thread backend must be 'pool' or 'openmp', got '" + name + "'");
+      throw std::invalid_argument("thread backend must be one of 'pool', 'openmp'; got '" + name +
+                                  "'");
     const auto b = name == "openmp" ? sdq::ThreadBackend::openmp : sdq::ThreadBackend::pool;
     if (sdq::set_thread_backend(b) != sdq::Status::ok)
       throw std::runtime_error("this build of sdq has no OpenMP thread backend");

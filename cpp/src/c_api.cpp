@@ -102,7 +102,7 @@ const char* sdq_last_error_text(void) { return sdq::last_exception_text(); }
 const char* sdq_kernel_name(void) { return sdq::addonly_kernel_name(); }
 
 sdq_status sdq_set_thread_backend(sdq_thread_backend backend) {
-  if (backend != SDQ_THREADS_POOL && backend != SDQ_THREADS_OPENMP) return SDQ_BAD_VALUE;
+  // an unknown value: SDQ_BAD_VALUE from sdq::set_thread_backend
   return static_cast<sdq_status>(
       sdq::set_thread_backend(static_cast<sdq::ThreadBackend>(static_cast<int>(backend))));
 }

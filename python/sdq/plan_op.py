@@ -60,7 +60,7 @@ def _stamp(tensors: tuple) -> list:
     for t in tensors:
         if t is not None:
             out.append(t.data_ptr())
-            out.append(0 if t.is_inference() else t._version)
+            out.append(0 if t.is_inference() else t._version)  # version(t), inlined: hot path
     return out
 
 
