@@ -24,9 +24,20 @@ def _module(out, n_in, levels, osr=1.5, hadamard=True, seed=0):
     return SDQLinear.from_quantized(sdq.quantize_weight(W, cfg))
 
 
+AMX_MIN_BATCH = 6  # linear_plan.cpp: automatic binary plans run the AMX GEMM from this batch
+
+
+def _auto_gemm(levels, batch):
+    """The GEMM an automatic plan runs for `batch` tokens (linear_plan.cpp, choose_gemm)."""
+    if levels == "ternary":
+        return "trit5"
+    amx = core().amx_gemm_supported() and batch >= AMX_MIN_BATCH
+    return "amx_binary" if amx else "lut_binary"
+
+
 def _two_ops(mod, x, threads=0, gemm="auto"):
     """The unprepared path: the NumPy bindings of the transform and of the GEMM `gemm` names
-    ("auto": the int8-table kernel of the layer's levels; "addonly": the exact one)."""
+    ("auto": the int8 kernel of the layer's levels and the batch; "addonly": the exact one)."""
     cfg, c = mod.config, core()
     signs, down_full, down_last = (None if t is None else t.numpy() for t in
                                    mod.transform_constants())
@@ -40,7 +51,9 @@ def _two_ops(mod, x, threads=0, gemm="auto"):
                          xt, xsum, *geometry, mod.out_features, threads)
     elif gemm == "auto":
         lut = c.lut_pack_binary(sign.numpy().view(np.uint32), *geometry)
-        y = c.lut_gemm_binary(lut, scale, mean, xt, xsum, *geometry, mod.out_features, threads)
+        kernel = c.amx_gemm_binary if _auto_gemm("binary", x.shape[0]) == "amx_binary" \
+            else c.lut_gemm_binary
+        y = kernel(lut, scale, mean, xt, xsum, *geometry, mod.out_features, threads)
     else:
         y = c.addonly_gemm(sign.numpy().view(np.uint32),
                            None if nonzero is None else nonzero.numpy().view(np.uint32), scale,
@@ -72,8 +85,9 @@ def test_plan_equals_the_two_ops(out, n_in, levels, batch, threads, gemm):
     want = _two_ops(mod, x, threads, gemm)
     with _cpu_gemm(gemm):
         plan = _plan(mod)
-        assert plan.gemm == {"auto": "trit5" if levels == "ternary" else "lut_binary",
-                             "addonly": "addonly"}[gemm]
+        assert plan.gemm == {"auto": _auto_gemm(levels, 1), "addonly": "addonly"}[gemm]
+        assert plan.gemm_for(batch) == {"auto": _auto_gemm(levels, batch),
+                                        "addonly": "addonly"}[gemm]
         assert torch.equal(torch.from_numpy(plan.run(x.numpy(), 0, threads)), want)
         y = torch.empty(batch, out)
         plan.run_ptr(x.data_ptr(), batch, y.data_ptr(), 7, threads)
@@ -129,6 +143,10 @@ def test_module_call_equals_the_ops(levels):
     if levels == "ternary":
         y = torch.ops.sdq.trit5_gemm(mod.trits, mod.trit_signs, mod.scale, mod.mean, xt, xsum,
                                      *geometry)
+    elif _auto_gemm(levels, 6) == "amx_binary":  # 6 tokens: prefill on an AMX CPU
+        y = torch.from_numpy(core().amx_gemm_binary(
+            mod.lut_codes().numpy(), mod.scale.numpy().view(np.uint16),
+            mod.mean.numpy().view(np.uint16), xt.numpy(), xsum.numpy(), *geometry, 24))
     else:
         y = torch.ops.sdq.lut_gemm_binary(mod.lut_codes(), mod.scale, mod.mean, xt, xsum,
                                           *geometry)

@@ -107,8 +107,9 @@ class PyLinearPlan {
     if (name == "addonly") return PlanGemm::addonly;
     if (name == "lut_binary") return PlanGemm::lut_binary;
     if (name == "trit5") return PlanGemm::trit5;
-    throw py::value_error("gemm must be 'auto', 'addonly', 'lut_binary' or 'trit5', got '" +
-                          name + "'");
+    if (name == "amx_binary") return PlanGemm::amx_binary;
+    throw py::value_error(
+        "gemm must be 'auto', 'addonly', 'lut_binary', 'amx_binary' or 'trit5', got '" + name + "'");
   }
 
   template <typename T>
@@ -209,7 +210,8 @@ void bind_plan(py::module_& m) {
                            "whose x (pointer, batch, version, contents) equals the last one\n"
                            "transformed on this thread reuses it.\n"
                            "gemm: 'auto' (int8 tables: 'lut_binary' given lut_codes, 'trit5' given\n"
-                           "trits; else 'addonly'), or one named; 'addonly' is the exact one.")
+                           "trits; else 'addonly'; binary calls of >= 6 tokens run 'amx_binary'\n"
+                           "where the CPU has AMX), or one named; 'addonly' is the exact one.")
       .def(py::init<int64_t, int64_t, double, const py::object&, const py::object&,
                     const py::object&, const py::object&, const py::object&, const py::object&,
                     const py::object&, const std::string&, const py::object&,
@@ -234,10 +236,13 @@ void bind_plan(py::module_& m) {
       .def_property_readonly("out_features", [](const PyLinearPlan& p) { return p.plan().out(); })
       .def_property_readonly("gemm", [](const PyLinearPlan& p) {
         return std::string(p.plan().gemm_name());
-      })
+      }, "The GEMM of a one-token call.")
       .def_property_readonly("kernel", [](const PyLinearPlan& p) {
         return std::string(p.plan().kernel_name());
-      });
+      }, "The CPU variant of a one-token call.")
+      .def("gemm_for", [](const PyLinearPlan& p, int64_t batch) {
+        return std::string(p.plan().gemm_name(batch));
+      }, py::arg("batch"), "The GEMM of a call of `batch` tokens.");
   m.def("activation_transform_ptr", &activation_transform_ptr, py::arg("x_ptr"),
         py::arg("batch"), py::arg("in_features"), py::arg("block_size"), py::arg("osr"),
         py::arg("signs_ptr"), py::arg("down_full_ptr"), py::arg("down_last_ptr"),

@@ -15,6 +15,7 @@ void bind_cuda(py::module_& m);  // bind_cuda.cpp: CUDA kernels (stubs when buil
 void bind_wgm(py::module_& m);   // bind_wgm.cpp: WGM partition of sorted magnitudes
 void bind_wgm_gemm(py::module_& m);  // bind_wgm_gemm.cpp: WGM (dynamic-grouping) add-only kernel
 void bind_lut(py::module_& m);  // bind_lut.cpp: binary int8 look-up (T-MAC style) kernels
+void bind_amx(py::module_& m);  // bind_amx.cpp: binary int8 GEMM on Intel AMX tiles
 void bind_plan(py::module_& m);  // bind_plan.cpp: LinearPlan, a prepared layer call
 void bind_trit5(py::module_& m);  // bind_trit5.cpp: ternary at 1.67 bits (trit5) and its kernel
 }  // namespace sdq::bind
@@ -27,6 +28,7 @@ PYBIND11_MODULE(_core, m) {
   sdq::bind::bind_wgm(m);
   sdq::bind::bind_wgm_gemm(m);
   sdq::bind::bind_lut(m);
+  sdq::bind::bind_amx(m);
   sdq::bind::bind_plan(m);
   sdq::bind::bind_trit5(m);
   m.def("openmp_available", &sdq::openmp_available,

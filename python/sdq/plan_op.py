@@ -82,7 +82,7 @@ def _plan(tensors: tuple, geometry: tuple):
     plan = core().LinearPlan(
         in_features, block_size, osr, None, None, _view(scale, np.uint16),
         _view(mean, np.uint16), _view(signs), _view(down_full), _view(down_last),
-        gemm="trit5" if ternary else "lut_binary", trits=_view(codes) if ternary else None,
+        gemm="auto", trits=_view(codes) if ternary else None,
         trit_signs=_view(codes2, np.uint32) if ternary else None,
         lut_codes=None if ternary else _view(codes))
     # the tensors stay alive with the plan that reads them (and keep `key` theirs)

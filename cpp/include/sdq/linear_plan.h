@@ -27,12 +27,14 @@ namespace sdq {
 
 // Which GEMM a plan runs. `automatic` picks the best one for the codes the desc holds: the
 // int8-table kernel of its levels when the desc has that form of the codes, else addonly
-// (linear_plan.cpp, choose_gemm); naming one forces it (tests, benchmarks).
+// (linear_plan.cpp, choose_gemm); binary lut_codes go to amx_binary instead at batch >= 6 where
+// the CPU has AMX. Naming one forces it (tests, benchmarks).
 enum class PlanGemm : int {
   automatic = 0,
   addonly = 1,      // addonly_gemm on sign (+ nonzero) bitplanes (gemv.h): exact float tables
   lut_binary = 2,   // lut_gemm_binary (lut_gemm.h) on the desc's lut_codes
   trit5 = 3,        // trit5_gemm (trit5.h) on the desc's trits / trit_signs
+  amx_binary = 4,   // amx_gemm_binary (amx_gemm.h) on the desc's lut_codes (Intel AMX)
 };
 
 struct LinearPlanDesc {
@@ -82,12 +84,13 @@ class LinearPlan {
   bool shares_transform_with(const LinearPlan& other) const noexcept;
   const BlockLayout& layout() const noexcept { return desc_.layout; }
   int64_t out() const noexcept { return desc_.out; }
-  PlanGemm gemm() const noexcept { return gemm_; }
-  const char* gemm_name() const noexcept;    // "addonly", "lut_binary" or "trit5"
-  const char* kernel_name() const noexcept;  // its CPU variant ("avx2", "avx512", ...)
+  // The GEMM of a call at `batch` tokens (automatic binary plans switch to AMX for prefill).
+  PlanGemm gemm(int64_t batch = 1) const noexcept;
+  const char* gemm_name(int64_t batch = 1) const noexcept;    // "addonly", "lut_binary", ...
+  const char* kernel_name(int64_t batch = 1) const noexcept;  // its CPU variant ("avx2", ...)
 
  private:
-  LinearPlan(const LinearPlanDesc& desc, PlanGemm gemm,
+  LinearPlan(const LinearPlanDesc& desc, PlanGemm gemm, bool amx_prefill,
              std::shared_ptr<const TransformConstants> transform) noexcept;
   Status transform(const float* x, int64_t batch, uint64_t version, int threads,
                    const float** xt, const float** xsum) const;
@@ -96,6 +99,7 @@ class LinearPlan {
 
   LinearPlanDesc desc_;
   PlanGemm gemm_;
+  bool amx_prefill_;  // automatic lut_binary plan on an AMX CPU: amx_binary at batch >= 6
   std::shared_ptr<const TransformConstants> transform_;
 };
 

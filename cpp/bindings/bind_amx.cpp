@@ -1,0 +1,56 @@
+// Binding of the AMX binary GEMM (sdq/amx_gemm.h): checks every argument, naming it in the
+// error, then releases the GIL around the core.
+#include <string>
+
+#include "common.h"
+#include "sdq/amx_gemm.h"
+#include "sdq/lut_gemm.h"
+
+namespace sdq::bind {
+namespace {
+
+py::array_t<float> amx_gemm_binary_py(const py::object& packed_obj, const py::object& scale_obj,
+                                      const py::object& mean_obj, const py::object& xt_obj,
+                                      const py::object& xsum_obj, int64_t in_features,
+                                      int64_t block_size, double osr, int64_t out, int threads) {
+  const BlockLayout L = make_layout(in_features, block_size, osr);
+  if (!amx_gemm_supported()) throw py::value_error("amx_gemm_binary: this CPU or OS has no AMX");
+  if (out < 0) throw py::value_error("out must be >= 0, got " + std::to_string(out));
+  const int64_t nb = L.num_blocks();
+  auto packed = require_array<uint8_t>(packed_obj, "packed", 1);
+  require_shape(packed, "packed", {lut_packed_bytes(L, out)});
+  auto scale = require_array<uint16_t>(scale_obj, "scale", 2);
+  require_shape(scale, "scale", {out, nb});
+  auto mean = require_array<uint16_t>(mean_obj, "mean", 2);
+  require_shape(mean, "mean", {out, nb});
+  auto xt = require_array<float>(xt_obj, "xt", 2);
+  const int64_t batch = xt.shape(0);
+  require_shape(xt, "xt", {batch, L.total_code_cols()});
+  auto xsum = require_array<float>(xsum_obj, "xsum", 2);
+  require_shape(xsum, "xsum", {batch, nb});
+  py::array_t<float> y({batch, out});
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = amx_gemm_binary(L, packed.data(), scale.data(), mean.data(), out, xt.data(), xsum.data(),
+                        batch, y.mutable_data(), threads);
+  }
+  check_status(s, "amx_gemm_binary");
+  return y;
+}
+
+}  // namespace
+
+void bind_amx(py::module_& m) {
+  m.def("amx_gemm_binary", &amx_gemm_binary_py, py::arg("packed"), py::arg("scale"),
+        py::arg("mean"), py::arg("xt"), py::arg("xsum"), py::arg("in_features"),
+        py::arg("block_size"), py::arg("osr"), py::arg("out"), py::arg("threads") = 0,
+        "y = sum_b S[r,b] <q_rb, xt_b> + MU[r,b] xsum_b for binary codes on Intel AMX: the\n"
+        "activations rounded to int8 per token and block (sdq/amx_gemm.h), int8 tile products.\n"
+        "Same arguments as lut_gemm_binary (packed: from lut_pack_binary). Raises ValueError\n"
+        "where amx_gemm_supported() is False. Returns y: float32 [batch, out].");
+  m.def("amx_gemm_supported", &amx_gemm_supported,
+        "Whether this CPU and OS can run amx_gemm_binary (AMX-INT8, AVX-512 VBMI, tile state).");
+}
+
+}  // namespace sdq::bind

@@ -1,0 +1,42 @@
+// Binary add-only GEMM on Intel AMX (int8 tile multiply), for prefill batches: the same codes as
+// lut_gemm_binary (its 32-row tile layout, lut_pack_binary) and the same xt/xsum contract
+// (gemv.h), computed as a true int8 GEMM instead of per-token table look-ups:
+//   y[t, r] = sum_b S[r,b] * <q_rb, xt_b> + MU[r,b] * xsum_b
+//
+// Activations. Per token t and block b, amax = max |xt[t, k]| over the block's code columns,
+//   inv = 127 / amax (float32), a[k] = rint(xt[t, k] * inv) (half to even) in [-127, 127],
+//   ascale = amax / 127 (float32);
+// a block with amax < 2^-120 (all zero, or denormal activations) gets a = 0 and contributes only
+// MU * xsum. Each code column is rounded on its own, so the error against the exact float kernel
+// is at most S * ascale / 2 per code column (the table kernels' is per group of 4 columns).
+// Then, in float32, y[t, r] = sum_b (float(sum_k a[k] * c[r, k]) * ascale_tb) * S[r,b] + MU * xsum,
+// c = +-1; the integer dot products are exact (int32).
+//
+// How: the codes of a 32-row tile and one block are unpacked to +-1 bytes in AMX's B-tile layout
+// (in L1, once per tile and block), then multiplied with every 16-token tile of the int8
+// activations (TDPBSSD, 16 x 16 x 64 per instruction); each block's int32 sums are rescaled as
+// above. Unpacking costs about as much as reading the codes, so this pays from a few tokens up
+// (linear_plan.cpp's kAmxMinBatch); batch 1 stays with the look-up kernels.
+//
+// Needs AMX-TILE, AMX-INT8, AVX-512 BW and VBMI, and the OS's permission to use the tile state
+// (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM), requested once per process by amx_gemm_supported).
+// Without them the functions return Status::not_built.
+#pragma once
+#include <cstdint>
+
+#include "sdq/layout.h"
+#include "sdq/status.h"
+
+namespace sdq {
+
+// Whether this CPU and OS can run amx_gemm_binary (the first call asks the OS for the tile state).
+bool amx_gemm_supported() noexcept;
+
+// packed: lut_pack_binary's tiles (lut_gemm.h). scale, mean: [out, L.num_blocks()] fp16 bit
+// patterns. xt: [batch, L.total_code_cols()], xsum: [batch, L.num_blocks()] from
+// activation_transform. y: [batch, out] float32. threads <= 0: all hardware threads.
+Status amx_gemm_binary(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
+                       const uint16_t* mean, int64_t out, const float* xt, const float* xsum,
+                       int64_t batch, float* y, int threads = 0) noexcept;
+
+}  // namespace sdq

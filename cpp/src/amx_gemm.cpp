@@ -1,0 +1,393 @@
+// amx_gemm_binary (sdq/amx_gemm.h): activations rounded to int8 per (token, block), the codes of
+// each 32-row tile and block unpacked to +-1 bytes in AMX's B-tile layout, TDPBSSD, and a float
+// epilogue per block. Compiled with target attributes (the build needs no -mamx-*), chosen at
+// run time; elsewhere (not x86-64 Linux, or a compiler without these intrinsics) not_built.
+#include "sdq/amx_gemm.h"
+
+#include "guard.h"
+#include "lut_gemm.h"
+#include "parallel.h"
+#include "scratch.h"
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define SDQ_HAVE_AMX 1
+#endif
+
+#ifdef SDQ_HAVE_AMX
+// GCC 12's avx512fintrin.h seeds masked intrinsics with _mm512_undefined_*(): a false positive of
+// -W(maybe-)uninitialized once inlined into a target-attribute function (lut_gemm_avx512.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#define SDQ_AMX \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vbmi,amx-tile,amx-int8")))
+
+namespace sdq {
+namespace {
+
+constexpr int kTokens = 16;   // rows of an A (and C) tile: tokens
+constexpr int kStep = 64;     // code columns per TDPBSSD: bytes of an A-tile row
+constexpr int kHalf = 16;     // packed-tile rows per B (and C) tile: a 32-row tile is two halves
+constexpr int kTileBytes = 1024;  // 16 rows x 64 bytes: every tile this kernel configures
+constexpr float kTinyAmax = 0x1p-120f;
+constexpr int64_t kGroupTiles = 4;  // packed tiles that share one pass over the activations
+constexpr double kMinChunkBytes = 1 << 14;  // as lut_gemm.cpp: a few microseconds of work
+
+static_assert(kLutTileRows == 2 * kHalf, "a packed tile is two B tiles of rows");
+
+int64_t grain_for(double least, double unit_cost) noexcept {
+  return unit_cost >= least ? 1 : static_cast<int64_t>(std::ceil(least / unit_cost));
+}
+
+bool cpu_and_os_support() noexcept {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool amx = (d >> 24 & 1) && (d >> 25 & 1);       // AMX-TILE, AMX-INT8
+  const bool avx512 = (b >> 16 & 1) && (b >> 30 & 1) && (c >> 1 & 1);  // F, BW, VBMI
+  if (!amx || !avx512 || !__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
+      !__builtin_cpu_supports("f16c"))
+    return false;
+  // Linux keeps the 8 KB tile state off until a process asks for it (ARCH_REQ_XCOMP_PERM,
+  // XFEATURE_XTILEDATA); a kernel without that call (< 5.16) does not enable AMX at all.
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+}
+
+// ldtilecfg's 64-byte operand, palette 1: tiles 0-3 C (int32 sums), 4-5 A (int8 activations),
+// 6-7 B (+-1 codes); each 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int i = 0; i < 8; ++i) {
+      colsb[i] = kStep;
+      rows[i] = kTokens;
+    }
+  }
+};
+
+struct Geometry {
+  int64_t nb, steps0, steps_last;  // K steps of every block but the last; of the last
+  int64_t tokens;                  // tokens padded to a multiple of kTokens
+  int64_t row_bytes;               // packed code bytes per row
+  int64_t steps(int64_t b) const noexcept { return b == nb - 1 ? steps_last : steps0; }
+  // The int8 activations are block-major: block b's rows (steps(b) * kStep bytes per token,
+  // zero past its code columns) start at a_offset(b), so that an A tile is 1 KB in one run.
+  int64_t a_offset(int64_t b) const noexcept { return b * tokens * steps0 * kStep; }
+  int64_t a_bytes() const noexcept { return a_offset(nb - 1) + tokens * steps_last * kStep; }
+};
+
+Geometry geometry_of(const BlockLayout& L, int64_t batch) noexcept {
+  const int64_t nb = L.num_blocks();
+  Geometry g{};
+  g.nb = nb;
+  g.steps0 = (L.code_cols(0) + kStep - 1) / kStep;
+  g.steps_last = (L.code_cols(nb - 1) + kStep - 1) / kStep;
+  g.tokens = (batch + kTokens - 1) / kTokens * kTokens;
+  g.row_bytes = L.words_per_row() * static_cast<int64_t>(sizeof(word_t));
+  return g;
+}
+
+// Token t's xt row -> its int8 rows of a (Geometry::a_offset) and ascale [nb].
+SDQ_AMX void quantize_token(const BlockLayout& L, const Geometry& g, const float* xt, int64_t t,
+                            int8_t* a, float* ascale) {
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t b = 0; b < g.nb; ++b) {
+    const float* x = xt + L.code_offset(b);
+    const int64_t cols = L.code_cols(b);  // a multiple of 32
+    int8_t* dst = a + g.a_offset(b) + t * g.steps(b) * kStep;
+    std::memset(dst, 0, static_cast<size_t>(g.steps(b) * kStep));
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t k = 0; k < cols; k += 16)
+      m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    const float amax = _mm512_reduce_max_ps(m);
+    if (!(amax >= kTinyAmax)) {  // also NaN: as the table kernels, such a block adds MU * xsum
+      ascale[b] = 0.0f;
+      continue;
+    }
+    const __m512 inv = _mm512_set1_ps(127.0f / amax);
+    for (int64_t k = 0; k < cols; k += 16) {
+      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));  // half to even
+      q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), _mm512_cvtepi32_epi8(q));
+    }
+    ascale[b] = amax / 127.0f;
+  }
+}
+
+// Byte 4n + j of B-tile row r holds the code of row n (of the half), column 4r + j of the step.
+// Code column 8p + i is bit i of byte p of a row (lut_gemm.h); one 64-byte load of a packed tile
+// holds bytes p and p+1 of its 32 rows. So B row r = 4q + 2e + o of half h takes, from load q,
+// byte 32e + 16h + n for each n (vpermb), and bit 4o + j of it (vptestmb), as +-1 (blend).
+struct Unpacker {
+  __m512i idx[2][2], bit[2], plus, minus;
+  SDQ_AMX Unpacker() {
+    alignas(64) uint8_t t[64];
+    for (int e = 0; e < 2; ++e)
+      for (int h = 0; h < 2; ++h) {
+        for (int i = 0; i < 64; ++i) t[i] = static_cast<uint8_t>(32 * e + kHalf * h + i / 4);
+        idx[e][h] = _mm512_load_si512(t);
+      }
+    for (int o = 0; o < 2; ++o) {
+      for (int i = 0; i < 64; ++i) t[i] = static_cast<uint8_t>(1u << (4 * o + i % 4));
+      bit[o] = _mm512_load_si512(t);
+    }
+    plus = _mm512_set1_epi8(1);
+    minus = _mm512_set1_epi8(-1);
+  }
+
+  // B tiles of one block of a packed tile: b_tiles[(s * 2 + h) * kTileBytes] for step s, half h.
+  // Bytes past the row (the last block's last step) read as code -1: their activations are 0.
+  SDQ_AMX void block(const uint8_t* tile, int64_t p0, int64_t steps, int64_t row_bytes,
+                     int8_t* b_tiles) const {
+    for (int64_t s = 0; s < steps; ++s)
+      for (int q = 0; q < 4; ++q) {
+        const int64_t p = p0 + 8 * s + 2 * q;  // even; row_bytes is a multiple of 4
+        const __m512i v = p < row_bytes
+                              ? _mm512_loadu_si512(tile + p * kLutTileRows)
+                              : _mm512_setzero_si512();
+        for (int e = 0; e < 2; ++e)
+          for (int h = 0; h < 2; ++h) {
+            const __m512i w = _mm512_permutexvar_epi8(idx[e][h], v);
+            int8_t* dst = b_tiles + (s * 2 + h) * kTileBytes + (4 * q + 2 * e) * kStep;
+            for (int o = 0; o < 2; ++o)
+              _mm512_store_si512(dst + o * kStep,
+                                 _mm512_mask_blend_epi8(_mm512_test_epi8_mask(w, bit[o]), minus, plus));
+          }
+      }
+  }
+};
+
+// C tiles 2m + h (tiles 0-3) = (A tile m: tokens 16m..) x (B tile h: rows 16h..) summed over
+// one block's steps. a: the block's row of the first token. The sums stay in the tiles until
+// store_sums.
+template <int MA>
+SDQ_AMX void block_products(const int8_t* a, const int8_t* b_tiles, int64_t steps) {
+  const int64_t kp = steps * kStep;
+  _tile_zero(0);
+  _tile_zero(1);
+  if (MA == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  // Each operand tile is reloaded as soon as its last reader of this step has been issued, so
+  // that the loads of step s + 1 overlap the products of step s (tiles are not renamed).
+  const int8_t* a1 = a + kTokens * kp;
+  _tile_loadd(4, a, kp);
+  _tile_loadd(6, b_tiles, kStep);
+  _tile_loadd(7, b_tiles + kTileBytes, kStep);
+  if (MA == 2) _tile_loadd(5, a1, kp);
+  for (int64_t s = 0; s < steps; ++s) {
+    const bool more = s + 1 < steps;
+    const int64_t next = (s + 1) * kStep;
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    if (more) _tile_loadd(4, a + next, kp);
+    if (MA == 2) {
+      _tile_dpbssd(2, 5, 6);
+      if (more) _tile_loadd(6, b_tiles + (2 * s + 2) * kTileBytes, kStep);
+      _tile_dpbssd(3, 5, 7);
+      if (more) _tile_loadd(5, a1 + next, kp);
+    } else if (more) {
+      _tile_loadd(6, b_tiles + (2 * s + 2) * kTileBytes, kStep);
+    }
+    if (more) _tile_loadd(7, b_tiles + (2 * s + 3) * kTileBytes, kStep);
+  }
+}
+
+// c_tiles[(2m + h) * 256] int32 = C tile 2m + h.
+template <int MA>
+SDQ_AMX void store_sums(int32_t* c_tiles) {
+  _tile_stored(0, c_tiles, kStep);
+  _tile_stored(1, c_tiles + 256, kStep);
+  if (MA == 2) {
+    _tile_stored(2, c_tiles + 512, kStep);
+    _tile_stored(3, c_tiles + 768, kStep);
+  }
+}
+
+struct Call {
+  const BlockLayout* L;
+  Geometry g;
+  detail::LutCtx scales;  // scale, mean, out, nb: for lut_transpose_scales_avx2
+  const uint8_t* packed;
+  int64_t tile_bytes;
+  const int8_t* a;       // block-major (Geometry::a_offset)
+  const float* ascale;   // [batch, nb]
+  const float* xsum;     // [batch, nb]
+  int64_t batch;
+  float* y;
+};
+
+// ybuf[t * width + 16h + i] += the stored C tiles x ascale x S + MU x xsum for block b, tokens
+// t0 .. t0 + 31 (those < batch). s, mu: the block's scales and means of the packed tile's 32
+// rows as float; y: ybuf at the packed tile's first column.
+SDQ_AMX void epilogue(const Call& c, const int32_t* c_tiles, int64_t b, int64_t t0, const float* s,
+                      const float* mu, float* y, int64_t width) {
+  const int64_t nb = c.g.nb;
+  const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
+  const __m512 m0 = _mm512_loadu_ps(mu), m1 = _mm512_loadu_ps(mu + 16);
+  const int64_t n = std::min<int64_t>(2 * kTokens, c.batch - t0);
+  const float* as = c.ascale + t0 * nb + b;
+  const float* xs = c.xsum + t0 * nb + b;
+  float* yp = y + t0 * width;
+  for (int64_t u = 0; u < n; ++u, as += nb, xs += nb, yp += width) {
+    const int32_t* acc = c_tiles + (u >= kTokens ? 512 - kTokens * 16 : 0) + u * 16;
+    const __m512 a = _mm512_set1_ps(*as), x = _mm512_set1_ps(*xs);
+    const __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(acc)), a);
+    const __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(acc + 256)), a);
+    _mm512_storeu_ps(yp, _mm512_fmadd_ps(f0, s0, _mm512_fmadd_ps(m0, x, _mm512_loadu_ps(yp))));
+    _mm512_storeu_ps(yp + 16, _mm512_fmadd_ps(f1, s1, _mm512_fmadd_ps(m1, x, _mm512_loadu_ps(yp + 16))));
+  }
+}
+
+// Packed tiles [k0, k0 + n), n <= kGroupTiles, every token. Block by block, so that a block's
+// int8 activations (up to 16 KB at 64 tokens and OSR 2) are read from L2 once for n tiles.
+SDQ_AMX void tile_group(const Call& c, int64_t k0, int64_t n, uint8_t* buf) {
+  const Geometry& g = c.g;
+  const int64_t width = n * kLutTileRows;
+  const int64_t scale_bytes = (2 * g.nb * width * 2 + 63) / 64 * 64;
+  auto* st = reinterpret_cast<uint16_t*>(buf);  // [nb][width] fp16 scales, then means
+  uint16_t* mt = st + g.nb * width;
+  auto* sf = reinterpret_cast<float*>(buf + scale_bytes);  // [n][nb][32] float scales, means
+  float* mf = sf + g.nb * width;
+  auto* b_tiles = reinterpret_cast<int8_t*>(sf + 2 * g.nb * width);
+  auto* c_tiles = reinterpret_cast<int32_t*>(b_tiles + g.steps0 * 2 * kTileBytes);
+  float* ybuf = reinterpret_cast<float*>(c_tiles + kTileBytes);  // [batch][width]
+  static const Unpacker unpack;
+  const int64_t r0 = k0 * kLutTileRows;
+  detail::lut_transpose_scales_avx2(c.scales, r0, width, st, mt);
+  for (int64_t b = 0; b < g.nb; ++b)
+    for (int64_t j = 0; j < width; j += 16) {
+      const int64_t dst = ((j / 32) * g.nb + b) * 32 + j % 32;
+      _mm512_storeu_ps(sf + dst, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(st + b * width + j))));
+      _mm512_storeu_ps(mf + dst, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mt + b * width + j))));
+    }
+  std::memset(ybuf, 0, sizeof(float) * width * c.batch);
+  for (int64_t b = 0; b < g.nb; ++b) {
+    const int64_t steps = g.steps(b), row = steps * kStep;
+    const int8_t* a = c.a + g.a_offset(b);
+    for (int64_t k = 0; k < n; ++k) {
+      unpack.block(c.packed + (k0 + k) * c.tile_bytes, c.L->code_offset(b) / 8, steps,
+                   g.row_bytes, b_tiles);
+      const float* s = sf + (k * g.nb + b) * 32;
+      const float* mu = mf + (k * g.nb + b) * 32;
+      float* y = ybuf + k * kLutTileRows;
+      for (int64_t t0 = 0; t0 < g.tokens; t0 += 2 * kTokens) {
+        const bool two = t0 + 2 * kTokens <= g.tokens;
+        if (two)
+          block_products<2>(a + t0 * row, b_tiles, steps);
+        else
+          block_products<1>(a + t0 * row, b_tiles, steps);
+        if (two)
+          store_sums<2>(c_tiles);
+        else
+          store_sums<1>(c_tiles);
+        epilogue(c, c_tiles, b, t0, s, mu, y, width);
+      }
+    }
+  }
+  const int64_t rows = std::min(width, c.scales.out - r0);
+  for (int64_t t = 0; t < c.batch; ++t)
+    std::memcpy(c.y + t * c.scales.out + r0, ybuf + t * width, sizeof(float) * rows);
+}
+
+// Groups [group_begin, group_end) of kGroupTiles packed tiles (the last one may be shorter).
+SDQ_AMX void groups(const Call& c, int64_t group_begin, int64_t group_end) {
+  const Geometry& g = c.g;
+  constexpr int64_t W = kGroupTiles * kLutTileRows;
+  const int64_t bytes = (2 * g.nb * W * 2 + 63) / 64 * 64 + 2 * g.nb * W * 4 +
+                        g.steps0 * 2 * kTileBytes + 4 * kTileBytes + c.batch * W * 4;
+  auto* buf = detail::scratch<uint8_t>(detail::ScratchSlot::amx_rows, bytes);
+  const TileConfig cfg;
+  _tile_loadconfig(&cfg);
+  const int64_t tiles = (c.scales.out + kLutTileRows - 1) / kLutTileRows;
+  for (int64_t q = group_begin; q < group_end; ++q) {
+    const int64_t k0 = q * kGroupTiles;
+    tile_group(c, k0, std::min(kGroupTiles, tiles - k0), buf);
+  }
+  _tile_release();
+}
+
+Status run(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
+           const uint16_t* mean, int64_t out, const float* xt, const float* xsum, int64_t batch,
+           float* y, int threads) {
+  Call c{};
+  c.L = &L;
+  c.g = geometry_of(L, batch);
+  c.scales.scale = scale;
+  c.scales.mean = mean;
+  c.scales.out = out;
+  c.scales.nb = c.g.nb;
+  c.packed = packed;
+  c.tile_bytes = lut_tile_bytes(L);
+  c.batch = batch;
+  c.xsum = xsum;
+  c.y = y;
+  const Geometry& g = c.g;
+  const int64_t a_bytes = (g.a_bytes() + 63) / 64 * 64;
+  auto* buf = detail::scratch<uint8_t>(detail::ScratchSlot::amx_acts,
+                                       a_bytes + batch * g.nb * static_cast<int64_t>(sizeof(float)));
+  auto* a = reinterpret_cast<int8_t*>(buf);
+  auto* ascale = reinterpret_cast<float*>(buf + a_bytes);
+  for (int64_t b = 0; b < g.nb; ++b) {  // the padding tokens' rows
+    const int64_t row = g.steps(b) * kStep;
+    std::memset(a + g.a_offset(b) + batch * row, 0, static_cast<size_t>((g.tokens - batch) * row));
+  }
+  const int64_t cols = L.total_code_cols();
+  detail::parallel_for(batch, threads, grain_for(8192, static_cast<double>(cols)),
+                       [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) quantize_token(L, g, xt + t * cols, t, a, ascale + t * g.nb);
+  });
+  c.a = a;
+  c.ascale = ascale;
+  const int64_t n_tiles = (out + kLutTileRows - 1) / kLutTileRows;
+  const int64_t n_groups = (n_tiles + kGroupTiles - 1) / kGroupTiles;
+  const double group_cost = static_cast<double>(c.tile_bytes * kGroupTiles) * static_cast<double>(batch);
+  detail::parallel_for(n_groups, threads, grain_for(kMinChunkBytes, group_cost),
+                       [&](int64_t b, int64_t e) { groups(c, b, e); });
+  return Status::ok;
+}
+
+}  // namespace
+
+bool amx_gemm_supported() noexcept {
+  static const bool ok = cpu_and_os_support();
+  return ok;
+}
+
+Status amx_gemm_binary(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
+                       const uint16_t* mean, int64_t out, const float* xt, const float* xsum,
+                       int64_t batch, float* y, int threads) noexcept {
+  if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
+  if (out == 0 || batch == 0) return Status::ok;
+  if (!packed || !scale || !mean || !xt || !xsum || !y) return Status::null_pointer;
+  if (!amx_gemm_supported()) return Status::not_built;
+  return detail::guarded([&] { return run(L, packed, scale, mean, out, xt, xsum, batch, y, threads); });
+}
+
+}  // namespace sdq
+
+#else  // no AMX build: never supported
+
+namespace sdq {
+bool amx_gemm_supported() noexcept { return false; }
+Status amx_gemm_binary(const BlockLayout& L, const uint8_t*, const uint16_t*, const uint16_t*,
+                       int64_t out, const float*, const float*, int64_t batch, float*,
+                       int) noexcept {
+  if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
+  return out == 0 || batch == 0 ? Status::ok : Status::not_built;
+}
+}  // namespace sdq
+
+#endif

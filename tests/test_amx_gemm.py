@@ -1,0 +1,210 @@
+"""The AMX binary GEMM (sdq/amx_gemm.h) against its NumPy reference (sdq.ref.amx) and against the
+exact float kernel. Runs only where the CPU and OS offer AMX (Sapphire Rapids and later); the
+rest of the suite checks that plans never pick it elsewhere.
+
+Tolerances. The reference rounds the activations exactly as the core does, so the integer dot
+products agree and only the float epilogue differs: we allow 1e-5 of a bound on the terms'
+magnitudes, sum_b 127 * cols_b * ascale_b * |S| + |MU| |xsum|, plus the smallest normal float.
+Against the exact dot products each activation is off by at most ascale_b / 2, so
+|y - exact| <= sum_b |S| cols_b ascale_b / 2 (+ slack).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdq.ref.amx import amx_activations_ref, amx_gemm_binary_ref
+from sdq.ref.kernels import addonly_gemm_ref, block_geometry, pack_plane_ref
+from sdq.ref.lut import lut_pack_binary_ref
+
+_core = pytest.importorskip("sdq._core")
+if not hasattr(_core, "amx_gemm_binary"):
+    pytest.skip("sdq._core was built without the AMX kernel", allow_module_level=True)
+needs_amx = pytest.mark.skipif(not _core.amx_gemm_supported(),
+                               reason="this CPU or OS has no AMX")
+
+TINY = float(np.finfo(np.float32).tiny)
+
+# (out, in_features, block_size, osr): short last blocks and blocks whose codes are not a multiple
+# of 64 (padded steps), odd OSR, out not a multiple of 32 or of 128 (groups of 4 tiles), one block
+SHAPES = [
+    (32, 256, 128, 2.0),
+    (70, 300, 128, 1.3),
+    (45, 1000, 64, 2.5),
+    (33, 200, 128, 1.0),
+    (5, 128, 128, 16.0),
+    (97, 96, 32, 3.0),
+    (300, 1100, 64, 1.5),
+    (129, 64, 64, 0.5),  # 32 codes: one half-empty step
+]
+BATCHES = [1, 15, 16, 17, 40]  # padded token tiles: one short, exact, one over, two + a half
+
+
+def _layer(rng, out, in_features, block_size, osr):
+    """Random binary codes (padding bits 0), fp16 scale and mean; row 0's codes all -1, row 1's
+    scale and mean zero."""
+    blocks, total = block_geometry(in_features, block_size, osr)
+    live = np.zeros(total, dtype=bool)
+    for _, _, _, m, offset in blocks:
+        live[offset:offset + m] = True
+    codes = rng.integers(0, 2, (out, total)).astype(bool)
+    codes[:, ~live] = False
+    codes[0] = False
+    scale = rng.uniform(0.01, 2.0, (out, len(blocks))).astype(np.float16)
+    mean = (0.1 * rng.standard_normal((out, len(blocks)))).astype(np.float16)
+    if out > 1:
+        scale[1] = mean[1] = 0
+    return pack_plane_ref(codes), scale.view(np.uint16), mean.view(np.uint16), live
+
+
+def _acts(rng, batch, live, nb, kind="normal"):
+    xt = rng.standard_normal((batch, live.size)).astype(np.float32)
+    if kind == "huge":
+        xt *= np.float32(1e30)
+    elif kind == "denormal":
+        xt *= np.float32(1e-40)
+    elif kind == "zero":
+        xt[:] = 0
+    elif kind == "spiky":  # one huge value per token: only its own block's rounding coarsens
+        xt[:, 3] = 1e6
+    xt[:, ~live] = 0
+    return xt, rng.standard_normal((batch, nb)).astype(np.float32)
+
+
+def _columns(in_features, block_size, osr):
+    blocks, _ = block_geometry(in_features, block_size, osr)
+    cols = [-(-blocks[0][3] // 32) * 32] * len(blocks)
+    cols[-1] = -(-blocks[-1][3] // 32) * 32
+    return np.array(cols, dtype=np.float64)
+
+
+def _magnitude(scale, mean, xt, xsum, geometry):
+    _, ascale = amx_activations_ref(xt, *geometry)
+    s = np.abs(scale.view(np.float16).astype(np.float64))
+    mu = np.abs(mean.view(np.float16).astype(np.float64))
+    return (127 * _columns(*geometry) * ascale) @ s.T + np.abs(xsum.astype(np.float64)) @ mu.T
+
+
+def _run(sign, scale, mean, xt, xsum, out, geometry, threads=0):
+    packed = _core.lut_pack_binary(sign, *geometry)
+    return _core.amx_gemm_binary(packed, scale, mean, xt, xsum, *geometry, out, threads=threads)
+
+
+def _check_reference(y, sign, scale, mean, xt, xsum, geometry):
+    ref = amx_gemm_binary_ref(sign, scale, mean, xt, xsum, *geometry)
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    assert np.isfinite(y).all()
+    np.testing.assert_array_less(np.abs(y - ref), 1e-5 * _magnitude(scale, mean, xt, xsum, geometry)
+                                 + TINY)
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_matches_reference(shape, batch):
+    out, *geometry = shape
+    rng = np.random.default_rng(batch * 1000 + out)
+    sign, scale, mean, live = _layer(rng, *shape)
+    xt, xsum = _acts(rng, batch, live, scale.shape[1])
+    for threads in (1, 2):
+        _check_reference(_run(sign, scale, mean, xt, xsum, out, geometry, threads), sign, scale,
+                         mean, xt, xsum, geometry)
+
+
+@needs_amx
+def test_prefill_of_many_tokens_and_rows():
+    shape = (1000, 576, 128, 2.0)  # 32 tiles: 8 groups of 4 (the last one short); 4 token pairs
+    rng = np.random.default_rng(64)
+    sign, scale, mean, live = _layer(rng, *shape)
+    xt, xsum = _acts(rng, 130, live, scale.shape[1])
+    _check_reference(_run(sign, scale, mean, xt, xsum, shape[0], shape[1:], 2), sign, scale, mean,
+                     xt, xsum, shape[1:])
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", ["zero", "huge", "denormal", "spiky"])
+def test_extreme_activations(kind):
+    shape = (40, 300, 128, 1.3)
+    rng = np.random.default_rng(7)
+    sign, scale, mean, live = _layer(rng, *shape)
+    xt, xsum = _acts(rng, 18, live, scale.shape[1], kind=kind)
+    y = _run(sign, scale, mean, xt, xsum, shape[0], shape[1:])
+    _check_reference(y, sign, scale, mean, xt, xsum, shape[1:])
+    if kind in ("zero", "denormal"):  # activations round to 0: only MU * xsum remains
+        mu = mean.view(np.float16).astype(np.float64)
+        np.testing.assert_allclose(y, xsum.astype(np.float64) @ mu.T, rtol=1e-5, atol=1e-6)
+
+
+def test_activations_follow_the_rule():
+    """Spot-check the reference's rounding: int8 in [-127, 127], the block's largest at +-127,
+    each column within half a step of x."""
+    geometry = (300, 128, 1.3)
+    rng = np.random.default_rng(3)
+    blocks, total = block_geometry(*geometry)
+    xt = rng.standard_normal((2, total)).astype(np.float32)
+    a, ascale = amx_activations_ref(xt, *geometry)
+    for b, (_, _, _, m, offset) in enumerate(blocks):
+        cols = slice(offset, offset + m)
+        assert np.abs(a[:, cols]).max() == 127
+        err = np.abs(a[:, cols] * ascale[:, b:b + 1] - xt[:, cols])
+        assert (err < ascale[:, b:b + 1] / 2 + 1e-6).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_close_to_exact_float_kernel(shape):
+    out, *geometry = shape
+    rng = np.random.default_rng(11)
+    sign, scale, mean, live = _layer(rng, *shape)
+    xt, xsum = _acts(rng, 20, live, scale.shape[1])
+    y = _run(sign, scale, mean, xt, xsum, out, geometry)
+    exact = addonly_gemm_ref(sign, None, scale, mean, xt, xsum, *geometry)
+    _, ascale = amx_activations_ref(xt, *geometry)
+    step = (_columns(*geometry) * ascale / 2) @ np.abs(scale.view(np.float16).astype(np.float64)).T
+    np.testing.assert_array_less(np.abs(y - exact), 1.001 * step + 1e-5 * _magnitude(
+        scale, mean, xt, xsum, geometry) + TINY)
+    # and far below the worst case on Gaussian activations, closer than the tables (~1%)
+    assert np.linalg.norm(y - exact) < 0.01 * np.linalg.norm(exact)
+
+
+@needs_amx
+def test_packed_layout_is_the_lut_one():
+    """The kernel reads lut_pack_binary's tiles: the reference packer gives the same bytes."""
+    shape = (70, 300, 128, 1.3)
+    sign, _, _, _ = _layer(np.random.default_rng(2), *shape)
+    np.testing.assert_array_equal(_core.lut_pack_binary(sign, *shape[1:]), lut_pack_binary_ref(sign))
+
+
+@needs_amx
+def test_bad_arguments():
+    shape = (40, 300, 128, 1.3)
+    out, in_features, block_size, osr = shape
+    rng = np.random.default_rng(5)
+    sign, scale, mean, live = _layer(rng, *shape)
+    xt, xsum = _acts(rng, 2, live, scale.shape[1])
+    packed = _core.lut_pack_binary(sign, in_features, block_size, osr)
+    args = dict(in_features=in_features, block_size=block_size, osr=osr, out=out)
+    with pytest.raises(ValueError, match="packed must have shape"):
+        _core.amx_gemm_binary(packed[:-1].copy(), scale, mean, xt, xsum, **args)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        _core.amx_gemm_binary(packed, scale[:-1].copy(), mean, xt, xsum, **args)
+    with pytest.raises(ValueError, match="xt must have shape"):
+        _core.amx_gemm_binary(packed, scale, mean, xt[:, :-1].copy(), xsum, **args)
+    with pytest.raises(ValueError, match="xsum must have shape"):
+        _core.amx_gemm_binary(packed, scale, mean, xt, xsum[:1].copy(), **args)
+    with pytest.raises(TypeError, match="xt must have dtype"):
+        _core.amx_gemm_binary(packed, scale, mean, xt.astype(np.float64), xsum, **args)
+    with pytest.raises(ValueError, match="out must be"):
+        _core.amx_gemm_binary(packed, scale, mean, xt, xsum, in_features, block_size, osr, -1)
+    empty = _core.amx_gemm_binary(packed, scale, mean, xt[:0].copy(), xsum[:0].copy(), **args)
+    assert empty.shape == (0, out)
+
+
+@pytest.mark.skipif(_core.amx_gemm_supported(), reason="this CPU has AMX")
+def test_refused_without_amx():
+    shape = (40, 300, 128, 1.3)
+    sign, scale, mean, live = _layer(np.random.default_rng(5), *shape)
+    xt, xsum = _acts(np.random.default_rng(6), 2, live, scale.shape[1])
+    packed = _core.lut_pack_binary(sign, *shape[1:])
+    with pytest.raises(ValueError, match="no AMX"):
+        _core.amx_gemm_binary(packed, scale, mean, xt, xsum, *shape[1:], shape[0])
