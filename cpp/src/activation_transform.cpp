@@ -8,42 +8,18 @@
 
 #include "guard.h"
 #include "parallel.h"
+#include "project.h"
 #include "scratch.h"
 #include "sdq/gemv.h"
 
 namespace sdq {
 namespace {
 
-// The projection is most of the work; let the compiler emit wide-vector clones of it, picked by
-// the loader for this CPU, since the build itself targets baseline x86-64.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define SDQ_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SDQ_VECTOR_CLONES
-#endif
-
 constexpr int64_t kTokens = 16;  // vectors projected together: each row of D is read once for all
 // The least work worth a chunk of its own, in multiply-adds of the projection (~4 us: batch 1 of
 // a 576-wide layer, 147k MACs, took 9.9 us here): a worker spinning between jobs joins within
 // ~1-3 us (thread_pool.cpp).
 constexpr double kMinChunkMacs = 1 << 16;
-
-// out_t[j] = sum_i down[i, j] * v_t[i] for `tokens` vectors v_t (stride padded) and outputs out_t
-// (stride out_stride): row-by-row accumulation so the inner loop is contiguous, and each row of D
-// is used by every vector while it is in L1.
-SDQ_VECTOR_CLONES void project(const float* __restrict down, int64_t padded, int64_t m,
-                               const float* __restrict v, int64_t tokens,
-                               float* __restrict out, int64_t out_stride) noexcept {
-  for (int64_t t = 0; t < tokens; ++t) std::fill(out + t * out_stride, out + t * out_stride + m, 0.0f);
-  for (int64_t i = 0; i < padded; ++i) {
-    const float* __restrict d = down + i * m;
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float vi = v[t * padded + i];
-      float* __restrict o = out + t * out_stride;
-      for (int64_t j = 0; j < m; ++j) o[j] += d[j] * vi;
-    }
-  }
-}
 
 float block_sum(const float* v, int64_t n) noexcept {
   double s = 0.0;  // a few hundred terms; double keeps xsum at least as exact as the reference
@@ -83,6 +59,7 @@ Status transform_vectors(const BlockLayout& L, const Group& g, int64_t v0, int64
   // Project into a dense scratch: rows of xt lie a multiple of 4 KiB apart, so accumulating in
   // place would put every token's output in the same L1 sets.
   float* acc = buf + n * padded;
+  static const detail::ProjectFn project = detail::project_kernel();
   project(down, padded, m, buf, n, acc, m);
   for (int64_t k = 0; k < n; ++k) {
     const int64_t b = g.block(v0 + k, nb), t = g.token(v0 + k);
