@@ -44,14 +44,15 @@ CACHE_BYTES = 32 << 20  # rotate over at least twice this many bytes of fp32 wei
 
 
 def time_rotating(fn, n: int, reps: int, calls: int, clock=time.perf_counter) -> float:
-    """Best microseconds per call of fn(i) over `reps` rotations, i cycling over n copies."""
-    for i in range(n):
-        fn(i)
+    """Best microseconds per call of fn(k) over `reps` rotations of `calls` calls, k the call's
+    number (fn picks copy k % n and input k & 1: consecutive calls never share an input)."""
+    for k in range(max(n, 2)):
+        fn(k)
     best = math.inf
     for _ in range(reps):
         t = clock()
         for k in range(calls):
-            fn(k % n)
+            fn(k)
         best = min(best, (clock() - t) / calls)
     return best * 1e6
 
@@ -91,21 +92,21 @@ def measure(out: int, n_in: int, levels: str, args) -> dict:
     with torch.no_grad():
         want = torch.from_numpy(plans[0].run(xn[0], 0, args.threads))
         assert torch.equal(mods[0](xs[0]), want), "the module must compute what its plan does"
-        row["module_us"] = t(lambda i: mods[i](xs[i & 1]))
-        row["plan_us"] = t(lambda i: plans[i].run(xn[i & 1], 0, args.threads))
-        row["two_ops_us"] = t(lambda i: two_ops(mods[i], views[i], xn[i & 1]))
-        row["linear_us"] = t(lambda i: F.linear(xs[i & 1], weights[i]))
+        row["module_us"] = t(lambda k: mods[k % n](xs[k & 1]))
+        row["plan_us"] = t(lambda k: plans[k % n].run(xn[k & 1], 0, args.threads))
+        row["two_ops_us"] = t(lambda k: two_ops(mods[k % n], views[k % n], xn[k & 1]))
+        row["linear_us"] = t(lambda k: F.linear(xs[k & 1], weights[k % n]))
         if not args.no_compile:
             compiled = torch.compile(lambda mod, x: mod(x))  # one graph serves every copy
             torch.testing.assert_close(compiled(mods[0], xs[0]), want, rtol=0, atol=0)
-            row["compiled_us"] = t(lambda i: compiled(mods[i], xs[i & 1]))
+            row["compiled_us"] = t(lambda k: compiled(mods[k % n], xs[k & 1]))
         # The same on one thread in CPU time of the calling thread: what the Python around the
         # plan costs, unaffected by the neighbours' load (wall times on a busy machine are not).
         torch.set_num_threads(1)
         cpu = lambda fn: time_rotating(fn, n, reps, calls, clock=time.thread_time)  # noqa: E731
-        row["module_cpu_1t_us"] = cpu(lambda i: mods[i](xs[i & 1]))
-        row["plan_cpu_1t_us"] = cpu(lambda i: plans[i].run(xn[i & 1], 0, 1))
-        row["linear_cpu_1t_us"] = cpu(lambda i: F.linear(xs[i & 1], weights[i]))
+        row["module_cpu_1t_us"] = cpu(lambda k: mods[k % n](xs[k & 1]))
+        row["plan_cpu_1t_us"] = cpu(lambda k: plans[k % n].run(xn[k & 1], 0, 1))
+        row["linear_cpu_1t_us"] = cpu(lambda k: F.linear(xs[k & 1], weights[k % n]))
         torch.set_num_threads(args.threads)
     row["overhead_cpu_1t_us"] = row["module_cpu_1t_us"] - row["plan_cpu_1t_us"]
     row["overhead_us"] = row["module_us"] - row["plan_us"]
