@@ -2,8 +2,9 @@
 the exact float-table kernel and the dequantized weights, on the same quantized model.
 
 Quantizes SmolLM2-135M once per setting (calibrated gram codes, as the main job), then scores the same
-windows three ways: every linear through the CPU int8-table GEMM (lut_binary / trit5, the default,
-sdq.ops.set_cpu_gemm("auto")), through the exact add-only GEMM (set_cpu_gemm("addonly")), and
+windows four ways: every linear through the default CPU GEMMs (sdq.ops.set_cpu_gemm("auto"): the
+int8 tables, and for binary layers on AMX CPUs the int8 AMX GEMM, which these 512-token windows
+run), through the int8 tables alone ("tables"), through the exact add-only GEMM ("addonly"), and
 through the dequantized weight (set_max_kernel_tokens(0)). Writes bench/results/kernel_quality.json.
 
     python bench/kernel_quality.py [--eval-tokens 4096] [--calib-samples 16] [--only t2 b2]
@@ -18,6 +19,7 @@ import torch
 
 import sdq
 from sdq import ops
+from sdq._native import core
 from sdq.packed_linear import set_max_kernel_tokens
 
 from _common import machine, write_json
@@ -28,10 +30,11 @@ SETTINGS = {"t2": sdq.SDQConfig(osr=2, levels="ternary", codes="gram"),
 
 
 def score(model, eval_ids, path: str) -> tuple[float, float]:
-    """(perplexity, seconds) with every linear on `path`: "auto", "addonly" or "dequantized"."""
+    """(perplexity, seconds) with every linear on `path`: "auto", "tables", "addonly" or
+    "dequantized"."""
     from sdq.evaluate import perplexity
     set_max_kernel_tokens(model, 0 if path == "dequantized" else None)
-    previous = ops.set_cpu_gemm("addonly" if path == "addonly" else "auto")
+    previous = ops.set_cpu_gemm("auto" if path == "dequantized" else path)
     try:
         t0 = time.perf_counter()
         ppl = perplexity(model, eval_ids)
@@ -57,15 +60,18 @@ def main() -> None:
         model = copy.deepcopy(base)
         report = quantize_(model, SETTINGS[name], calib)
         row = {"config": SETTINGS[name].to_dict(), "bits_all_in": report.bits_per_weight_all_in}
-        for path in ("auto", "addonly", "dequantized"):
+        for path in ("auto", "tables", "addonly", "dequantized"):
             row[f"ppl_{path}"], row[f"seconds_{path}"] = score(model, eval_ids, path)
         row["int8_over_exact"] = row["ppl_auto"] / row["ppl_addonly"]
+        row["tables_over_exact"] = row["ppl_tables"] / row["ppl_addonly"]
         rows[name] = row
-        print(f"{name}: int8 tables {row['ppl_auto']:.4f}, exact {row['ppl_addonly']:.4f} "
-              f"({100 * (row['int8_over_exact'] - 1):+.2f}%), dequantized "
-              f"{row['ppl_dequantized']:.4f}", flush=True)
+        print(f"{name}: default {row['ppl_auto']:.4f} "
+              f"({100 * (row['int8_over_exact'] - 1):+.2f}%), int8 tables {row['ppl_tables']:.4f} "
+              f"({100 * (row['tables_over_exact'] - 1):+.2f}%), exact {row['ppl_addonly']:.4f}, "
+              f"dequantized {row['ppl_dequantized']:.4f}", flush=True)
     write_json("kernel_quality.json", {"model": "SmolLM2-135M-Instruct", "eval_tokens":
                                        args.eval_tokens, "calib_samples": args.calib_samples,
+                                       "amx": core().amx_gemm_supported(),
                                        "machine": machine(), "rows": rows})
 
 

@@ -37,7 +37,8 @@ def _auto_gemm(levels, batch):
 
 def _two_ops(mod, x, threads=0, gemm="auto"):
     """The unprepared path: the NumPy bindings of the transform and of the GEMM `gemm` names
-    ("auto": the int8 kernel of the layer's levels and the batch; "addonly": the exact one)."""
+    ("auto": the int8 kernel of the layer's levels and the batch; "tables": the int8-table one
+    of its levels; "addonly": the exact one)."""
     cfg, c = mod.config, core()
     signs, down_full, down_last = (None if t is None else t.numpy() for t in
                                    mod.transform_constants())
@@ -46,13 +47,13 @@ def _two_ops(mod, x, threads=0, gemm="auto"):
     geometry = (mod.in_features, cfg.block_size, cfg.osr)
     scale, mean = mod.scale.numpy().view(np.uint16), mod.mean.numpy().view(np.uint16)
     sign, nonzero = mod.bitplanes()
-    if gemm == "auto" and mod.ternary:
+    if gemm in ("auto", "tables") and mod.ternary:
         y = c.trit5_gemm(mod.trits.numpy(), mod.trit_signs.numpy().view(np.uint32), scale, mean,
                          xt, xsum, *geometry, mod.out_features, threads)
-    elif gemm == "auto":
+    elif gemm in ("auto", "tables"):
         lut = c.lut_pack_binary(sign.numpy().view(np.uint32), *geometry)
-        kernel = c.amx_gemm_binary if _auto_gemm("binary", x.shape[0]) == "amx_binary" \
-            else c.lut_gemm_binary
+        amx = gemm == "auto" and _auto_gemm("binary", x.shape[0]) == "amx_binary"
+        kernel = c.amx_gemm_binary if amx else c.lut_gemm_binary
         y = kernel(lut, scale, mean, xt, xsum, *geometry, mod.out_features, threads)
     else:
         y = c.addonly_gemm(sign.numpy().view(np.uint32),
@@ -78,15 +79,17 @@ def _plan(mod):
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 @pytest.mark.parametrize("batch", [1, 3, 64])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("gemm", ["auto", "addonly"])
+@pytest.mark.parametrize("gemm", ["auto", "tables", "addonly"])
 def test_plan_equals_the_two_ops(out, n_in, levels, batch, threads, gemm):
     mod = _module(out, n_in, levels, hadamard=out % 2 == 1)
     x = torch.randn(batch, n_in)
     want = _two_ops(mod, x, threads, gemm)
     with _cpu_gemm(gemm):
         plan = _plan(mod)
-        assert plan.gemm == {"auto": _auto_gemm(levels, 1), "addonly": "addonly"}[gemm]
-        assert plan.gemm_for(batch) == {"auto": _auto_gemm(levels, batch),
+        tables = "trit5" if levels == "ternary" else "lut_binary"
+        assert plan.gemm == {"auto": _auto_gemm(levels, 1), "tables": tables,
+                             "addonly": "addonly"}[gemm]
+        assert plan.gemm_for(batch) == {"auto": _auto_gemm(levels, batch), "tables": tables,
                                         "addonly": "addonly"}[gemm]
         assert torch.equal(torch.from_numpy(plan.run(x.numpy(), 0, threads)), want)
         y = torch.empty(batch, out)

@@ -45,6 +45,23 @@ def test_equals_transform_then_table_gemm(levels, out, n_in, osr, hadamard):
 
 
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
+def test_follows_set_cpu_gemm_tables(levels):
+    """set_cpu_gemm("tables") keeps the op on the int8 tables at prefill batches too (binary
+    layers on AMX CPUs otherwise run the AMX GEMM from 6 tokens), and "auto" restores that."""
+    from sdq import ops
+    mod = _module(40, 300, levels)
+    x = torch.randn(9, 300)
+    previous = ops.set_cpu_gemm("tables")
+    try:
+        with torch.no_grad():
+            assert torch.equal(_op(mod, x), _two_ops(mod, x, gemm="tables"))
+            ops.set_cpu_gemm("auto")
+            assert torch.equal(_op(mod, x), _two_ops(mod, x, gemm="auto"))
+    finally:
+        ops.set_cpu_gemm(previous)
+
+
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
 def test_sees_in_place_writes_to_what_it_reads(levels):
     """Scales and codes are read through pointers; the transform constants are copied into the
     plan, so their version counters are part of the cache key."""

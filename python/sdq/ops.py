@@ -258,7 +258,7 @@ def _table_gemm_ok(module, x: Tensor) -> bool:
     """Whether a dispatcher-path call runs the int8-table kernels (sdq::plan_linear): CPU
     inference in float32 kernels, as the eager plans do; otherwise the exact ops, which have
     autograd."""
-    if _cpu_gemm != "auto" or not x.is_cpu or x.dtype not in _EAGER_DTYPES:
+    if _cpu_gemm == "addonly" or not x.is_cpu or x.dtype not in _EAGER_DTYPES:
         return False
     scale, mean = module.scale, module.mean
     if scale.dtype != torch.float16 or mean.dtype != torch.float16:
@@ -289,20 +289,25 @@ def _eager_cpu_ok(module, x: Tensor) -> bool:
         torch._C._len_torch_dispatch_stack() == 0
 
 
-# Which GEMM the eager CPU plans run: "auto" (the int8-table kernels: lut_binary for binary,
-# trit5 for ternary) or "addonly" (the exact float-table kernel, the reference). set_cpu_gemm.
-_CPU_GEMMS = ("auto", "addonly")
+# Which GEMM the CPU plans run: "auto" (the int8 kernels: lut_binary for binary, switching to
+# amx_binary from 6 tokens on AMX CPUs; trit5 for ternary), "tables" (the int8-table kernels at
+# every batch) or "addonly" (the exact float-table kernel, the reference). set_cpu_gemm.
+_CPU_GEMMS = ("auto", "tables", "addonly")
 _cpu_gemm = "auto"
 
 
 def set_cpu_gemm(name: str) -> str:
-    """Choose the GEMM of eager CPU layer calls: "auto" (default; int8 activation tables, about
-    0.1-1% relative output error, see docs/kernels.md) or "addonly" (exact float tables, slower).
-    Returns the previous choice; plans rebuild on their next call."""
+    """Choose the GEMM of CPU inference layer calls: "auto" (default; int8 activation tables,
+    about 0.1-1% relative output error, cpp/include/sdq/lut_gemm.h and trit5.h; binary layers on
+    AMX CPUs run prefill batches of 6 tokens or more as an int8 AMX GEMM, amx_gemm.h), "tables"
+    (the int8 tables at every batch: a token's output then does not depend on the batch it came
+    in) or "addonly" (exact float tables, slower). Returns the previous choice; plans rebuild on
+    their next call."""
     global _cpu_gemm
     if name not in _CPU_GEMMS:
         raise ValueError(f"set_cpu_gemm: expected one of {_CPU_GEMMS}, got {name!r}")
     previous, _cpu_gemm = _cpu_gemm, name
+    plan_op.set_tables_only(name == "tables")
     return previous
 
 
@@ -319,7 +324,7 @@ def _plan_codes(module) -> dict:
     """The codes a layer's plan reads: binary sign bitplanes; ternary trit5 (or, for the exact
     kernel, bitplanes derived from it)."""
     as_np = lambda t: None if t is None else _np(t, np.uint32)  # noqa: E731
-    if _cpu_gemm == "auto":
+    if _cpu_gemm != "addonly":
         if module.ternary:
             return {"sign": None, "nonzero": None, "trits": _np(module.trits),
                     "trit_signs": _np(module.trit_signs, np.uint32)}
@@ -343,6 +348,13 @@ class _PlanEntry:
         return _PlanEntry, ()
 
 
+def _plan_gemm(module) -> str:
+    """The LinearPlan gemm argument for set_cpu_gemm's choice."""
+    if _cpu_gemm == "tables":
+        return "trit5" if module.ternary else "lut_binary"
+    return _cpu_gemm
+
+
 def _layer_plan(module):
     """The layer's _core.LinearPlan, built on first use and rebuilt when _plan_key changes (device
     moves, load_state_dict, assignment, in-place writes to the codes, set_cpu_gemm). The entry
@@ -358,7 +370,7 @@ def _layer_plan(module):
         module.in_features, cfg.block_size, cfg.osr, codes["sign"], codes["nonzero"],
         _np(module.scale, np.uint16), _np(module.mean, np.uint16),
         None if signs is None else _np(signs), _np(module.down_full), _np(module.down_last),
-        gemm=_cpu_gemm, trits=codes.get("trits"), trit_signs=codes.get("trit_signs"),
+        gemm=_plan_gemm(module), trits=codes.get("trits"), trit_signs=codes.get("trit_signs"),
         lut_codes=codes.get("lut_codes"))
     buffers = tuple(module._buffers.values())  # after _plan_codes: it may derive planes
     module.__dict__["_eager_plan"] = _PlanEntry(_plan_key(module), plan, buffers)

@@ -32,6 +32,7 @@ from ._native import core
 
 _MAX_PLANS = 4096  # a 70B model has ~560 linears; more than this would be several models at once
 _plans: "OrderedDict[int, tuple]" = OrderedDict()  # id(codes) -> (plan, tensors, stamp, geometry)
+_tables_only = False  # sdq.ops.set_cpu_gemm("tables"): never the AMX prefill GEMM
 
 _lib = torch.library.Library("sdq", "FRAGMENT")
 _lib.define("plan_linear(Tensor x, Tensor codes, Tensor? codes2, Tensor scale, Tensor mean, "
@@ -82,7 +83,8 @@ def _plan(tensors: tuple, geometry: tuple):
     plan = core().LinearPlan(
         in_features, block_size, osr, None, None, _view(scale, np.uint16),
         _view(mean, np.uint16), _view(signs), _view(down_full), _view(down_last),
-        gemm="auto", trits=_view(codes) if ternary else None,
+        gemm=("trit5" if ternary else "lut_binary") if _tables_only else "auto",
+        trits=_view(codes) if ternary else None,
         trit_signs=_view(codes2, np.uint32) if ternary else None,
         lut_codes=None if ternary else _view(codes))
     # the tensors stay alive with the plan that reads them (and keep `key` theirs)
@@ -117,3 +119,11 @@ def _(x, codes, codes2, scale, mean, signs, down_full, down_last, in_features, b
 def clear_cache() -> None:
     """Drops every cached plan (and the references that keep their tensors alive)."""
     _plans.clear()
+
+
+def set_tables_only(yes: bool) -> None:
+    """Plans built from now on run the int8 tables at every batch (True) or switch binary
+    prefill batches to the AMX GEMM where the CPU has it (False); drops the cached plans."""
+    global _tables_only
+    _tables_only = bool(yes)
+    clear_cache()
