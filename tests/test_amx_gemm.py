@@ -1,5 +1,5 @@
-"""The AMX binary GEMM (sdq/amx_gemm.h) against its NumPy reference (sdq.ref.amx) and against the
-exact float kernel. Runs only where the CPU and OS offer AMX (Sapphire Rapids and later); the
+"""The AMX GEMMs (sdq/amx_gemm.h), binary and ternary (trit5), against their NumPy reference
+(sdq.ref.amx) and against the exact float kernel. Runs only where the CPU and OS offer AMX (Sapphire Rapids and later); the
 rest of the suite checks that plans never pick it elsewhere.
 
 Tolerances. The reference rounds the activations exactly as the core does, so the integer dot
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdq.ref.amx import amx_activations_ref, amx_gemm_binary_ref
+from sdq.ref.amx import amx_activations_ref, amx_gemm_binary_ref, amx_gemm_ternary_ref
 from sdq.ref.kernels import addonly_gemm_ref, block_geometry, pack_plane_ref
 from sdq.ref.lut import lut_pack_binary_ref
 
@@ -40,21 +40,31 @@ SHAPES = [
 BATCHES = [1, 15, 16, 17, 40]  # padded token tiles: one short, exact, one over, two + a half
 
 
-def _layer(rng, out, in_features, block_size, osr):
-    """Random binary codes (padding bits 0), fp16 scale and mean; row 0's codes all -1, row 1's
-    scale and mean zero."""
+LEVELS = ["binary", "ternary"]
+
+
+def _layer(rng, out, in_features, block_size, osr, levels="binary"):
+    """Random codes (padding 0) as bitplanes (sign, nonzero; nonzero None for binary), fp16 scale
+    and mean, and the live code columns; row 0's codes all -1, row 1's scale and mean zero, and
+    for ternary row 2 all zero and row 3 all +1."""
     blocks, total = block_geometry(in_features, block_size, osr)
     live = np.zeros(total, dtype=bool)
     for _, _, _, m, offset in blocks:
         live[offset:offset + m] = True
-    codes = rng.integers(0, 2, (out, total)).astype(bool)
-    codes[:, ~live] = False
-    codes[0] = False
+    sign = rng.integers(0, 2, (out, total)).astype(bool)
+    nonzero = rng.integers(0, 3, (out, total)) > 0 if levels == "ternary" else np.ones_like(sign)
+    sign[0], nonzero[0] = False, True
+    if levels == "ternary" and out > 3:
+        nonzero[2] = False
+        sign[3], nonzero[3] = True, True
+    nonzero[:, ~live] = False
+    sign &= nonzero
     scale = rng.uniform(0.01, 2.0, (out, len(blocks))).astype(np.float16)
     mean = (0.1 * rng.standard_normal((out, len(blocks)))).astype(np.float16)
     if out > 1:
         scale[1] = mean[1] = 0
-    return pack_plane_ref(codes), scale.view(np.uint16), mean.view(np.uint16), live
+    planes = (pack_plane_ref(sign), pack_plane_ref(nonzero) if levels == "ternary" else None)
+    return planes, scale.view(np.uint16), mean.view(np.uint16), live
 
 
 def _acts(rng, batch, live, nb, kind="normal"):
@@ -85,13 +95,26 @@ def _magnitude(scale, mean, xt, xsum, geometry):
     return (127 * _columns(*geometry) * ascale) @ s.T + np.abs(xsum.astype(np.float64)) @ mu.T
 
 
-def _run(sign, scale, mean, xt, xsum, out, geometry, threads=0):
-    packed = _core.lut_pack_binary(sign, *geometry)
-    return _core.amx_gemm_binary(packed, scale, mean, xt, xsum, *geometry, out, threads=threads)
+def _run(planes, scale, mean, xt, xsum, out, geometry, threads=0):
+    sign, nonzero = planes
+    if nonzero is None:
+        packed = _core.lut_pack_binary(sign, *geometry)
+        return _core.amx_gemm_binary(packed, scale, mean, xt, xsum, *geometry, out,
+                                     threads=threads)
+    trits, trit_signs = _core.trit5_pack(sign, nonzero, *geometry)
+    return _core.amx_gemm_ternary(trits, trit_signs, scale, mean, xt, xsum, *geometry, out,
+                                  threads=threads)
 
 
-def _check_reference(y, sign, scale, mean, xt, xsum, geometry):
-    ref = amx_gemm_binary_ref(sign, scale, mean, xt, xsum, *geometry)
+def _reference(planes, scale, mean, xt, xsum, geometry):
+    sign, nonzero = planes
+    if nonzero is None:
+        return amx_gemm_binary_ref(sign, scale, mean, xt, xsum, *geometry)
+    return amx_gemm_ternary_ref(sign, nonzero, scale, mean, xt, xsum, *geometry)
+
+
+def _check_reference(y, planes, scale, mean, xt, xsum, geometry):
+    ref = _reference(planes, scale, mean, xt, xsum, geometry)
     assert y.dtype == np.float32 and y.shape == ref.shape
     assert np.isfinite(y).all()
     np.testing.assert_array_less(np.abs(y - ref), 1e-5 * _magnitude(scale, mean, xt, xsum, geometry)
@@ -99,37 +122,40 @@ def _check_reference(y, sign, scale, mean, xt, xsum, geometry):
 
 
 @needs_amx
+@pytest.mark.parametrize("levels", LEVELS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("batch", BATCHES)
-def test_matches_reference(shape, batch):
+def test_matches_reference(levels, shape, batch):
     out, *geometry = shape
     rng = np.random.default_rng(batch * 1000 + out)
-    sign, scale, mean, live = _layer(rng, *shape)
+    planes, scale, mean, live = _layer(rng, *shape, levels)
     xt, xsum = _acts(rng, batch, live, scale.shape[1])
     for threads in (1, 2):
-        _check_reference(_run(sign, scale, mean, xt, xsum, out, geometry, threads), sign, scale,
-                         mean, xt, xsum, geometry)
+        _check_reference(_run(planes, scale, mean, xt, xsum, out, geometry, threads), planes,
+                         scale, mean, xt, xsum, geometry)
 
 
 @needs_amx
-def test_prefill_of_many_tokens_and_rows():
+@pytest.mark.parametrize("levels", LEVELS)
+def test_prefill_of_many_tokens_and_rows(levels):
     shape = (1000, 576, 128, 2.0)  # 32 tiles: 8 groups of 4 (the last one short); 4 token pairs
     rng = np.random.default_rng(64)
-    sign, scale, mean, live = _layer(rng, *shape)
+    planes, scale, mean, live = _layer(rng, *shape, levels)
     xt, xsum = _acts(rng, 130, live, scale.shape[1])
-    _check_reference(_run(sign, scale, mean, xt, xsum, shape[0], shape[1:], 2), sign, scale, mean,
-                     xt, xsum, shape[1:])
+    _check_reference(_run(planes, scale, mean, xt, xsum, shape[0], shape[1:], 2), planes, scale,
+                     mean, xt, xsum, shape[1:])
 
 
 @needs_amx
+@pytest.mark.parametrize("levels", LEVELS)
 @pytest.mark.parametrize("kind", ["zero", "huge", "denormal", "spiky"])
-def test_extreme_activations(kind):
+def test_extreme_activations(levels, kind):
     shape = (40, 300, 128, 1.3)
     rng = np.random.default_rng(7)
-    sign, scale, mean, live = _layer(rng, *shape)
+    planes, scale, mean, live = _layer(rng, *shape, levels)
     xt, xsum = _acts(rng, 18, live, scale.shape[1], kind=kind)
-    y = _run(sign, scale, mean, xt, xsum, shape[0], shape[1:])
-    _check_reference(y, sign, scale, mean, xt, xsum, shape[1:])
+    y = _run(planes, scale, mean, xt, xsum, shape[0], shape[1:])
+    _check_reference(y, planes, scale, mean, xt, xsum, shape[1:])
     if kind in ("zero", "denormal"):  # activations round to 0: only MU * xsum remains
         mu = mean.view(np.float16).astype(np.float64)
         np.testing.assert_allclose(y, xsum.astype(np.float64) @ mu.T, rtol=1e-5, atol=1e-6)
@@ -151,14 +177,15 @@ def test_activations_follow_the_rule():
 
 
 @needs_amx
+@pytest.mark.parametrize("levels", LEVELS)
 @pytest.mark.parametrize("shape", SHAPES[:3])
-def test_close_to_exact_float_kernel(shape):
+def test_close_to_exact_float_kernel(levels, shape):
     out, *geometry = shape
     rng = np.random.default_rng(11)
-    sign, scale, mean, live = _layer(rng, *shape)
+    planes, scale, mean, live = _layer(rng, *shape, levels)
     xt, xsum = _acts(rng, 20, live, scale.shape[1])
-    y = _run(sign, scale, mean, xt, xsum, out, geometry)
-    exact = addonly_gemm_ref(sign, None, scale, mean, xt, xsum, *geometry)
+    y = _run(planes, scale, mean, xt, xsum, out, geometry)
+    exact = addonly_gemm_ref(*planes, scale, mean, xt, xsum, *geometry)
     _, ascale = amx_activations_ref(xt, *geometry)
     step = (_columns(*geometry) * ascale / 2) @ np.abs(scale.view(np.float16).astype(np.float64)).T
     np.testing.assert_array_less(np.abs(y - exact), 1.001 * step + 1e-5 * _magnitude(
@@ -171,7 +198,7 @@ def test_close_to_exact_float_kernel(shape):
 def test_packed_layout_is_the_lut_one():
     """The kernel reads lut_pack_binary's tiles: the reference packer gives the same bytes."""
     shape = (70, 300, 128, 1.3)
-    sign, _, _, _ = _layer(np.random.default_rng(2), *shape)
+    (sign, _), _, _, _ = _layer(np.random.default_rng(2), *shape)
     np.testing.assert_array_equal(_core.lut_pack_binary(sign, *shape[1:]), lut_pack_binary_ref(sign))
 
 
@@ -180,7 +207,7 @@ def test_bad_arguments():
     shape = (40, 300, 128, 1.3)
     out, in_features, block_size, osr = shape
     rng = np.random.default_rng(5)
-    sign, scale, mean, live = _layer(rng, *shape)
+    (sign, _), scale, mean, live = _layer(rng, *shape)
     xt, xsum = _acts(rng, 2, live, scale.shape[1])
     packed = _core.lut_pack_binary(sign, in_features, block_size, osr)
     args = dict(in_features=in_features, block_size=block_size, osr=osr, out=out)
@@ -198,13 +225,25 @@ def test_bad_arguments():
         _core.amx_gemm_binary(packed, scale, mean, xt, xsum, in_features, block_size, osr, -1)
     empty = _core.amx_gemm_binary(packed, scale, mean, xt[:0].copy(), xsum[:0].copy(), **args)
     assert empty.shape == (0, out)
+    (sign, nonzero), scale, mean, live = _layer(rng, *shape, "ternary")
+    trits, trit_signs = _core.trit5_pack(sign, nonzero, in_features, block_size, osr)
+    with pytest.raises(ValueError, match="trits must have shape"):
+        _core.amx_gemm_ternary(trits[:-1].copy(), trit_signs, scale, mean, xt, xsum, **args)
+    with pytest.raises(ValueError, match="trit_signs must have shape"):
+        _core.amx_gemm_ternary(trits, trit_signs[:, :-1].copy(), scale, mean, xt, xsum, **args)
+    with pytest.raises(ValueError, match="xt must have shape"):
+        _core.amx_gemm_ternary(trits, trit_signs, scale, mean, xt[:, :-1].copy(), xsum, **args)
 
 
 @pytest.mark.skipif(_core.amx_gemm_supported(), reason="this CPU has AMX")
 def test_refused_without_amx():
     shape = (40, 300, 128, 1.3)
-    sign, scale, mean, live = _layer(np.random.default_rng(5), *shape)
+    (sign, _), scale, mean, live = _layer(np.random.default_rng(5), *shape)
     xt, xsum = _acts(np.random.default_rng(6), 2, live, scale.shape[1])
     packed = _core.lut_pack_binary(sign, *shape[1:])
     with pytest.raises(ValueError, match="no AMX"):
         _core.amx_gemm_binary(packed, scale, mean, xt, xsum, *shape[1:], shape[0])
+    (sign, nonzero), scale, mean, _ = _layer(np.random.default_rng(5), *shape, "ternary")
+    trits, trit_signs = _core.trit5_pack(sign, nonzero, *shape[1:])
+    with pytest.raises(ValueError, match="no AMX"):
+        _core.amx_gemm_ternary(trits, trit_signs, scale, mean, xt, xsum, *shape[1:], shape[0])

@@ -24,14 +24,15 @@ def _module(out, n_in, levels, osr=1.5, hadamard=True, seed=0):
     return SDQLinear.from_quantized(sdq.quantize_weight(W, cfg))
 
 
-AMX_MIN_BATCH = 6  # linear_plan.cpp: automatic binary plans run the AMX GEMM from this batch
+# linear_plan.cpp: automatic plans run their AMX GEMM from these batches where the CPU has AMX
+AMX_MIN_BATCH = {"binary": 6, "ternary": 12}
 
 
 def _auto_gemm(levels, batch):
-    """The GEMM an automatic plan runs for `batch` tokens (linear_plan.cpp, choose_gemm)."""
+    """The GEMM an automatic plan runs for `batch` tokens (linear_plan.cpp, LinearPlan::gemm)."""
+    amx = core().amx_gemm_supported() and batch >= AMX_MIN_BATCH[levels]
     if levels == "ternary":
-        return "trit5"
-    amx = core().amx_gemm_supported() and batch >= AMX_MIN_BATCH
+        return "amx_ternary" if amx else "trit5"
     return "amx_binary" if amx else "lut_binary"
 
 
@@ -48,8 +49,10 @@ def _two_ops(mod, x, threads=0, gemm="auto"):
     scale, mean = mod.scale.numpy().view(np.uint16), mod.mean.numpy().view(np.uint16)
     sign, nonzero = mod.bitplanes()
     if gemm in ("auto", "tables") and mod.ternary:
-        y = c.trit5_gemm(mod.trits.numpy(), mod.trit_signs.numpy().view(np.uint32), scale, mean,
-                         xt, xsum, *geometry, mod.out_features, threads)
+        amx = gemm == "auto" and _auto_gemm("ternary", x.shape[0]) == "amx_ternary"
+        kernel = c.amx_gemm_ternary if amx else c.trit5_gemm
+        y = kernel(mod.trits.numpy(), mod.trit_signs.numpy().view(np.uint32), scale, mean,
+                   xt, xsum, *geometry, mod.out_features, threads)
     elif gemm in ("auto", "tables"):
         lut = c.lut_pack_binary(sign.numpy().view(np.uint32), *geometry)
         amx = gemm == "auto" and _auto_gemm("binary", x.shape[0]) == "amx_binary"

@@ -1,10 +1,11 @@
-// Binding of the AMX binary GEMM (sdq/amx_gemm.h): checks every argument, naming it in the
+// Binding of the AMX GEMMs (sdq/amx_gemm.h): checks every argument, naming it in the
 // error, then releases the GIL around the core.
 #include <string>
 
 #include "common.h"
 #include "sdq/amx_gemm.h"
 #include "sdq/lut_gemm.h"
+#include "sdq/trit5.h"
 
 namespace sdq::bind {
 namespace {
@@ -39,6 +40,36 @@ py::array_t<float> amx_gemm_binary_py(const py::object& packed_obj, const py::ob
   return y;
 }
 
+py::array_t<float> amx_gemm_ternary_py(const py::object& trits_obj, const py::object& signs_obj,
+                                       const py::object& scale_obj, const py::object& mean_obj,
+                                       const py::object& xt_obj, const py::object& xsum_obj,
+                                       int64_t in_features, int64_t block_size, double osr,
+                                       int64_t out, int threads) {
+  const BlockLayout L = make_layout(in_features, block_size, osr);
+  if (!amx_gemm_supported()) throw py::value_error("amx_gemm_ternary: this CPU or OS has no AMX");
+  if (out < 0) throw py::value_error("out must be >= 0, got " + std::to_string(out));
+  const int64_t nb = L.num_blocks();
+  auto [trits, signs] = require_trit5(trits_obj, signs_obj, L, out);
+  auto scale = require_array<uint16_t>(scale_obj, "scale", 2);
+  require_shape(scale, "scale", {out, nb});
+  auto mean = require_array<uint16_t>(mean_obj, "mean", 2);
+  require_shape(mean, "mean", {out, nb});
+  auto xt = require_array<float>(xt_obj, "xt", 2);
+  const int64_t batch = xt.shape(0);
+  require_shape(xt, "xt", {batch, L.total_code_cols()});
+  auto xsum = require_array<float>(xsum_obj, "xsum", 2);
+  require_shape(xsum, "xsum", {batch, nb});
+  py::array_t<float> y({batch, out});
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = amx_gemm_ternary(L, trits.data(), signs.data(), scale.data(), mean.data(), out,
+                         xt.data(), xsum.data(), batch, y.mutable_data(), threads);
+  }
+  check_status(s, "amx_gemm_ternary");
+  return y;
+}
+
 }  // namespace
 
 void bind_amx(py::module_& m) {
@@ -49,6 +80,12 @@ void bind_amx(py::module_& m) {
         "activations rounded to int8 per token and block (sdq/amx_gemm.h), int8 tile products.\n"
         "Same arguments as lut_gemm_binary (packed: from lut_pack_binary). Raises ValueError\n"
         "where amx_gemm_supported() is False. Returns y: float32 [batch, out].");
+  m.def("amx_gemm_ternary", &amx_gemm_ternary_py, py::arg("trits"), py::arg("trit_signs"),
+        py::arg("scale"), py::arg("mean"), py::arg("xt"), py::arg("xsum"),
+        py::arg("in_features"), py::arg("block_size"), py::arg("osr"), py::arg("out"),
+        py::arg("threads") = 0,
+        "amx_gemm_binary for ternary codes in trit5 form (trits uint8 [tiles, groups / 2, 32],\n"
+        "trit_signs uint32 [tiles, groups]: trit5_pack). Returns y: float32 [batch, out].");
   m.def("amx_gemm_supported", &amx_gemm_supported,
         "Whether this CPU and OS can run amx_gemm_binary (AMX-INT8, AVX-512 VBMI, tile state).");
 }

@@ -108,8 +108,9 @@ class PyLinearPlan {
     if (name == "lut_binary") return PlanGemm::lut_binary;
     if (name == "trit5") return PlanGemm::trit5;
     if (name == "amx_binary") return PlanGemm::amx_binary;
-    throw py::value_error(
-        "gemm must be 'auto', 'addonly', 'lut_binary', 'amx_binary' or 'trit5', got '" + name + "'");
+    if (name == "amx_ternary") return PlanGemm::amx_ternary;
+    throw py::value_error("gemm must be 'auto', 'addonly', 'lut_binary', 'amx_binary', 'trit5' or "
+                          "'amx_ternary', got '" + name + "'");
   }
 
   template <typename T>
@@ -210,8 +211,9 @@ void bind_plan(py::module_& m) {
                            "whose x (pointer, batch, version, contents) equals the last one\n"
                            "transformed on this thread reuses it.\n"
                            "gemm: 'auto' (int8 tables: 'lut_binary' given lut_codes, 'trit5' given\n"
-                           "trits; else 'addonly'; binary calls of >= 6 tokens run 'amx_binary'\n"
-                           "where the CPU has AMX), or one named; 'addonly' is the exact one.")
+                           "trits; else 'addonly'; where the CPU has AMX, calls of >= 6 tokens\n"
+                           "(binary) or >= 12 (ternary) run 'amx_binary' / 'amx_ternary'), or\n"
+                           "one named; 'addonly' is the exact one.")
       .def(py::init<int64_t, int64_t, double, const py::object&, const py::object&,
                     const py::object&, const py::object&, const py::object&, const py::object&,
                     const py::object&, const std::string&, const py::object&,

@@ -48,6 +48,9 @@ py::tuple trit5_pack_py(const py::object& sign_obj, const py::object& nonzero_ob
 }
 
 // trits / trit_signs of `out` rows, checked against the layout.
+}  // namespace
+
+// common.h
 std::pair<py::array_t<uint8_t>, py::array_t<uint32_t>> require_trit5(const py::object& trits_obj,
                                                                      const py::object& signs_obj,
                                                                      const BlockLayout& L,
@@ -59,6 +62,8 @@ std::pair<py::array_t<uint8_t>, py::array_t<uint32_t>> require_trit5(const py::o
   require_shape(signs, "trit_signs", {tiles, groups});
   return {trits, signs};
 }
+
+namespace {
 
 py::tuple trit5_unpack_py(const py::object& trits_obj, const py::object& signs_obj, int64_t out,
                           int64_t in_features, int64_t block_size, double osr, int threads) {

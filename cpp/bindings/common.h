@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "sdq/layout.h"
@@ -95,5 +96,12 @@ inline void require_shape(const py::array& a, const char* name, std::vector<int6
     throw py::value_error(std::string(name) + " must have shape " + want + "), got " + got + ")");
   }
 }
+
+// trits uint8 [tiles, groups / 2, 32] and trit_signs uint32 [tiles, groups] of a trit5 layer of
+// `out` rows (sdq/trit5.h), named in the errors (bind_trit5.cpp).
+std::pair<py::array_t<uint8_t>, py::array_t<uint32_t>> require_trit5(const py::object& trits_obj,
+                                                                     const py::object& signs_obj,
+                                                                     const BlockLayout& L,
+                                                                     int64_t out);
 
 }  // namespace sdq::bind

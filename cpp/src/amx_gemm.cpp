@@ -8,6 +8,7 @@
 #include "lut_gemm.h"
 #include "parallel.h"
 #include "scratch.h"
+#include "sdq/trit5.h"
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define SDQ_HAVE_AMX 1
@@ -28,7 +29,7 @@
 #include <cstring>
 
 #define SDQ_AMX \
-  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vbmi,amx-tile,amx-int8")))
+  __attribute__((target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vbmi,amx-tile,amx-int8")))
 
 namespace sdq {
 namespace {
@@ -53,7 +54,7 @@ bool cpu_and_os_support() noexcept {
   const bool amx = (d >> 24 & 1) && (d >> 25 & 1);       // AMX-TILE, AMX-INT8
   const bool avx512 = (b >> 16 & 1) && (b >> 30 & 1) && (c >> 1 & 1);  // F, BW, VBMI
   if (!amx || !avx512 || !__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
-      !__builtin_cpu_supports("f16c"))
+      !__builtin_cpu_supports("f16c") || !__builtin_cpu_supports("bmi2"))
     return false;
   // Linux keeps the 8 KB tile state off until a process asks for it (ARCH_REQ_XCOMP_PERM,
   // XFEATURE_XTILEDATA); a kernel without that call (< 5.16) does not enable AMX at all.
@@ -79,59 +80,72 @@ struct alignas(64) TileConfig {
 struct Geometry {
   int64_t nb, steps0, steps_last;  // K steps of every block but the last; of the last
   int64_t tokens;                  // tokens padded to a multiple of kTokens
-  int64_t row_bytes;               // packed code bytes per row
   int64_t steps(int64_t b) const noexcept { return b == nb - 1 ? steps_last : steps0; }
   // The int8 activations are block-major: block b's rows (steps(b) * kStep bytes per token,
-  // zero past its code columns) start at a_offset(b), so that an A tile is 1 KB in one run.
+  // zero past its codes) start at a_offset(b), so that an A tile is 1 KB in one run.
   int64_t a_offset(int64_t b) const noexcept { return b * tokens * steps0 * kStep; }
   int64_t a_bytes() const noexcept { return a_offset(nb - 1) + tokens * steps_last * kStep; }
 };
 
-Geometry geometry_of(const BlockLayout& L, int64_t batch) noexcept {
+template <typename Codes>
+Geometry geometry_of(const BlockLayout& L, const Codes& codes, int64_t batch) noexcept {
   const int64_t nb = L.num_blocks();
   Geometry g{};
   g.nb = nb;
-  g.steps0 = (L.code_cols(0) + kStep - 1) / kStep;
-  g.steps_last = (L.code_cols(nb - 1) + kStep - 1) / kStep;
+  g.steps0 = codes.steps(0);
+  g.steps_last = codes.steps(nb - 1);
   g.tokens = (batch + kTokens - 1) / kTokens * kTokens;
-  g.row_bytes = L.words_per_row() * static_cast<int64_t>(sizeof(word_t));
   return g;
 }
 
-// Token t's xt row -> its int8 rows of a (Geometry::a_offset) and ascale [nb].
-SDQ_AMX void quantize_token(const BlockLayout& L, const Geometry& g, const float* xt, int64_t t,
-                            int8_t* a, float* ascale) {
+// x [n] (n a multiple of 16) rounded to int8 by inv (half to even, clamped to +-127) into q.
+SDQ_AMX void round_to_int8(const float* x, int64_t n, __m512 inv, int8_t* q) {
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t k = 0; k < n; k += 16) {
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));
+    v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(v));
+  }
+}
+
+// Token t's xt row -> its int8 rows of a (Geometry::a_offset), laid out by the codes, and
+// ascale [nb]. amax runs over the block's code columns (zero past m_b).
+template <typename Codes>
+SDQ_AMX void quantize_token(const BlockLayout& L, const Codes& codes, const Geometry& g,
+                            const float* xt, int64_t t, int8_t* a, float* ascale) {
   for (int64_t b = 0; b < g.nb; ++b) {
     const float* x = xt + L.code_offset(b);
     const int64_t cols = L.code_cols(b);  // a multiple of 32
     int8_t* dst = a + g.a_offset(b) + t * g.steps(b) * kStep;
-    std::memset(dst, 0, static_cast<size_t>(g.steps(b) * kStep));
     __m512 m = _mm512_setzero_ps();
     for (int64_t k = 0; k < cols; k += 16)
       m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
     const float amax = _mm512_reduce_max_ps(m);
     if (!(amax >= kTinyAmax)) {  // also NaN: as the table kernels, such a block adds MU * xsum
+      std::memset(dst, 0, static_cast<size_t>(g.steps(b) * kStep));
       ascale[b] = 0.0f;
       continue;
     }
-    const __m512 inv = _mm512_set1_ps(127.0f / amax);
-    for (int64_t k = 0; k < cols; k += 16) {
-      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));  // half to even
-      q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), _mm512_cvtepi32_epi8(q));
-    }
+    codes.activations(x, cols, g.steps(b), _mm512_set1_ps(127.0f / amax), dst);
     ascale[b] = amax / 127.0f;
   }
 }
+
+// ---- binary codes (lut_pack_binary's tiles): K = code columns
 
 // Byte 4n + j of B-tile row r holds the code of row n (of the half), column 4r + j of the step.
 // Code column 8p + i is bit i of byte p of a row (lut_gemm.h); one 64-byte load of a packed tile
 // holds bytes p and p+1 of its 32 rows. So B row r = 4q + 2e + o of half h takes, from load q,
 // byte 32e + 16h + n for each n (vpermb), and bit 4o + j of it (vptestmb), as +-1 (blend).
-struct Unpacker {
-  __m512i idx[2][2], bit[2], plus, minus;
-  SDQ_AMX Unpacker() {
+struct BinaryCodes {
+  const BlockLayout* L;
+  const uint8_t* packed;
+  int64_t tile_bytes, row_bytes;  // per packed tile; packed code bytes per row
+  __m512i idx[2][2], bit[2];
+
+  SDQ_AMX BinaryCodes(const BlockLayout& layout, const uint8_t* codes)
+      : L(&layout), packed(codes), tile_bytes(lut_tile_bytes(layout)),
+        row_bytes(layout.words_per_row() * static_cast<int64_t>(sizeof(word_t))) {
     alignas(64) uint8_t t[64];
     for (int e = 0; e < 2; ++e)
       for (int h = 0; h < 2; ++h) {
@@ -142,15 +156,24 @@ struct Unpacker {
       for (int i = 0; i < 64; ++i) t[i] = static_cast<uint8_t>(1u << (4 * o + i % 4));
       bit[o] = _mm512_load_si512(t);
     }
-    plus = _mm512_set1_epi8(1);
-    minus = _mm512_set1_epi8(-1);
   }
 
-  // B tiles of one block of a packed tile: b_tiles[(s * 2 + h) * kTileBytes] for step s, half h.
+  int64_t steps(int64_t b) const noexcept { return (L->code_cols(b) + kStep - 1) / kStep; }
+
+  // One token's block x [cols] -> its A row: the code columns in order, zero past cols.
+  SDQ_AMX void activations(const float* x, int64_t cols, int64_t steps, __m512 inv,
+                           int8_t* dst) const {
+    round_to_int8(x, cols, inv, dst);
+    std::memset(dst + cols, 0, static_cast<size_t>(steps * kStep - cols));
+  }
+
+  // B tiles of block b of packed tile k: b_tiles[(s * 2 + h) * kTileBytes] for step s, half h.
   // Bytes past the row (the last block's last step) read as code -1: their activations are 0.
-  SDQ_AMX void block(const uint8_t* tile, int64_t p0, int64_t steps, int64_t row_bytes,
-                     int8_t* b_tiles) const {
-    for (int64_t s = 0; s < steps; ++s)
+  SDQ_AMX void unpack(int64_t k, int64_t b, int8_t* b_tiles) const {
+    const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+    const uint8_t* tile = packed + k * tile_bytes;
+    const int64_t p0 = L->code_offset(b) / 8;
+    for (int64_t s = 0; s < steps(b); ++s)
       for (int q = 0; q < 4; ++q) {
         const int64_t p = p0 + 8 * s + 2 * q;  // even; row_bytes is a multiple of 4
         const __m512i v = p < row_bytes
@@ -164,6 +187,79 @@ struct Unpacker {
               _mm512_store_si512(dst + o * kStep,
                                  _mm512_mask_blend_epi8(_mm512_test_epi8_mask(w, bit[o]), minus, plus));
           }
+      }
+  }
+};
+
+// ---- ternary codes (trit5.h): K = groups of 3 code columns, each padded to 4 (one dword of a
+// B-tile row: byte j of dword n = trit j of row n's group), so a group's 4-bit pattern index
+// becomes its dword by one 16-entry look-up (vpermd) and its sign bit negates it
+
+struct Trit5Codes {
+  const BlockLayout* L;
+  const uint8_t* trits;
+  const uint32_t* signs;
+  int64_t total_groups, tile_trit_bytes;  // groups per row; trits bytes per tile
+  __m512i pattern, spread;  // dword i: the trits of index i as int8 (0 past 13); 3 -> 4 bytes
+
+  SDQ_AMX Trit5Codes(const BlockLayout& layout, const uint8_t* t, const uint32_t* s)
+      : L(&layout), trits(t), signs(s), total_groups(trit5_total_groups(layout)),
+        tile_trit_bytes(trit5_total_groups(layout) / 2 * kTrit5TileRows) {
+    alignas(64) int8_t p[64] = {};
+    for (int i = 0; i < 14; ++i) {  // trit5.h: w = 13 + idx, t0 = w / 9 - 1, ...
+      const int w = 13 + i;
+      p[4 * i] = static_cast<int8_t>(w / 9 - 1);
+      p[4 * i + 1] = static_cast<int8_t>(w / 3 % 3 - 1);
+      p[4 * i + 2] = static_cast<int8_t>(w % 3 - 1);
+    }
+    pattern = _mm512_load_si512(p);
+    alignas(64) uint8_t q[64];
+    for (int i = 0; i < 64; ++i) q[i] = static_cast<uint8_t>(i % 4 == 3 ? 0 : 3 * (i / 4) + i % 4);
+    spread = _mm512_load_si512(q);
+  }
+
+  int64_t steps(int64_t b) const noexcept {
+    return (trit5_padded_groups(*L, b) + kTokens - 1) / kTokens;  // 16 groups per step
+  }
+
+  // One token's block x [cols] -> its A row: group g's columns 3g, 3g+1, 3g+2 at bytes 4g..4g+2,
+  // byte 4g+3 zero; zero past the block's codes (xt is zero past m_b).
+  SDQ_AMX void activations(const float* x, int64_t cols, int64_t steps, __m512 inv,
+                           int8_t* dst) const {
+    int8_t q[kStep + 16];  // one step's 48 columns, rounded; read as one 64-byte vector
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t c0 = 48 * s, n = std::min<int64_t>(48, cols - c0);
+      std::memset(q, 0, sizeof q);
+      if (n > 0) round_to_int8(x + c0, (n + 15) / 16 * 16, inv, q);
+      _mm512_storeu_si512(dst + s * kStep,
+                          _mm512_maskz_permutexvar_epi8(0x7777777777777777ull, spread,
+                                                        _mm512_loadu_si512(q)));
+    }
+  }
+
+  // B tiles of block b of tile k, as BinaryCodes::unpack. B row r of step s is group
+  // group_offset(b) + 16 s + r; groups past the row's end read as 0 (their activations are 0).
+  SDQ_AMX void unpack(int64_t k, int64_t b, int8_t* b_tiles) const {
+    const uint8_t* tile = trits + k * tile_trit_bytes;
+    const uint32_t* neg = signs + k * total_groups;
+    const int64_t g0 = trit5_group_offset(*L, b);
+    for (int64_t s = 0; s < steps(b); ++s)
+      for (int h = 0; h < 2; ++h) {
+        int8_t* dst = b_tiles + (s * 2 + h) * kTileBytes;
+        for (int r = 0; r < kTokens; ++r) {
+          const int64_t g = g0 + kTokens * s + r;
+          __m512i w = _mm512_setzero_si512();
+          if (g < total_groups) {
+            __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                reinterpret_cast<const __m128i*>(tile + g / 2 * kTrit5TileRows + kHalf * h)));
+            if (g & 1) i = _mm512_srli_epi32(i, 4);  // vpermd reads the low 4 bits
+            w = _mm512_permutexvar_epi32(i, pattern);
+            const uint64_t bits = (neg[g] >> (kHalf * h)) & 0xFFFFu;
+            const __mmask64 m = _pdep_u64(bits, 0x1111111111111111ull) * 0xF;  // 4 bytes each
+            w = _mm512_mask_sub_epi8(w, m, _mm512_setzero_si512(), w);
+          }
+          _mm512_store_si512(dst + r * kStep, w);
+        }
       }
   }
 };
@@ -217,11 +313,8 @@ SDQ_AMX void store_sums(int32_t* c_tiles) {
 }
 
 struct Call {
-  const BlockLayout* L;
   Geometry g;
   detail::LutCtx scales;  // scale, mean, out, nb: for lut_transpose_scales_avx2
-  const uint8_t* packed;
-  int64_t tile_bytes;
   const int8_t* a;       // block-major (Geometry::a_offset)
   const float* ascale;   // [batch, nb]
   const float* xsum;     // [batch, nb]
@@ -251,9 +344,10 @@ SDQ_AMX void epilogue(const Call& c, const int32_t* c_tiles, int64_t b, int64_t 
   }
 }
 
-// Packed tiles [k0, k0 + n), n <= kGroupTiles, every token. Block by block, so that a block's
-// int8 activations (up to 16 KB at 64 tokens and OSR 2) are read from L2 once for n tiles.
-SDQ_AMX void tile_group(const Call& c, int64_t k0, int64_t n, uint8_t* buf) {
+// Tiles of 32 rows [k0, k0 + n), n <= kGroupTiles, every token. Block by block, so that a
+// block's int8 activations (up to 24 KB at 64 tokens and OSR 2) are read from L2 once for n tiles.
+template <typename Codes>
+SDQ_AMX void tile_group(const Call& c, const Codes& codes, int64_t k0, int64_t n, uint8_t* buf) {
   const Geometry& g = c.g;
   const int64_t width = n * kLutTileRows;
   const int64_t scale_bytes = (2 * g.nb * width * 2 + 63) / 64 * 64;
@@ -264,7 +358,6 @@ SDQ_AMX void tile_group(const Call& c, int64_t k0, int64_t n, uint8_t* buf) {
   auto* b_tiles = reinterpret_cast<int8_t*>(sf + 2 * g.nb * width);
   auto* c_tiles = reinterpret_cast<int32_t*>(b_tiles + g.steps0 * 2 * kTileBytes);
   float* ybuf = reinterpret_cast<float*>(c_tiles + kTileBytes);  // [batch][width]
-  static const Unpacker unpack;
   const int64_t r0 = k0 * kLutTileRows;
   detail::lut_transpose_scales_avx2(c.scales, r0, width, st, mt);
   for (int64_t b = 0; b < g.nb; ++b)
@@ -278,8 +371,7 @@ SDQ_AMX void tile_group(const Call& c, int64_t k0, int64_t n, uint8_t* buf) {
     const int64_t steps = g.steps(b), row = steps * kStep;
     const int8_t* a = c.a + g.a_offset(b);
     for (int64_t k = 0; k < n; ++k) {
-      unpack.block(c.packed + (k0 + k) * c.tile_bytes, c.L->code_offset(b) / 8, steps,
-                   g.row_bytes, b_tiles);
+      codes.unpack(k0 + k, b, b_tiles);
       const float* s = sf + (k * g.nb + b) * 32;
       const float* mu = mf + (k * g.nb + b) * 32;
       float* y = ybuf + k * kLutTileRows;
@@ -302,8 +394,9 @@ SDQ_AMX void tile_group(const Call& c, int64_t k0, int64_t n, uint8_t* buf) {
     std::memcpy(c.y + t * c.scales.out + r0, ybuf + t * width, sizeof(float) * rows);
 }
 
-// Groups [group_begin, group_end) of kGroupTiles packed tiles (the last one may be shorter).
-SDQ_AMX void groups(const Call& c, int64_t group_begin, int64_t group_end) {
+// Groups [group_begin, group_end) of kGroupTiles tiles (the last one may be shorter).
+template <typename Codes>
+SDQ_AMX void groups(const Call& c, const Codes& codes, int64_t group_begin, int64_t group_end) {
   const Geometry& g = c.g;
   constexpr int64_t W = kGroupTiles * kLutTileRows;
   const int64_t bytes = (2 * g.nb * W * 2 + 63) / 64 * 64 + 2 * g.nb * W * 4 +
@@ -314,23 +407,20 @@ SDQ_AMX void groups(const Call& c, int64_t group_begin, int64_t group_end) {
   const int64_t tiles = (c.scales.out + kLutTileRows - 1) / kLutTileRows;
   for (int64_t q = group_begin; q < group_end; ++q) {
     const int64_t k0 = q * kGroupTiles;
-    tile_group(c, k0, std::min(kGroupTiles, tiles - k0), buf);
+    tile_group(c, codes, k0, std::min(kGroupTiles, tiles - k0), buf);
   }
   _tile_release();
 }
 
-Status run(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
-           const uint16_t* mean, int64_t out, const float* xt, const float* xsum, int64_t batch,
-           float* y, int threads) {
+template <typename Codes>
+Status run(const BlockLayout& L, const Codes& codes, const uint16_t* scale, const uint16_t* mean,
+           int64_t out, const float* xt, const float* xsum, int64_t batch, float* y, int threads) {
   Call c{};
-  c.L = &L;
-  c.g = geometry_of(L, batch);
+  c.g = geometry_of(L, codes, batch);
   c.scales.scale = scale;
   c.scales.mean = mean;
   c.scales.out = out;
   c.scales.nb = c.g.nb;
-  c.packed = packed;
-  c.tile_bytes = lut_tile_bytes(L);
   c.batch = batch;
   c.xsum = xsum;
   c.y = y;
@@ -347,15 +437,16 @@ Status run(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
   const int64_t cols = L.total_code_cols();
   detail::parallel_for(batch, threads, grain_for(8192, static_cast<double>(cols)),
                        [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) quantize_token(L, g, xt + t * cols, t, a, ascale + t * g.nb);
+    for (int64_t t = b; t < e; ++t) quantize_token(L, codes, g, xt + t * cols, t, a, ascale + t * g.nb);
   });
   c.a = a;
   c.ascale = ascale;
   const int64_t n_tiles = (out + kLutTileRows - 1) / kLutTileRows;
   const int64_t n_groups = (n_tiles + kGroupTiles - 1) / kGroupTiles;
-  const double group_cost = static_cast<double>(c.tile_bytes * kGroupTiles) * static_cast<double>(batch);
+  const double group_cost = static_cast<double>(g.steps0 * g.nb * kTileBytes * kGroupTiles) *
+                            static_cast<double>(batch) / kStep;  // ~ the tiles' code bytes x tokens
   detail::parallel_for(n_groups, threads, grain_for(kMinChunkBytes, group_cost),
-                       [&](int64_t b, int64_t e) { groups(c, b, e); });
+                       [&](int64_t b, int64_t e) { groups(c, codes, b, e); });
   return Status::ok;
 }
 
@@ -373,7 +464,22 @@ Status amx_gemm_binary(const BlockLayout& L, const uint8_t* packed, const uint16
   if (out == 0 || batch == 0) return Status::ok;
   if (!packed || !scale || !mean || !xt || !xsum || !y) return Status::null_pointer;
   if (!amx_gemm_supported()) return Status::not_built;
-  return detail::guarded([&] { return run(L, packed, scale, mean, out, xt, xsum, batch, y, threads); });
+  return detail::guarded([&] {
+    return run(L, BinaryCodes(L, packed), scale, mean, out, xt, xsum, batch, y, threads);
+  });
+}
+
+Status amx_gemm_ternary(const BlockLayout& L, const uint8_t* trits, const uint32_t* trit_signs,
+                        const uint16_t* scale, const uint16_t* mean, int64_t out, const float* xt,
+                        const float* xsum, int64_t batch, float* y, int threads) noexcept {
+  if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
+  if (out == 0 || batch == 0) return Status::ok;
+  if (!trits || !trit_signs || !scale || !mean || !xt || !xsum || !y) return Status::null_pointer;
+  if (!amx_gemm_supported()) return Status::not_built;
+  return detail::guarded([&] {
+    return run(L, Trit5Codes(L, trits, trit_signs), scale, mean, out, xt, xsum, batch, y,
+               threads);
+  });
 }
 
 }  // namespace sdq
@@ -385,6 +491,12 @@ bool amx_gemm_supported() noexcept { return false; }
 Status amx_gemm_binary(const BlockLayout& L, const uint8_t*, const uint16_t*, const uint16_t*,
                        int64_t out, const float*, const float*, int64_t batch, float*,
                        int) noexcept {
+  if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
+  return out == 0 || batch == 0 ? Status::ok : Status::not_built;
+}
+Status amx_gemm_ternary(const BlockLayout& L, const uint8_t*, const uint32_t*, const uint16_t*,
+                        const uint16_t*, int64_t out, const float*, const float*, int64_t batch,
+                        float*, int) noexcept {
   if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
   return out == 0 || batch == 0 ? Status::ok : Status::not_built;
 }

@@ -78,16 +78,18 @@ struct LastTransform {
 thread_local LastTransform t_last;
 thread_local uint64_t t_hits = 0;
 
-// Automatic binary plans run amx_binary from this many tokens where the CPU has AMX. Measured
-// (2 threads, OSR 2, 576x576 to 4096x4096): the table kernel is faster up to 4 tokens, the two
-// are even at 6 and AMX is 1.2-2x faster from 8 (it unpacks every code once per call, which
-// the tables' look-ups only beat when few tokens share it).
-constexpr int64_t kAmxMinBatch = 6;
+// Automatic plans run their AMX GEMM from this many tokens where the CPU has AMX. Measured (2
+// threads, OSR 2, 576x576 to 4096x4096): binary, the table kernel is faster up to 4 tokens, the
+// two are even at 6 and AMX is 1.2-2x faster from 8; ternary (whose trit5 codes cost more to
+// unpack), even at 8-12, AMX 1.5-1.7x faster at 16 and 3-3.4x at 64. AMX unpacks every code
+// once per call, which the tables' look-ups only beat when enough tokens share it.
+constexpr int64_t kAmxMinBatchBinary = 6;
+constexpr int64_t kAmxMinBatchTernary = 12;
 
 // The one place that decides which GEMM a plan runs. Automatic: the int8-table kernels (binary:
-// lut_binary, and amx_binary for prefill batches on AMX CPUs; ternary: trit5 when the desc has
-// the trit5 form), else the exact float kernel. The int8 kernels round the activations
-// (lut_gemm.h, amx_gemm.h, trit5.h); addonly stays the exact one.
+// lut_binary; ternary: trit5 when the desc has the trit5 form; on AMX CPUs their AMX GEMM for
+// prefill batches, LinearPlan::gemm), else the exact float kernel. The int8 kernels round the
+// activations (lut_gemm.h, amx_gemm.h, trit5.h); addonly stays the exact one.
 Status choose_gemm(const LinearPlanDesc& d, PlanGemm* gemm) noexcept {
   const bool binary = d.levels == Levels::binary;
   const bool has_planes = d.sign && (binary || d.nonzero);
@@ -113,6 +115,11 @@ Status choose_gemm(const LinearPlanDesc& d, PlanGemm* gemm) noexcept {
     case PlanGemm::trit5:
       if (binary) return Status::bad_levels;
       if (!has_trit5) return Status::null_pointer;
+      break;
+    case PlanGemm::amx_ternary:
+      if (binary) return Status::bad_levels;
+      if (!has_trit5) return Status::null_pointer;
+      if (!amx_gemm_supported()) return Status::not_built;
       break;
     default:
       return Status::bad_value;
@@ -158,7 +165,8 @@ Status LinearPlan::create(const LinearPlanDesc& desc, std::unique_ptr<LinearPlan
   PlanGemm gemm = PlanGemm::automatic;
   if (s == Status::ok) s = choose_gemm(desc, &gemm);
   if (s != Status::ok) return s;
-  const bool amx_prefill = desc.gemm == PlanGemm::automatic && gemm == PlanGemm::lut_binary &&
+  const bool amx_prefill = desc.gemm == PlanGemm::automatic &&
+                           (gemm == PlanGemm::lut_binary || gemm == PlanGemm::trit5) &&
                            amx_gemm_supported();
   return detail::guarded([&] {
     plan->reset(new LinearPlan(desc, gemm, amx_prefill, shared_constants(desc)));
@@ -214,6 +222,9 @@ Status LinearPlan::gemm_run(const float* xt, const float* xsum, int64_t batch, f
     case PlanGemm::trit5:
       return trit5_gemm(d.layout, d.trits, d.trit_signs, d.scale, d.mean, d.out, xt, xsum, batch,
                         y, threads);
+    case PlanGemm::amx_ternary:
+      return amx_gemm_ternary(d.layout, d.trits, d.trit_signs, d.scale, d.mean, d.out, xt, xsum,
+                              batch, y, threads);
     default:
       return Status::bad_value;
   }
@@ -238,7 +249,10 @@ bool LinearPlan::shares_transform_with(const LinearPlan& other) const noexcept {
 }
 
 PlanGemm LinearPlan::gemm(int64_t batch) const noexcept {
-  return amx_prefill_ && batch >= kAmxMinBatch ? PlanGemm::amx_binary : gemm_;
+  if (!amx_prefill_) return gemm_;
+  if (gemm_ == PlanGemm::lut_binary)
+    return batch >= kAmxMinBatchBinary ? PlanGemm::amx_binary : gemm_;
+  return batch >= kAmxMinBatchTernary ? PlanGemm::amx_ternary : gemm_;
 }
 
 const char* LinearPlan::gemm_name(int64_t batch) const noexcept {
@@ -246,6 +260,7 @@ const char* LinearPlan::gemm_name(int64_t batch) const noexcept {
     case PlanGemm::addonly: return "addonly";
     case PlanGemm::lut_binary: return "lut_binary";
     case PlanGemm::amx_binary: return "amx_binary";
+    case PlanGemm::amx_ternary: return "amx_ternary";
     case PlanGemm::trit5: return "trit5";
     default: return "unknown";
   }
@@ -255,7 +270,8 @@ const char* LinearPlan::kernel_name(int64_t batch) const noexcept {
   switch (gemm(batch)) {
     case PlanGemm::addonly: return addonly_kernel_name();
     case PlanGemm::lut_binary: return lut_kernel_name();
-    case PlanGemm::amx_binary: return "amx";
+    case PlanGemm::amx_binary:
+    case PlanGemm::amx_ternary: return "amx";
     case PlanGemm::trit5: return trit5_kernel_name();
     default: return "unknown";
   }

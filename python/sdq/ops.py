@@ -289,17 +289,18 @@ def _eager_cpu_ok(module, x: Tensor) -> bool:
         torch._C._len_torch_dispatch_stack() == 0
 
 
-# Which GEMM the CPU plans run: "auto" (the int8 kernels: lut_binary for binary, switching to
-# amx_binary from 6 tokens on AMX CPUs; trit5 for ternary), "tables" (the int8-table kernels at
-# every batch) or "addonly" (the exact float-table kernel, the reference). set_cpu_gemm.
+# Which GEMM the CPU plans run: "auto" (the int8 kernels: lut_binary for binary, trit5 for
+# ternary, switching to their AMX GEMMs from 6 / 12 tokens on AMX CPUs), "tables" (the int8-table
+# kernels at every batch) or "addonly" (the exact float-table kernel, the reference). set_cpu_gemm.
 _CPU_GEMMS = ("auto", "tables", "addonly")
 _cpu_gemm = "auto"
 
 
 def set_cpu_gemm(name: str) -> str:
     """Choose the GEMM of CPU inference layer calls: "auto" (default; int8 activation tables,
-    about 0.1-1% relative output error, cpp/include/sdq/lut_gemm.h and trit5.h; binary layers on
-    AMX CPUs run prefill batches of 6 tokens or more as an int8 AMX GEMM, amx_gemm.h), "tables"
+    about 0.1-1% relative output error, cpp/include/sdq/lut_gemm.h and trit5.h; on AMX CPUs
+    prefill batches of 6 tokens or more (binary) or 12 (ternary) run an int8 AMX GEMM,
+    amx_gemm.h), "tables"
     (the int8 tables at every batch: a token's output then does not depend on the batch it came
     in) or "addonly" (exact float tables, slower). Returns the previous choice; plans rebuild on
     their next call."""

@@ -122,8 +122,8 @@ def clear_cache() -> None:
 
 
 def set_tables_only(yes: bool) -> None:
-    """Plans built from now on run the int8 tables at every batch (True) or switch binary
-    prefill batches to the AMX GEMM where the CPU has it (False); drops the cached plans."""
+    """Plans built from now on run the int8 tables at every batch (True) or switch prefill
+    batches to the AMX GEMMs where the CPU has them (False); drops the cached plans."""
     global _tables_only
     _tables_only = bool(yes)
     clear_cache()

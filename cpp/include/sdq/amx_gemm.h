@@ -1,4 +1,4 @@
-// Binary add-only GEMM on Intel AMX (int8 tile multiply), for prefill batches: the same codes as
+// Add-only GEMM on Intel AMX (int8 tile multiply), for prefill batches. Binary: the same codes as
 // lut_gemm_binary (its 32-row tile layout, lut_pack_binary) and the same xt/xsum contract
 // (gemv.h), computed as a true int8 GEMM instead of per-token table look-ups:
 //   y[t, r] = sum_b S[r,b] * <q_rb, xt_b> + MU[r,b] * xsum_b
@@ -38,5 +38,12 @@ bool amx_gemm_supported() noexcept;
 Status amx_gemm_binary(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
                        const uint16_t* mean, int64_t out, const float* xt, const float* xsum,
                        int64_t batch, float* y, int threads = 0) noexcept;
+
+// The same for ternary codes in trit5 form (trit5.h: trits, trit_signs), with the activation rule
+// above: groups of 3 code columns become 4 int8 lanes (the 4th zero) so that each group is one
+// dword of a B tile. Everything else as amx_gemm_binary.
+Status amx_gemm_ternary(const BlockLayout& L, const uint8_t* trits, const uint32_t* trit_signs,
+                        const uint16_t* scale, const uint16_t* mean, int64_t out, const float* xt,
+                        const float* xsum, int64_t batch, float* y, int threads = 0) noexcept;
 
 }  // namespace sdq

@@ -27,14 +27,16 @@ namespace sdq {
 
 // Which GEMM a plan runs. `automatic` picks the best one for the codes the desc holds: the
 // int8-table kernel of its levels when the desc has that form of the codes, else addonly
-// (linear_plan.cpp, choose_gemm); binary lut_codes go to amx_binary instead at batch >= 6 where
-// the CPU has AMX. Naming one forces it (tests, benchmarks).
+// (linear_plan.cpp, choose_gemm); where the CPU has AMX, prefill batches go to the AMX GEMM of
+// the same codes instead (binary from 6 tokens, ternary from 12). Naming one forces it (tests,
+// benchmarks).
 enum class PlanGemm : int {
   automatic = 0,
   addonly = 1,      // addonly_gemm on sign (+ nonzero) bitplanes (gemv.h): exact float tables
   lut_binary = 2,   // lut_gemm_binary (lut_gemm.h) on the desc's lut_codes
   trit5 = 3,        // trit5_gemm (trit5.h) on the desc's trits / trit_signs
   amx_binary = 4,   // amx_gemm_binary (amx_gemm.h) on the desc's lut_codes (Intel AMX)
+  amx_ternary = 5,  // amx_gemm_ternary (amx_gemm.h) on the desc's trits / trit_signs
 };
 
 struct LinearPlanDesc {
@@ -99,7 +101,7 @@ class LinearPlan {
 
   LinearPlanDesc desc_;
   PlanGemm gemm_;
-  bool amx_prefill_;  // automatic lut_binary plan on an AMX CPU: amx_binary at batch >= 6
+  bool amx_prefill_;  // automatic int8-table plan on an AMX CPU: its AMX GEMM for prefill
   std::shared_ptr<const TransformConstants> transform_;
 };
 

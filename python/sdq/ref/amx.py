@@ -1,4 +1,4 @@
-"""Reference of the AMX binary GEMM (sdq/amx_gemm.h), written for clarity, not speed.
+"""Reference of the AMX GEMMs (sdq/amx_gemm.h), written for clarity, not speed.
 
 Independent of the C++ core: it starts from the sign bitplanes (not the packed tiles) and rounds
 the activations by the same rule, so the compiled kernel agrees with it to float rounding:
@@ -7,7 +7,9 @@ the activations by the same rule, so the compiled kernel agrees with it to float
   ``inv = float32(127 / amax)``, ``a = clip(rint(xt * inv), -127, 127)`` (half to even),
   ``ascale = float32(amax / 127)``; a block with amax < 2**-120 (or NaN) gets a = 0, ascale = 0;
 * ``y[t, r] = sum_b (sum_k a[t, k] c[r, k]) * ascale[t, b] * S[r, b] + MU[r, b] * xsum[t, b]``,
-  c = +1 where the sign bit is set, else -1 (padding columns included: their xt is 0).
+  binary c = +1 where the sign bit is set, else -1 (padding columns included: their xt is 0);
+  ternary c = 0 where the nonzero bit is clear, else as binary (the kernel reads the same codes
+  in trit5 form; how it lays them out does not change these sums).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from .kernels import block_geometry
 
-__all__ = ["amx_activations_ref", "amx_gemm_binary_ref"]
+__all__ = ["amx_activations_ref", "amx_gemm_binary_ref", "amx_gemm_ternary_ref"]
 
 _TINY_AMAX = np.float32(2.0 ** -120)
 _QMAX = np.float32(127.0)
@@ -55,15 +57,30 @@ def _half(v) -> np.ndarray:
     return np.asarray(v, dtype=np.uint16).view(np.float16).astype(np.float64)
 
 
+def _bits(plane) -> np.ndarray:
+    plane = np.ascontiguousarray(plane, dtype="<u4")
+    return np.unpackbits(plane.view(np.uint8).reshape(plane.shape[0], -1), axis=1,
+                         bitorder="little")
+
+
 def amx_gemm_binary_ref(sign, scale, mean, xt, xsum, in_features: int, block_size: int,
                         osr: float) -> np.ndarray:
-    """y [batch, out] (float64) of the AMX kernel, from sign bitplanes [out, words]."""
+    """y [batch, out] (float64) of the binary AMX kernel, from sign bitplanes [out, words]."""
+    codes = np.where(_bits(sign), 1, -1).astype(np.int64)  # [out, cols]
+    return _gemm(codes, scale, mean, xt, xsum, in_features, block_size, osr)
+
+
+def amx_gemm_ternary_ref(sign, nonzero, scale, mean, xt, xsum, in_features: int,
+                         block_size: int, osr: float) -> np.ndarray:
+    """y [batch, out] (float64) of the ternary AMX kernel, from sign and nonzero bitplanes."""
+    codes = (np.where(_bits(sign), 1, -1) * _bits(nonzero)).astype(np.int64)
+    return _gemm(codes, scale, mean, xt, xsum, in_features, block_size, osr)
+
+
+def _gemm(codes, scale, mean, xt, xsum, in_features, block_size, osr) -> np.ndarray:
     spans, _ = _block_columns(in_features, block_size, osr)
     a, ascale = amx_activations_ref(xt, in_features, block_size, osr)
-    sign = np.ascontiguousarray(sign, dtype="<u4")
-    out = sign.shape[0]
-    bits = np.unpackbits(sign.view(np.uint8).reshape(out, -1), axis=1, bitorder="little")
-    codes = np.where(bits, 1, -1).astype(np.int64)  # [out, cols]
+    out = codes.shape[0]
     scale, mean = _half(scale), _half(mean)
     xsum = np.asarray(xsum, dtype=np.float64)
     y = np.zeros((xt.shape[0], out))
