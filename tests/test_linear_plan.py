@@ -25,7 +25,7 @@ def _module(out, n_in, levels, osr=1.5, hadamard=True, seed=0):
 
 
 # linear_plan.cpp: automatic plans run their AMX GEMM from these batches where the CPU has AMX
-AMX_MIN_BATCH = {"binary": 6, "ternary": 12}
+AMX_MIN_BATCH = {"binary": 6, "ternary": 8}
 
 
 def _auto_gemm(levels, batch):
@@ -146,10 +146,15 @@ def test_module_call_equals_the_ops(levels):
                                                   *geometry)
     y = torch.ops.sdq.addonly_gemm(*mod.bitplanes(), mod.scale, mod.mean, xt, xsum, *geometry)
     assert torch.equal(exact, y.reshape(2, 3, 24))
-    if levels == "ternary":
+    if _auto_gemm(levels, 6) == "amx_ternary":  # 6 tokens: prefill on an AMX CPU
+        y = torch.from_numpy(core().amx_gemm_ternary(
+            mod.trits.numpy(), mod.trit_signs.numpy().view(np.uint32),
+            mod.scale.numpy().view(np.uint16), mod.mean.numpy().view(np.uint16), xt.numpy(),
+            xsum.numpy(), *geometry, 24))
+    elif levels == "ternary":
         y = torch.ops.sdq.trit5_gemm(mod.trits, mod.trit_signs, mod.scale, mod.mean, xt, xsum,
                                      *geometry)
-    elif _auto_gemm(levels, 6) == "amx_binary":  # 6 tokens: prefill on an AMX CPU
+    elif _auto_gemm(levels, 6) == "amx_binary":
         y = torch.from_numpy(core().amx_gemm_binary(
             mod.lut_codes().numpy(), mod.scale.numpy().view(np.uint16),
             mod.mean.numpy().view(np.uint16), xt.numpy(), xsum.numpy(), *geometry, 24))

@@ -47,7 +47,7 @@ def test_equals_transform_then_table_gemm(levels, out, n_in, osr, hadamard):
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 def test_follows_set_cpu_gemm_tables(levels):
     """set_cpu_gemm("tables") keeps the op on the int8 tables at prefill batches too (layers on
-    AMX CPUs otherwise run the AMX GEMMs from 6 or 12 tokens), and "auto" restores that."""
+    AMX CPUs otherwise run the AMX GEMMs from 6 or 8 tokens), and "auto" restores that."""
     from sdq import ops
     mod = _module(40, 300, levels)
     x = torch.randn(16, 300)  # on AMX CPUs "auto" runs the AMX GEMMs at this batch

@@ -212,7 +212,7 @@ void bind_plan(py::module_& m) {
                            "transformed on this thread reuses it.\n"
                            "gemm: 'auto' (int8 tables: 'lut_binary' given lut_codes, 'trit5' given\n"
                            "trits; else 'addonly'; where the CPU has AMX, calls of >= 6 tokens\n"
-                           "(binary) or >= 12 (ternary) run 'amx_binary' / 'amx_ternary'), or\n"
+                           "(binary) or >= 8 (ternary) run 'amx_binary' / 'amx_ternary'), or\n"
                            "one named; 'addonly' is the exact one.")
       .def(py::init<int64_t, int64_t, double, const py::object&, const py::object&,
                     const py::object&, const py::object&, const py::object&, const py::object&,

@@ -243,24 +243,30 @@ struct Trit5Codes {
     const uint8_t* tile = trits + k * tile_trit_bytes;
     const uint32_t* neg = signs + k * total_groups;
     const int64_t g0 = trit5_group_offset(*L, b);
-    for (int64_t s = 0; s < steps(b); ++s)
-      for (int h = 0; h < 2; ++h) {
-        int8_t* dst = b_tiles + (s * 2 + h) * kTileBytes;
-        for (int r = 0; r < kTokens; ++r) {
-          const int64_t g = g0 + kTokens * s + r;
-          __m512i w = _mm512_setzero_si512();
-          if (g < total_groups) {
-            __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                reinterpret_cast<const __m128i*>(tile + g / 2 * kTrit5TileRows + kHalf * h)));
-            if (g & 1) i = _mm512_srli_epi32(i, 4);  // vpermd reads the low 4 bits
-            w = _mm512_permutexvar_epi32(i, pattern);
-            const uint64_t bits = (neg[g] >> (kHalf * h)) & 0xFFFFu;
-            const __mmask64 m = _pdep_u64(bits, 0x1111111111111111ull) * 0xF;  // 4 bytes each
-            w = _mm512_mask_sub_epi8(w, m, _mm512_setzero_si512(), w);
-          }
-          _mm512_store_si512(dst + r * kStep, w);
+    constexpr uint64_t kNibbles = 0x1111111111111111ull;  // bit i -> bit 4i (pdep), then x 0xF
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t s = 0; s < steps(b); ++s) {
+      int8_t* lo = b_tiles + (s * 2) * kTileBytes;  // half 0: rows 0-15; half 1: rows 16-31
+      int8_t* hi = lo + kTileBytes;
+      for (int r = 0; r < kTokens; ++r) {
+        const int64_t g = g0 + kTokens * s + r;
+        if (g >= total_groups) {
+          _mm512_store_si512(lo + r * kStep, zero);
+          _mm512_store_si512(hi + r * kStep, zero);
+          continue;
         }
+        // the 32 rows' bytes of groups 2p, 2p+1; vpermd reads the low 4 bits of each dword
+        __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + g / 2 * kTrit5TileRows));
+        if (g & 1) idx = _mm256_srli_epi16(idx, 4);
+        const __m512i w0 = _mm512_permutexvar_epi32(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(idx)), pattern);
+        const __m512i w1 = _mm512_permutexvar_epi32(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(idx, 1)), pattern);
+        const uint64_t bits = neg[g];
+        const __mmask64 n0 = _pdep_u64(bits & 0xFFFFu, kNibbles) * 0xF;  // 4 bytes per row
+        const __mmask64 n1 = _pdep_u64(bits >> 16, kNibbles) * 0xF;
+        _mm512_store_si512(lo + r * kStep, _mm512_mask_sub_epi8(w0, n0, zero, w0));
+        _mm512_store_si512(hi + r * kStep, _mm512_mask_sub_epi8(w1, n1, zero, w1));
       }
+    }
   }
 };
 

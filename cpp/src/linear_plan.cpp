@@ -81,10 +81,10 @@ thread_local uint64_t t_hits = 0;
 // Automatic plans run their AMX GEMM from this many tokens where the CPU has AMX. Measured (2
 // threads, OSR 2, 576x576 to 4096x4096): binary, the table kernel is faster up to 4 tokens, the
 // two are even at 6 and AMX is 1.2-2x faster from 8; ternary (whose trit5 codes cost more to
-// unpack), even at 8-12, AMX 1.5-1.7x faster at 16 and 3-3.4x at 64. AMX unpacks every code
-// once per call, which the tables' look-ups only beat when enough tokens share it.
+// unpack), even at 6-8, AMX 1.8-2.1x faster at 16 and 3-4x at 64. AMX unpacks every code once
+// per call, which the tables' look-ups only beat when enough tokens share it.
 constexpr int64_t kAmxMinBatchBinary = 6;
-constexpr int64_t kAmxMinBatchTernary = 12;
+constexpr int64_t kAmxMinBatchTernary = 8;
 
 // The one place that decides which GEMM a plan runs. Automatic: the int8-table kernels (binary:
 // lut_binary; ternary: trit5 when the desc has the trit5 form; on AMX CPUs their AMX GEMM for

@@ -290,7 +290,7 @@ def _eager_cpu_ok(module, x: Tensor) -> bool:
 
 
 # Which GEMM the CPU plans run: "auto" (the int8 kernels: lut_binary for binary, trit5 for
-# ternary, switching to their AMX GEMMs from 6 / 12 tokens on AMX CPUs), "tables" (the int8-table
+# ternary, switching to their AMX GEMMs from 6 / 8 tokens on AMX CPUs), "tables" (the int8-table
 # kernels at every batch) or "addonly" (the exact float-table kernel, the reference). set_cpu_gemm.
 _CPU_GEMMS = ("auto", "tables", "addonly")
 _cpu_gemm = "auto"
@@ -299,7 +299,7 @@ _cpu_gemm = "auto"
 def set_cpu_gemm(name: str) -> str:
     """Choose the GEMM of CPU inference layer calls: "auto" (default; int8 activation tables,
     about 0.1-1% relative output error, cpp/include/sdq/lut_gemm.h and trit5.h; on AMX CPUs
-    prefill batches of 6 tokens or more (binary) or 12 (ternary) run an int8 AMX GEMM,
+    prefill batches of 6 tokens or more (binary) or 8 (ternary) run an int8 AMX GEMM,
     amx_gemm.h), "tables"
     (the int8 tables at every batch: a token's output then does not depend on the batch it came
     in) or "addonly" (exact float tables, slower). Returns the previous choice; plans rebuild on

@@ -28,7 +28,7 @@ namespace sdq {
 // Which GEMM a plan runs. `automatic` picks the best one for the codes the desc holds: the
 // int8-table kernel of its levels when the desc has that form of the codes, else addonly
 // (linear_plan.cpp, choose_gemm); where the CPU has AMX, prefill batches go to the AMX GEMM of
-// the same codes instead (binary from 6 tokens, ternary from 12). Naming one forces it (tests,
+// the same codes instead (binary from 6 tokens, ternary from 8). Naming one forces it (tests,
 // benchmarks).
 enum class PlanGemm : int {
   automatic = 0,
