@@ -16,10 +16,10 @@ namespace sdq {
 namespace {
 
 constexpr int64_t kTokens = 16;  // vectors projected together: each row of D is read once for all
-// The least work worth a chunk of its own, in multiply-adds of the projection (~4 us: batch 1 of
-// a 576-wide layer, 147k MACs, took 9.9 us here): a worker spinning between jobs joins within
-// ~1-3 us (thread_pool.cpp).
-constexpr double kMinChunkMacs = 1 << 16;
+// The least work worth a chunk of its own, in multiply-adds of the projection (~3 us: batch 1 of
+// a 576-wide layer, 147k MACs, takes 3.2 us on one thread here, and is no faster on two): a
+// worker joins within ~1-3 us (thread_pool.cpp; an OpenMP team likewise).
+constexpr double kMinChunkMacs = 1 << 17;
 
 float block_sum(const float* v, int64_t n) noexcept {
   double s = 0.0;  // a few hundred terms; double keeps xsum at least as exact as the reference
@@ -79,32 +79,32 @@ Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs
   if (!x || !xt || !xsum || !down_last) return Status::null_pointer;
   const int64_t nb = L.num_blocks();
   if (nb > 1 && !down_full) return Status::null_pointer;
-  // Units: chunks of kTokens vectors of the full group, then of the last group.
+  // Vectors 0 .. full_vectors - 1 are the full group's, then the last group's (one per token):
+  // each thread gets an equal run of them (at batch 1 of a 4096-wide layer, 31 + 1: a split by
+  // whole chunks of kTokens gave one thread 31), projected kTokens at a time within a group.
   const Group full{false, nb - 1}, last{true, nb - 1};
   const int64_t full_vectors = batch * (nb - 1);
-  const int64_t full_units = (full_vectors + kTokens - 1) / kTokens;
-  const int64_t units = full_units + (batch + kTokens - 1) / kTokens;
+  const int64_t vectors = full_vectors + batch;
   // double: a huge layout must not overflow the estimate
-  const double unit_macs = static_cast<double>(std::min(std::max(full_vectors, batch), kTokens)) *
-                           static_cast<double>(L.padded(0)) * static_cast<double>(L.m(0));
-  const int64_t grain =
-      unit_macs >= kMinChunkMacs ? 1 : static_cast<int64_t>(std::ceil(kMinChunkMacs / unit_macs));
+  const double vector_macs = static_cast<double>(L.padded(0)) * static_cast<double>(L.m(0));
+  const int64_t grain = static_cast<int64_t>(std::ceil(kMinChunkMacs / vector_macs));
   std::atomic<Status> result{Status::ok};
-  detail::parallel_for(units, threads, grain, [&](int64_t begin, int64_t end) {
+  detail::parallel_for(vectors, threads, grain, [&](int64_t begin, int64_t end) {
     // Reused per thread; transform_vectors writes every element before reading it.
     float* buf = detail::scratch<float>(detail::ScratchSlot::transform,
                                         kTokens * (L.padded(0) + L.m(0)));
-    for (int64_t u = begin; u < end; ++u) {
-      const bool in_full = u < full_units;
-      const Group& g = in_full ? full : last;
-      const int64_t v0 = (in_full ? u : u - full_units) * kTokens;
-      const int64_t v1 = std::min(in_full ? full_vectors : batch, v0 + kTokens);
-      const Status s = transform_vectors(L, g, v0, v1, hadamard, signs,
-                                         in_full ? down_full : down_last, x, xt, xsum, buf);
+    for (int64_t v = begin; v < end;) {
+      const bool in_full = v < full_vectors;
+      const int64_t group_end = in_full ? std::min(end, full_vectors) : end;
+      const int64_t v1 = std::min(group_end, v + kTokens);
+      const int64_t base = in_full ? 0 : full_vectors;  // the group's first vector
+      const Status s = transform_vectors(L, in_full ? full : last, v - base, v1 - base, hadamard,
+                                         signs, in_full ? down_full : down_last, x, xt, xsum, buf);
       if (s != Status::ok) {
         result.store(s);
         return;
       }
+      v = v1;
     }
   });
   return result.load();
