@@ -16,10 +16,11 @@ namespace sdq {
 namespace {
 
 constexpr int64_t kTokens = 16;  // vectors projected together: each row of D is read once for all
-// The least work worth a chunk of its own, in multiply-adds of the projection (~3 us: batch 1 of
-// a 576-wide layer, 147k MACs, takes 3.2 us on one thread here, and is no faster on two): a
-// worker joins within ~1-3 us (thread_pool.cpp; an OpenMP team likewise).
-constexpr double kMinChunkMacs = 1 << 17;
+// The least work worth a chunk of its own, in multiply-adds of the projection (~1.5 us: batch 1
+// of a 576-wide layer, 147k MACs, takes 3.2 us on one thread here): a worker joins within ~1-3 us
+// (thread_pool.cpp; an OpenMP team likewise). Twice this kept 576-wide layers on one thread, and
+// the default model's compiled decode step measured no faster for it.
+constexpr double kMinChunkMacs = 1 << 16;
 
 float block_sum(const float* v, int64_t n) noexcept {
   double s = 0.0;  // a few hundred terms; double keeps xsum at least as exact as the reference
