@@ -17,18 +17,9 @@ py::array_t<float> amx_gemm_binary_py(const py::object& packed_obj, const py::ob
   const BlockLayout L = make_layout(in_features, block_size, osr);
   if (!amx_gemm_supported()) throw py::value_error("amx_gemm_binary: this CPU or OS has no AMX");
   if (out < 0) throw py::value_error("out must be >= 0, got " + std::to_string(out));
-  const int64_t nb = L.num_blocks();
   auto packed = require_array<uint8_t>(packed_obj, "packed", 1);
   require_shape(packed, "packed", {lut_packed_bytes(L, out)});
-  auto scale = require_array<uint16_t>(scale_obj, "scale", 2);
-  require_shape(scale, "scale", {out, nb});
-  auto mean = require_array<uint16_t>(mean_obj, "mean", 2);
-  require_shape(mean, "mean", {out, nb});
-  auto xt = require_array<float>(xt_obj, "xt", 2);
-  const int64_t batch = xt.shape(0);
-  require_shape(xt, "xt", {batch, L.total_code_cols()});
-  auto xsum = require_array<float>(xsum_obj, "xsum", 2);
-  require_shape(xsum, "xsum", {batch, nb});
+  auto [scale, mean, xt, xsum, batch] = require_gemm_inputs(scale_obj, mean_obj, xt_obj, xsum_obj, L, out);
   py::array_t<float> y({batch, out});
   Status s;
   {
@@ -48,17 +39,8 @@ py::array_t<float> amx_gemm_ternary_py(const py::object& trits_obj, const py::ob
   const BlockLayout L = make_layout(in_features, block_size, osr);
   if (!amx_gemm_supported()) throw py::value_error("amx_gemm_ternary: this CPU or OS has no AMX");
   if (out < 0) throw py::value_error("out must be >= 0, got " + std::to_string(out));
-  const int64_t nb = L.num_blocks();
   auto [trits, signs] = require_trit5(trits_obj, signs_obj, L, out);
-  auto scale = require_array<uint16_t>(scale_obj, "scale", 2);
-  require_shape(scale, "scale", {out, nb});
-  auto mean = require_array<uint16_t>(mean_obj, "mean", 2);
-  require_shape(mean, "mean", {out, nb});
-  auto xt = require_array<float>(xt_obj, "xt", 2);
-  const int64_t batch = xt.shape(0);
-  require_shape(xt, "xt", {batch, L.total_code_cols()});
-  auto xsum = require_array<float>(xsum_obj, "xsum", 2);
-  require_shape(xsum, "xsum", {batch, nb});
+  auto [scale, mean, xt, xsum, batch] = require_gemm_inputs(scale_obj, mean_obj, xt_obj, xsum_obj, L, out);
   py::array_t<float> y({batch, out});
   Status s;
   {

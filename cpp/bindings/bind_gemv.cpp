@@ -60,7 +60,7 @@ py::array_t<float> addonly_gemm_py(const py::object& sign_obj, const py::object&
   const AddonlyKernel kernel = parse_kernel(kernel_name);
   if (!addonly_kernel_supported(kernel))
     throw py::value_error("kernel '" + kernel_name + "' is not supported by this CPU");
-  const int64_t nb = L.num_blocks(), words = L.words_per_row();
+  const int64_t words = L.words_per_row();
   auto sign = require_array<uint32_t>(sign_obj, "sign", 2);
   const int64_t out = sign.shape(0);
   require_shape(sign, "sign", {out, words});
@@ -70,15 +70,7 @@ py::array_t<float> addonly_gemm_py(const py::object& sign_obj, const py::object&
     nonzero = require_array<uint32_t>(nonzero_obj, "nonzero", 2);
     require_shape(nonzero, "nonzero", {out, words});
   }
-  auto scale = require_array<uint16_t>(scale_obj, "scale", 2);
-  require_shape(scale, "scale", {out, nb});
-  auto mean = require_array<uint16_t>(mean_obj, "mean", 2);
-  require_shape(mean, "mean", {out, nb});
-  auto xt = require_array<float>(xt_obj, "xt", 2);
-  const int64_t batch = xt.shape(0);
-  require_shape(xt, "xt", {batch, L.total_code_cols()});
-  auto xsum = require_array<float>(xsum_obj, "xsum", 2);
-  require_shape(xsum, "xsum", {batch, nb});
+  auto [scale, mean, xt, xsum, batch] = require_gemm_inputs(scale_obj, mean_obj, xt_obj, xsum_obj, L, out);
   py::array_t<float> y({batch, out});
   Status s;
   {

@@ -44,18 +44,9 @@ py::array_t<float> lut_gemm_binary_py(const py::object& packed_obj, const py::ob
   if (!lut_kernel_supported(kernel))
     throw py::value_error("kernel '" + kernel_name + "' is not supported by this CPU");
   if (out < 0) throw py::value_error("out must be >= 0, got " + std::to_string(out));
-  const int64_t nb = L.num_blocks();
   auto packed = require_array<uint8_t>(packed_obj, "packed", 1);
   require_shape(packed, "packed", {lut_packed_bytes(L, out)});
-  auto scale = require_array<uint16_t>(scale_obj, "scale", 2);
-  require_shape(scale, "scale", {out, nb});
-  auto mean = require_array<uint16_t>(mean_obj, "mean", 2);
-  require_shape(mean, "mean", {out, nb});
-  auto xt = require_array<float>(xt_obj, "xt", 2);
-  const int64_t batch = xt.shape(0);
-  require_shape(xt, "xt", {batch, L.total_code_cols()});
-  auto xsum = require_array<float>(xsum_obj, "xsum", 2);
-  require_shape(xsum, "xsum", {batch, nb});
+  auto [scale, mean, xt, xsum, batch] = require_gemm_inputs(scale_obj, mean_obj, xt_obj, xsum_obj, L, out);
   py::array_t<float> y({batch, out});
   Status s;
   {

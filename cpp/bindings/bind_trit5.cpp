@@ -95,17 +95,8 @@ py::array_t<float> trit5_gemm_py(const py::object& trits_obj, const py::object& 
   const Trit5Kernel kernel = parse_trit5_kernel(kernel_name);
   if (!trit5_kernel_supported(kernel))
     throw py::value_error("kernel '" + kernel_name + "' is not supported by this CPU");
-  const int64_t nb = L.num_blocks();
   auto [trits, signs] = require_trit5(trits_obj, signs_obj, L, out);
-  auto scale = require_array<uint16_t>(scale_obj, "scale", 2);
-  require_shape(scale, "scale", {out, nb});
-  auto mean = require_array<uint16_t>(mean_obj, "mean", 2);
-  require_shape(mean, "mean", {out, nb});
-  auto xt = require_array<float>(xt_obj, "xt", 2);
-  const int64_t batch = xt.shape(0);
-  require_shape(xt, "xt", {batch, L.total_code_cols()});
-  auto xsum = require_array<float>(xsum_obj, "xsum", 2);
-  require_shape(xsum, "xsum", {batch, nb});
+  auto [scale, mean, xt, xsum, batch] = require_gemm_inputs(scale_obj, mean_obj, xt_obj, xsum_obj, L, out);
   py::array_t<float> y({batch, out});
   Status s;
   {

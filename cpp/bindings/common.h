@@ -97,6 +97,32 @@ inline void require_shape(const py::array& a, const char* name, std::vector<int6
   }
 }
 
+// What every CPU GEMM binding reads besides the codes: scale, mean uint16 [out, num_blocks]
+// (fp16 bit patterns), xt float32 [batch, total_code_cols], xsum float32 [batch, num_blocks];
+// each checked and named in the error. batch is xt's first dimension.
+struct GemmInputs {
+  py::array_t<uint16_t> scale, mean;
+  py::array_t<float> xt, xsum;
+  int64_t batch;
+};
+
+inline GemmInputs require_gemm_inputs(const py::object& scale_obj, const py::object& mean_obj,
+                                      const py::object& xt_obj, const py::object& xsum_obj,
+                                      const BlockLayout& L, int64_t out) {
+  const int64_t nb = L.num_blocks();
+  GemmInputs in;
+  in.scale = require_array<uint16_t>(scale_obj, "scale", 2);
+  require_shape(in.scale, "scale", {out, nb});
+  in.mean = require_array<uint16_t>(mean_obj, "mean", 2);
+  require_shape(in.mean, "mean", {out, nb});
+  in.xt = require_array<float>(xt_obj, "xt", 2);
+  in.batch = in.xt.shape(0);
+  require_shape(in.xt, "xt", {in.batch, L.total_code_cols()});
+  in.xsum = require_array<float>(xsum_obj, "xsum", 2);
+  require_shape(in.xsum, "xsum", {in.batch, nb});
+  return in;
+}
+
 // trits uint8 [tiles, groups / 2, 32] and trit_signs uint32 [tiles, groups] of a trit5 layer of
 // `out` rows (sdq/trit5.h), named in the errors (bind_trit5.cpp).
 std::pair<py::array_t<uint8_t>, py::array_t<uint32_t>> require_trit5(const py::object& trits_obj,
