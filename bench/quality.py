@@ -66,6 +66,10 @@ LR3_BINARY = "sdq-gram-gptq-b3.75-beam8-ft200-lr3e-3"
 LR3_FILL = "sdq-gram-gptq-t2.34-B128-beam8-ft200-lr3e-3"
 FINETUNE_LR = {name: 3e-3 for name in (*LR3_ROWS, LR3_BINARY, LR3_FILL)}
 BEAM_FINETUNE.update({name: 200 for name in (*LR3_ROWS, LR3_BINARY, LR3_FILL)})
+# The same, tuned twice as long (does the tuning still gain, or has it run out of data?).
+LR3_FILL_LONG = "sdq-gram-gptq-t2.34-B128-beam8-ft400-lr3e-3"
+FINETUNE_LR[LR3_FILL_LONG] = 3e-3
+BEAM_FINETUNE[LR3_FILL_LONG] = 400
 
 
 def _runs():
@@ -155,6 +159,8 @@ def _runs():
     add(LR3_BINARY, "SDQ+gram+GPTQ beam 8+finetune 200 steps (lr 3e-3), binary",
         SDQ(osr=3.75, levels="binary", codes="gram", beam=8), True)
     add(LR3_FILL, "SDQ+gram+GPTQ beam 8+finetune 200 steps (lr 3e-3), ternary, B=128",
+        SDQ(osr=2.34, levels="ternary", codes="gram", beam=8, block_size=128), True)
+    add(LR3_FILL_LONG, "SDQ+gram+GPTQ beam 8+finetune 400 steps (lr 3e-3), ternary, B=128",
         SDQ(osr=2.34, levels="ternary", codes="gram", beam=8, block_size=128), True)
     # Scale groups at the same all-in bits (2.5): B=64 pays 0.25 bits more for scales and
     # means than B=128, and code columns are whole 32-bit words per block (so not OSR 2.25).

@@ -1,7 +1,8 @@
-// amx_gemm_binary (sdq/amx_gemm.h): activations rounded to int8 per (token, block), the codes of
-// each 32-row tile and block unpacked to +-1 bytes in AMX's B-tile layout, TDPBSSD, and a float
-// epilogue per block. Compiled with target attributes (the build needs no -mamx-*), chosen at
-// run time; elsewhere (not x86-64 Linux, or a compiler without these intrinsics) not_built.
+// amx_gemm_binary / amx_gemm_ternary (sdq/amx_gemm.h): activations rounded to int8 per (token,
+// block), the codes of each 32-row tile and block unpacked to int8 in AMX's B-tile layout (one
+// policy per code format: BinaryCodes, Trit5Codes), TDPBSSD, and a float epilogue per block.
+// Compiled with target attributes (the build needs no -mamx-*), chosen at run time; elsewhere
+// (not x86-64 Linux, or a compiler without these intrinsics) not_built.
 #include "sdq/amx_gemm.h"
 
 #include "guard.h"
@@ -121,7 +122,7 @@ SDQ_AMX void quantize_token(const BlockLayout& L, const Codes& codes, const Geom
     for (int64_t k = 0; k < cols; k += 16)
       m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
     const float amax = _mm512_reduce_max_ps(m);
-    if (!(amax >= kTinyAmax)) {  // also NaN: as the table kernels, such a block adds MU * xsum
+    if (!(amax >= kTinyAmax)) {  // as the table kernels: such a block adds only MU * xsum
       std::memset(dst, 0, static_cast<size_t>(g.steps(b) * kStep));
       ascale[b] = 0.0f;
       continue;
@@ -193,7 +194,7 @@ struct BinaryCodes {
 
 // ---- ternary codes (trit5.h): K = groups of 3 code columns, each padded to 4 (one dword of a
 // B-tile row: byte j of dword n = trit j of row n's group), so a group's 4-bit pattern index
-// becomes its dword by one 16-entry look-up (vpermd) and its sign bit negates it
+// becomes its dword by one 16-entry look-up (vpermd) and its sign bit negates it.
 
 struct Trit5Codes {
   const BlockLayout* L;
@@ -449,8 +450,9 @@ Status run(const BlockLayout& L, const Codes& codes, const uint16_t* scale, cons
   c.ascale = ascale;
   const int64_t n_tiles = (out + kLutTileRows - 1) / kLutTileRows;
   const int64_t n_groups = (n_tiles + kGroupTiles - 1) / kGroupTiles;
-  const double group_cost = static_cast<double>(g.steps0 * g.nb * kTileBytes * kGroupTiles) *
-                            static_cast<double>(batch) / kStep;  // ~ the tiles' code bytes x tokens
+  // bytes of B tiles a group unpacks, times the token tiles that multiply them
+  const double group_cost = static_cast<double>(g.steps0 * g.nb * 2 * kTileBytes * kGroupTiles) *
+                            static_cast<double>(g.tokens / kTokens);
   detail::parallel_for(n_groups, threads, grain_for(kMinChunkBytes, group_cost),
                        [&](int64_t b, int64_t e) { groups(c, codes, b, e); });
   return Status::ok;
