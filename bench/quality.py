@@ -66,7 +66,8 @@ LR3_BINARY = "sdq-gram-gptq-b3.75-beam8-ft200-lr3e-3"
 LR3_FILL = "sdq-gram-gptq-t2.34-B128-beam8-ft200-lr3e-3"
 FINETUNE_LR = {name: 3e-3 for name in (*LR3_ROWS, LR3_BINARY, LR3_FILL)}
 BEAM_FINETUNE.update({name: 200 for name in (*LR3_ROWS, LR3_BINARY, LR3_FILL)})
-# The same, tuned twice as long (does the tuning still gain, or has it run out of data?).
+# The same, tuned twice as long: 26.60 against 26.57, the calibration KL falling from ~0.025 to
+# ~0.012 meanwhile: with 16 sequences longer tuning fits the calibration text, not the model.
 LR3_FILL_LONG = "sdq-gram-gptq-t2.34-B128-beam8-ft400-lr3e-3"
 FINETUNE_LR[LR3_FILL_LONG] = 3e-3
 BEAM_FINETUNE[LR3_FILL_LONG] = 400
