@@ -304,6 +304,9 @@ def test_cli_prints_coverage_and_info_reads_it_back(capsys, tmp_path, monkeypatc
     assert main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert f"quantized linears: {2 * (4 + 2 * EXPERTS)}" in info
+    from sdq._native import core
+    amx = "AMX prefill GEMMs yes" if core().amx_gemm_supported() else "AMX prefill GEMMs no"
+    assert f"int8 tables {core().lut_kernel_name()}" in info and amx in info
     coverage = [line for line in printed.splitlines() if line.startswith("  ")]
     assert coverage and all(line in info for line in coverage)
 

@@ -427,6 +427,7 @@ def cmd_info(args) -> dict:
           f"{packed_bytes / 2**20:.2f} MiB = {8 * packed_bytes / packed_weights:.3f} bits/weight "
           "(codes or signs and group indices, scales, means, metadata)")
     print(f"  other tensors (embeddings, norms, biases): {other / 2**20:.2f} MiB")
+    print(f"  CPU kernels on this machine: {cpu_kernels()}")
     if q.get("method") == "wgm":
         _print_wgm_groups(q)
     else:
@@ -437,6 +438,16 @@ def cmd_info(args) -> dict:
         if "coverage" in s:
             _print_coverage(s["coverage"])
     return {"bytes": size, "packed_bits_per_weight": 8 * packed_bytes / packed_weights}
+
+
+def cpu_kernels() -> str:
+    """Which CPU kernel variants a load of the folder would run here, in one line."""
+    from ._native import core
+    from .threads import thread_backend
+    c = core()
+    amx = "yes" if c.amx_gemm_supported() else "no (this CPU or OS)"
+    return (f"int8 tables {c.lut_kernel_name()} (binary) / {c.trit5_kernel_name()} (ternary), "
+            f"AMX prefill GEMMs {amx}, threads {thread_backend()}")
 
 
 def _print_osr(q: dict) -> None:
