@@ -1,7 +1,8 @@
 """The native package: CMake install/export, find_package(sdq CONFIG), and the C ABI (sdq_c.h).
 
-One module-scoped build (no Python module, no CUDA, only the library target): configure with
--DSDQ_TESTS=ON, build sdq_core, then ctest's sdq_install (installs into a temporary prefix) and
+One module-scoped build (no Python module, no CUDA): configure with -DSDQ_TESTS=ON, build sdq_core
+and the native unit tests (cpp/tests: every CPU kernel variant this machine runs against plain
+loops; run here by ctest), then ctest's sdq_install (installs into a temporary prefix) and
 sdq_consumer (configures examples/consumer against that prefix with find_package, builds the C
 engine and runs its self-check: quantize on its own threads, add-only GEMV/GEMM against a
 dequantize-and-dot reference it decodes from the documented bit layout). The C engine's
@@ -57,17 +58,26 @@ def native(tmp_path_factory):
     _run([cmake, "-S", str(ROOT), "-B", str(build), "-G", generator, "-DCMAKE_BUILD_TYPE=Release",
           "-DSDQ_PYTHON=OFF", "-DSDQ_TESTS=ON", "-DSDQ_CUDA=OFF", f"-DSDQ_TEST_PREFIX={prefix}"],
          env=env)
-    # Only the library: ctest's sdq_install installs it and sdq_consumer builds the example.
-    _run([cmake, "--build", str(build), "--target", "sdq_core", "-j", "2"], env=env)
+    # The library and cpp/tests; ctest's sdq_install installs it and sdq_consumer builds the example.
+    _run([cmake, "--build", str(build), "-j", "2"], env=env)
     ctest = str(Path(cmake).with_name("ctest")) if Path(cmake).with_name("ctest").exists() \
         else shutil.which("ctest")
     res = _run([ctest, "--test-dir", str(build), "-R", "^sdq_(install|consumer)$",
                 "--output-on-failure", "-V"], env=env)
-    return prefix, res.stdout, build / "consumer" / "c_engine"
+    return prefix, res.stdout, build / "consumer" / "c_engine", (ctest, build, env)
+
+
+def test_native_unit_tests_pass(native):
+    """cpp/tests (kernel variants against plain loops, the thread pool, boundaries): each prints
+    its checks and exits non-zero on a failure."""
+    ctest, build, env = native[3]
+    res = _run([ctest, "--test-dir", str(build), "-E", "^sdq_(install|consumer)$",
+                "--output-on-failure"], env=env)
+    assert "100% tests passed" in res.stdout and "_native" in res.stdout
 
 
 def test_ctest_installs_the_package_and_runs_the_consumer(native):
-    prefix, out, engine = native
+    prefix, out, engine, _ = native
     assert "100% tests passed" in out and "sdq_consumer" in out
     assert "PASS" in out and "FAIL " not in out  # the C engine's own verdict and checks
     lib = next(prefix.rglob("libsdq_core.a"))
