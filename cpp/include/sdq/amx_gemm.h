@@ -10,15 +10,16 @@
 // MU * xsum. Each code column is rounded on its own, so the error against the exact float kernel
 // is at most S * ascale / 2 per code column (the table kernels' is per group of 4 columns).
 // Then, in float32, y[t, r] = sum_b (float(sum_k a[k] * c[r, k]) * ascale_tb) * S[r,b] + MU * xsum,
-// c = +-1; the integer dot products are exact (int32).
+// c = +-1 (ternary: -1, 0, +1); the integer dot products are exact (int32).
 //
-// How: the codes of a 32-row tile and one block are unpacked to +-1 bytes in AMX's B-tile layout
-// (in L1, once per tile and block), then multiplied with every 16-token tile of the int8
-// activations (TDPBSSD, 16 x 16 x 64 per instruction); each block's int32 sums are rescaled as
-// above. Unpacking costs about as much as reading the codes, so this pays from a few tokens up
-// (linear_plan.cpp's kAmxMinBatch); batch 1 stays with the look-up kernels.
+// How: the codes of a 32-row tile and one block are unpacked to int8 in AMX's B-tile layout (in
+// L1, once per tile and block), then multiplied with every 16-token tile of the int8 activations
+// (TDPBSSD, 16 x 16 x 64 per instruction); each block's int32 sums are rescaled as above.
+// Unpacking costs about as much as reading the codes, so this pays from a few tokens up
+// (linear_plan.cpp's kAmxMinBatchBinary / kAmxMinBatchTernary); batch 1 stays with the look-up
+// kernels.
 //
-// Needs AMX-TILE, AMX-INT8, AVX-512 BW and VBMI, and the OS's permission to use the tile state
+// Needs AMX-TILE, AMX-INT8, AVX-512 BW and VBMI, BMI2, and the OS's permission to use the tile state
 // (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM), requested once per process by amx_gemm_supported).
 // Without them the functions return Status::not_built.
 #pragma once
@@ -29,7 +30,7 @@
 
 namespace sdq {
 
-// Whether this CPU and OS can run amx_gemm_binary (the first call asks the OS for the tile state).
+// Whether this CPU and OS can run the AMX GEMMs (the first call asks the OS for the tile state).
 bool amx_gemm_supported() noexcept;
 
 // packed: lut_pack_binary's tiles (lut_gemm.h). scale, mean: [out, L.num_blocks()] fp16 bit
