@@ -88,7 +88,7 @@ Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs
   const int64_t vectors = full_vectors + batch;
   // double: a huge layout must not overflow the estimate
   const double vector_macs = static_cast<double>(L.padded(0)) * static_cast<double>(L.m(0));
-  const int64_t grain = static_cast<int64_t>(std::ceil(kMinChunkMacs / vector_macs));
+  const int64_t grain = detail::grain_for(kMinChunkMacs, vector_macs);
   std::atomic<Status> result{Status::ok};
   detail::parallel_for(vectors, threads, grain, [&](int64_t begin, int64_t end) {
     // Reused per thread; transform_vectors writes every element before reading it.

@@ -45,17 +45,15 @@ constexpr double kMinChunkBytes = 1 << 14;  // as lut_gemm.cpp: a few microsecon
 
 static_assert(kLutTileRows == 2 * kHalf, "a packed tile is two B tiles of rows");
 
-int64_t grain_for(double least, double unit_cost) noexcept {
-  return unit_cost >= least ? 1 : static_cast<int64_t>(std::ceil(least / unit_cost));
-}
+using detail::grain_for;
 
 bool cpu_and_os_support() noexcept {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool amx = (d >> 24 & 1) && (d >> 25 & 1);       // AMX-TILE, AMX-INT8
-  const bool avx512 = (b >> 16 & 1) && (b >> 30 & 1) && (c >> 1 & 1);  // F, BW, VBMI
-  if (!amx || !avx512 || !__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
-      !__builtin_cpu_supports("f16c") || !__builtin_cpu_supports("bmi2"))
+  unsigned a, b, c, d;  // AMX-TILE and AMX-INT8 by CPUID (older compilers' cpu_supports lack them)
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1) || !(d >> 25 & 1)) return false;
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2") &&
+        __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vbmi")))
     return false;
   // Linux keeps the 8 KB tile state off until a process asks for it (ARCH_REQ_XCOMP_PERM,
   // XFEATURE_XTILEDATA); a kernel without that call (< 5.16) does not enable AMX at all.

@@ -23,10 +23,7 @@ constexpr int64_t kTileRows = 16;    // rows split between threads in multiples 
 constexpr double kMinChunkWords = 32768;    // code words looked up (~1 ns each)
 constexpr double kMinChunkEntries = 65536;  // table entries built
 
-// Units per chunk so that a chunk holds at least `least` work when a unit costs `unit_cost`.
-int64_t grain_for(double least, double unit_cost) noexcept {
-  return unit_cost >= least ? 1 : static_cast<int64_t>(std::ceil(least / unit_cost));
-}
+using detail::grain_for;
 
 bool cpu_has(AddonlyKernel k) noexcept {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

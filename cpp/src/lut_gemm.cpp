@@ -24,9 +24,7 @@ constexpr int64_t kTokenChunk = 16;  // tokens whose tables are built together (
 constexpr double kMinChunkBytes = 1 << 14;   // packed code bytes looked up (x tokens)
 constexpr double kMinChunkGroups = 8192;     // tables built
 
-int64_t grain_for(double least, double unit_cost) noexcept {
-  return unit_cost >= least ? 1 : static_cast<int64_t>(std::ceil(least / unit_cost));
-}
+using detail::grain_for;
 
 bool cpu_has(LutKernel k) noexcept {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -10,6 +10,7 @@
 #pragma once
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <exception>
 #include <thread>
@@ -17,6 +18,12 @@
 #include "thread_pool.h"
 
 namespace sdq::detail {
+
+// Units per chunk so that a chunk holds at least `least` work when a unit costs `unit_cost`
+// (the grain argument of parallel_for).
+inline int64_t grain_for(double least, double unit_cost) noexcept {
+  return unit_cost >= least ? 1 : static_cast<int64_t>(std::ceil(least / unit_cost));
+}
 
 inline int resolve_threads(int threads) noexcept {
   if (threads > 0) return threads;

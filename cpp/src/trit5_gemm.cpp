@@ -20,9 +20,7 @@ constexpr int64_t kTokenChunk = 16;  // tokens whose tables are built together
 constexpr double kMinChunkPairs = 1024;    // (pair x 32 rows) look-ups, ~1-2 ns each
 constexpr double kMinChunkGroups = 16384;  // table groups built, ~3 ns each
 
-int64_t grain_for(double least, double unit_cost) noexcept {
-  return unit_cost >= least ? 1 : static_cast<int64_t>(std::ceil(least / unit_cost));
-}
+using detail::grain_for;
 
 bool cpu_has(Trit5Kernel k) noexcept {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
