@@ -4,8 +4,6 @@
 
 #include "common.h"
 #include "sdq/amx_gemm.h"
-#include "sdq/lut_gemm.h"
-#include "sdq/trit5.h"
 
 namespace sdq::bind {
 namespace {
@@ -16,9 +14,8 @@ py::array_t<float> amx_gemm_binary_py(const py::object& packed_obj, const py::ob
                                       int64_t block_size, double osr, int64_t out, int threads) {
   const BlockLayout L = make_layout(in_features, block_size, osr);
   if (!amx_gemm_supported()) throw py::value_error("amx_gemm_binary: this CPU or OS has no AMX");
-  if (out < 0) throw py::value_error("out must be >= 0, got " + std::to_string(out));
-  auto packed = require_array<uint8_t>(packed_obj, "packed", 1);
-  require_shape(packed, "packed", {lut_packed_bytes(L, out)});
+  require_rows(out);
+  auto packed = require_lut_codes(packed_obj, L, out);
   auto [scale, mean, xt, xsum, batch] = require_gemm_inputs(scale_obj, mean_obj, xt_obj, xsum_obj, L, out);
   py::array_t<float> y({batch, out});
   Status s;
@@ -38,7 +35,7 @@ py::array_t<float> amx_gemm_ternary_py(const py::object& trits_obj, const py::ob
                                        int64_t out, int threads) {
   const BlockLayout L = make_layout(in_features, block_size, osr);
   if (!amx_gemm_supported()) throw py::value_error("amx_gemm_ternary: this CPU or OS has no AMX");
-  if (out < 0) throw py::value_error("out must be >= 0, got " + std::to_string(out));
+  require_rows(out);
   auto [trits, signs] = require_trit5(trits_obj, signs_obj, L, out);
   auto [scale, mean, xt, xsum, batch] = require_gemm_inputs(scale_obj, mean_obj, xt_obj, xsum_obj, L, out);
   py::array_t<float> y({batch, out});

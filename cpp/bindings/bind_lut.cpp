@@ -43,9 +43,8 @@ py::array_t<float> lut_gemm_binary_py(const py::object& packed_obj, const py::ob
   const LutKernel kernel = parse_lut_kernel(kernel_name);
   if (!lut_kernel_supported(kernel))
     throw py::value_error("kernel '" + kernel_name + "' is not supported by this CPU");
-  if (out < 0) throw py::value_error("out must be >= 0, got " + std::to_string(out));
-  auto packed = require_array<uint8_t>(packed_obj, "packed", 1);
-  require_shape(packed, "packed", {lut_packed_bytes(L, out)});
+  require_rows(out);
+  auto packed = require_lut_codes(packed_obj, L, out);
   auto [scale, mean, xt, xsum, batch] = require_gemm_inputs(scale_obj, mean_obj, xt_obj, xsum_obj, L, out);
   py::array_t<float> y({batch, out});
   Status s;
@@ -59,6 +58,14 @@ py::array_t<float> lut_gemm_binary_py(const py::object& packed_obj, const py::ob
 }
 
 }  // namespace
+
+// common.h
+py::array_t<uint8_t> require_lut_codes(const py::object& packed_obj, const BlockLayout& L,
+                                       int64_t out) {
+  auto packed = require_array<uint8_t>(packed_obj, "packed", 1);
+  require_shape(packed, "packed", {lut_packed_bytes(L, out)});
+  return packed;
+}
 
 void bind_lut(py::module_& m) {
   m.def("lut_pack_binary", &lut_pack_binary_py, py::arg("sign"), py::arg("in_features"),

@@ -19,10 +19,6 @@ Trit5Kernel parse_trit5_kernel(const std::string& name) {
   throw py::value_error("kernel must be 'auto', 'portable', 'avx2' or 'avx512', got '" + name + "'");
 }
 
-void require_rows(int64_t out) {
-  if (out < 0) throw py::value_error("out must be >= 0, got " + std::to_string(out));
-}
-
 py::tuple trit5_pack_py(const py::object& sign_obj, const py::object& nonzero_obj,
                         int64_t in_features, int64_t block_size, double osr, int threads) {
   const BlockLayout L = make_layout(in_features, block_size, osr);

@@ -97,6 +97,16 @@ inline void require_shape(const py::array& a, const char* name, std::vector<int6
   }
 }
 
+// ValueError unless a row count is >= 0.
+inline void require_rows(int64_t out) {
+  if (out < 0) throw py::value_error("out must be >= 0, got " + std::to_string(out));
+}
+
+// packed uint8 [lut_packed_bytes(L, out)]: binary codes in lut_pack_binary's tiles (sdq/lut_gemm.h),
+// named in the errors (bind_lut.cpp).
+py::array_t<uint8_t> require_lut_codes(const py::object& packed_obj, const BlockLayout& L,
+                                       int64_t out);
+
 // What every CPU GEMM binding reads besides the codes: scale, mean uint16 [out, num_blocks]
 // (fp16 bit patterns), xt float32 [batch, total_code_cols], xsum float32 [batch, num_blocks];
 // each checked and named in the error. batch is xt's first dimension.
