@@ -20,7 +20,7 @@ if not hasattr(_core, "lut_gemm_binary"):
     pytest.skip("sdq._core was built without the look-up kernels", allow_module_level=True)
 
 TINY = float(np.finfo(np.float32).tiny)
-KERNELS = [k for k in ("portable", "avx2", "avx512", "avx512-vnni") if _core.lut_kernel_supported(k)]
+KERNELS = [k for k in ("portable", "avx2", "avx512", "avx512-vnni", "neon") if _core.lut_kernel_supported(k)]
 
 # (out, in_features, block_size, osr): short last blocks, odd OSR, out not a multiple of 32
 SHAPES = [

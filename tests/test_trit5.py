@@ -22,7 +22,7 @@ if not hasattr(_core, "trit5_gemm"):
     pytest.skip("sdq._core was built without the trit5 kernel", allow_module_level=True)
 
 EPS32 = float(np.finfo(np.float32).eps)
-KERNELS = [k for k in ("portable", "avx2", "avx512") if _core.trit5_kernel_supported(k)]
+KERNELS = [k for k in ("portable", "avx2", "avx512", "neon") if _core.trit5_kernel_supported(k)]
 
 # (out, in_features, block_size, osr): short last block, m not a multiple of 3 or 32, out not a
 # multiple of 32, a block of 342 groups (int16 sums flushed twice), a block of 1 group.

@@ -14,7 +14,8 @@ LutKernel parse_lut_kernel(const std::string& name) {
   if (name == "avx2") return LutKernel::avx2;
   if (name == "avx512") return LutKernel::avx512;
   if (name == "avx512-vnni") return LutKernel::avx512_vnni;
-  throw py::value_error("kernel must be 'auto', 'portable', 'avx2', 'avx512' or 'avx512-vnni', got '" +
+  if (name == "neon") return LutKernel::neon;
+  throw py::value_error("kernel must be 'auto', 'portable', 'avx2', 'avx512', 'avx512-vnni' or 'neon', got '" +
                         name + "'");
 }
 

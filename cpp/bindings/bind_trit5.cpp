@@ -16,7 +16,8 @@ Trit5Kernel parse_trit5_kernel(const std::string& name) {
   if (name == "portable") return Trit5Kernel::portable;
   if (name == "avx2") return Trit5Kernel::avx2;
   if (name == "avx512") return Trit5Kernel::avx512;
-  throw py::value_error("kernel must be 'auto', 'portable', 'avx2' or 'avx512', got '" + name + "'");
+  if (name == "neon") return Trit5Kernel::neon;
+  throw py::value_error("kernel must be 'auto', 'portable', 'avx2', 'avx512' or 'neon', got '" + name + "'");
 }
 
 py::tuple trit5_pack_py(const py::object& sign_obj, const py::object& nonzero_obj,

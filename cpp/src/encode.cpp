@@ -22,6 +22,7 @@
 
 #include "fp16.h"
 #include "guard.h"
+#include "isa.h"
 #include "modulator_lanes.h"
 #include "parallel.h"
 #include "select.h"
@@ -68,7 +69,7 @@ typedef float lanes_f __attribute__((vector_size(kModLanes * sizeof(float))));
 
 // fwht.h's forward transform of every lane of Xt [n][kModLanes] (n a power of two), with the
 // operations of cpp/src/fwht.cpp in the same order (so the same float32 results), lanes in SIMD.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void rotate_lanes(
+SDQ_CLONES_X86 void rotate_lanes(
     float* Xt, int64_t n, const float* signs) noexcept {
   lanes_f a, b;  // memcpy: the buffer is not aligned to the vector
   const auto load = [Xt](lanes_f& v, int64_t j) { std::memcpy(&v, Xt + j * kModLanes, sizeof v); };
@@ -132,6 +133,7 @@ typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
+#if SDQ_X86_GNU
 __attribute__((target("avx512f"))) void upsample_avx512(const float* X, int64_t padded,
                                                         const float* Ut, int64_t mp, double* u) {
   upsample_impl<v16f, 8>(X, padded, Ut, mp, u);
@@ -140,6 +142,7 @@ __attribute__((target("avx2,fma"))) void upsample_avx2(const float* X, int64_t p
                                                        const float* Ut, int64_t mp, double* u) {
   upsample_impl<v8f, 4>(X, padded, Ut, mp, u);
 }
+#endif
 void upsample_portable(const float* X, int64_t padded, const float* Ut, int64_t mp, double* u) {
   upsample_impl<v4f, 4>(X, padded, Ut, mp, u);
 }
@@ -147,7 +150,7 @@ void upsample_portable(const float* X, int64_t padded, const float* Ut, int64_t 
 using UpsampleFn = void (*)(const float*, int64_t, const float*, int64_t, double*);
 
 UpsampleFn pick_upsample() noexcept {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if SDQ_X86_GNU
   if (__builtin_cpu_supports("avx512f")) return upsample_avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return upsample_avx2;
 #endif
@@ -196,7 +199,7 @@ double sum_f64(const double* x, int64_t n) noexcept {
 // and scale as fp16 bits, and its ternary threshold. False if the scale or mean is not finite
 // in fp16.
 // Cloned per instruction set: its loops over doubles are most of its time.
-__attribute__((target_clones("avx512f", "avx2", "default"))) bool normalise(
+SDQ_CLONES_X86 bool normalise(
     const double* u, const EncodeParams& p, int64_t m, Work& w, int64_t lane, uint16_t& mu_bits,
     uint16_t& s_bits, float& tau) noexcept {
   mu_bits = half_from_double(sum_f64(u, m) / static_cast<double>(m));

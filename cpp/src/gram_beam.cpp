@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "guard.h"
+#include "isa.h"
 #include "parallel.h"
 
 namespace sdq {
@@ -79,7 +80,7 @@ inline void push_error(float* dst, const float* src, const float* u, float e, in
 }
 
 // The beam over one row z [m] against U; writes the row's ranked codes and costs.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void run_row(
+SDQ_CLONES_X86 void run_row(
     const float* z, const float* U, int64_t m, const float* values, int nvalues, int beam,
     Scratch& s, float* const* codes_by_rank, float* cost_by_rank) {
   float* cur = s.z0.data();

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "guard.h"
+#include "isa.h"
 #include "parallel.h"
 
 namespace sdq {
@@ -113,14 +114,14 @@ __attribute__((always_inline)) inline void refine_tile(float* q, float* h, const
 }
 
 // One non-template entry per loop so GCC can clone it per instruction set and pick at load time.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void refine(
+SDQ_CLONES_X86 void refine(
     float* q, float* h, const float* G, const int64_t* rows, int64_t lanes, int64_t m, float* qt,
     float* ht, bool ternary) {
   ternary ? refine_tile<true>(q, h, G, rows, lanes, m, qt, ht)
           : refine_tile<false>(q, h, G, rows, lanes, m, qt, ht);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void tile(
+SDQ_CLONES_X86 void tile(
     const float* z, const float* U, const float* tau, int64_t r0, int64_t lanes, int64_t m,
     float* codes, float* zt, bool ternary) {
   ternary ? run_tile<true>(z, U, tau, r0, lanes, m, codes, zt)

@@ -35,12 +35,15 @@ bool cpu_has(LutKernel k) noexcept {
   if (k == LutKernel::avx512) return bw;
   if (k == LutKernel::avx512_vnni)
     return bw && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
+#elif defined(__aarch64__)
+  if (k == LutKernel::neon) return true;  // AArch64 has NEON always
 #endif
   return k == LutKernel::portable;
 }
 
 LutKernel best_kernel() noexcept {
-  static const LutKernel best = cpu_has(LutKernel::avx512_vnni) ? LutKernel::avx512_vnni
+  static const LutKernel best = cpu_has(LutKernel::neon)          ? LutKernel::neon
+                                : cpu_has(LutKernel::avx512_vnni) ? LutKernel::avx512_vnni
                                 : cpu_has(LutKernel::avx512) ? LutKernel::avx512
                                 : cpu_has(LutKernel::avx2) ? LutKernel::avx2
                                                            : LutKernel::portable;
@@ -52,6 +55,7 @@ detail::LutRows rows_fn(LutKernel k) noexcept {
     case LutKernel::avx512_vnni: return detail::lut_rows_avx512_vnni;
     case LutKernel::avx512: return detail::lut_rows_avx512;
     case LutKernel::avx2: return detail::lut_rows_avx2;
+    case LutKernel::neon: return detail::lut_rows_neon;
     default: return detail::lut_rows_portable;
   }
 }
@@ -79,8 +83,9 @@ Status run(LutKernel kernel, const BlockLayout& L, const uint8_t* packed, const 
                                        q_bytes + chunk * nb * static_cast<int64_t>(sizeof(float)));
   auto* q = reinterpret_cast<int8_t*>(buf);
   auto* tscale = reinterpret_cast<float*>(buf + q_bytes);
-  const auto tables_fn = kernel == LutKernel::portable ? detail::lut_tables_portable
-                                                       : detail::lut_tables_avx2;
+  const bool x86 = kernel == LutKernel::avx2 || kernel == LutKernel::avx512 ||
+                   kernel == LutKernel::avx512_vnni;
+  const auto tables_fn = x86 ? detail::lut_tables_avx2 : detail::lut_tables_portable;
   LutCtx c{};
   c.packed = packed;
   c.scale = scale;
@@ -167,6 +172,7 @@ const char* lut_kernel_name(LutKernel kernel) noexcept {
     case LutKernel::avx2: return "avx2";
     case LutKernel::avx512: return "avx512";
     case LutKernel::avx512_vnni: return "avx512-vnni";
+    case LutKernel::neon: return "neon";
     default: return "unknown";
   }
 }

@@ -49,6 +49,7 @@ void lut_rows_portable(const LutCtx& c, int64_t tile_begin, int64_t tile_end);
 void lut_rows_avx2(const LutCtx& c, int64_t tile_begin, int64_t tile_end);    // avx2, fma, f16c
 void lut_rows_avx512(const LutCtx& c, int64_t tile_begin, int64_t tile_end);  // + avx512f/bw
 void lut_rows_avx512_vnni(const LutCtx& c, int64_t tile_begin, int64_t tile_end);  // + vbmi, vnni
+void lut_rows_neon(const LutCtx& c, int64_t tile_begin, int64_t tile_end);    // AArch64
 
 // Tables of one token (sdq/lut_gemm.h): q [groups, 16] and tscale [nb] from xt [total_code_cols].
 // Every variant's builder gives bit-identical tables.

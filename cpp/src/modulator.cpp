@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "guard.h"
+#include "isa.h"
 #include "modulator_lanes.h"
 #include "parallel.h"
 
@@ -101,7 +102,7 @@ Status modulate_checked(const float* z, int64_t rows, int64_t m, int64_t z_strid
 namespace detail {
 
 // One non-template entry so GCC can clone it per instruction set and pick at load time.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void modulate_lanes(
+SDQ_CLONES_X86 void modulate_lanes(
     const float* zt, int64_t cols, ModState& s, int8_t* ct, int order, bool ternary) noexcept {
   if (order == 1) {
     ternary ? run_chunk_impl<1, true>(zt, cols, s, ct) : run_chunk_impl<1, false>(zt, cols, s, ct);

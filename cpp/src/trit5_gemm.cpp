@@ -31,12 +31,15 @@ bool cpu_has(Trit5Kernel k) noexcept {
   if (k == Trit5Kernel::avx2)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
+#elif defined(__aarch64__)
+  if (k == Trit5Kernel::neon) return true;  // AArch64 has NEON always
 #endif
   return k == Trit5Kernel::portable;
 }
 
 Trit5Kernel best_kernel() noexcept {
-  static const Trit5Kernel best = cpu_has(Trit5Kernel::avx512) ? Trit5Kernel::avx512
+  static const Trit5Kernel best = cpu_has(Trit5Kernel::neon)     ? Trit5Kernel::neon
+                                  : cpu_has(Trit5Kernel::avx512) ? Trit5Kernel::avx512
                                   : cpu_has(Trit5Kernel::avx2) ? Trit5Kernel::avx2
                                                                : Trit5Kernel::portable;
   return best;
@@ -54,6 +57,8 @@ Variant variant(Trit5Kernel k) noexcept {
       return {detail::trit5_tables_avx512, detail::trit5_rows_avx512, 2 * detail::kTrit5Entries};
     case Trit5Kernel::avx2:
       return {detail::trit5_tables_avx2, detail::trit5_rows_avx2, detail::kTrit5Entries};
+    case Trit5Kernel::neon:
+      return {detail::trit5_tables_portable, detail::trit5_rows_neon, detail::kTrit5Entries};
     default:
       return {detail::trit5_tables_portable, detail::trit5_rows_portable, detail::kTrit5Entries};
   }
@@ -129,6 +134,7 @@ const char* trit5_kernel_name(Trit5Kernel kernel) noexcept {
     case Trit5Kernel::portable: return "portable";
     case Trit5Kernel::avx2: return "avx2";
     case Trit5Kernel::avx512: return "avx512";
+    case Trit5Kernel::neon: return "neon";
     default: return "unknown";
   }
 }

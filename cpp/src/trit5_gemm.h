@@ -107,5 +107,6 @@ void trit5_transpose_halves(const Trit5Ctx& c, const uint16_t* src, int64_t r0, 
 void trit5_rows_portable(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);
 void trit5_rows_avx2(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);
 void trit5_rows_avx512(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);
+void trit5_rows_neon(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);  // AArch64
 
 }  // namespace sdq::detail

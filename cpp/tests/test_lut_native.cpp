@@ -113,6 +113,7 @@ bool run_case(const Case& k, Rng& rng) {
         sdq::Status::ok;
   for (int64_t i = 0; i < k.batch * k.out; ++i) ok &= std::fabs(y0[i] - exact[i]) <= bound[i];
   for (auto kern : {sdq::LutKernel::avx2, sdq::LutKernel::avx512, sdq::LutKernel::avx512_vnni,
+                    sdq::LutKernel::neon,
                     sdq::LutKernel::automatic}) {
     if (!sdq::lut_kernel_supported(kern)) continue;
     for (int threads : {1, 2}) {

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -132,9 +133,21 @@ void worker_exception() {
   expect(covers_once(500, 3, 1), "pool: usable after an exception");
 }
 
+// SDQ_TEST_NO_FORK=1 skips the fork checks: qemu-user (the AArch64 cross check) aborts a forked
+// child that starts a thread while its parent has threads alive, whatever the program does.
+bool fork_checks() {
+  const char* no = std::getenv("SDQ_TEST_NO_FORK");
+  if (no && *no && *no != '0') {
+    std::printf("skip fork checks (SDQ_TEST_NO_FORK)\n");
+    return false;
+  }
+  return true;
+}
+
 // The parent has used the pool; a forked child must get working parallel_for with workers of its
 // own (the parent's do not exist there). alarm() turns a hang into a failure.
 void fork_child() {
+  if (!fork_checks()) return;
   sdq::detail::parallel_for(64, 2, 1, [](int64_t, int64_t) {});
   const pid_t pid = fork();
   if (pid == 0) {
@@ -184,16 +197,18 @@ void openmp_backend() {
   worker_exception();
   if (std::thread::hardware_concurrency() > 1)
     expect(runs_concurrently(), "openmp: a team thread runs a chunk beside the caller");
-  const pid_t pid = fork();
+  const pid_t pid = fork_checks() ? fork() : -1;
   if (pid == 0) {
     alarm(20);
     const bool back = sdq::thread_backend() == ThreadBackend::pool;
     _exit(back && covers_once(10000, 2, 1) && covers_once(10000, 4, 1) ? 0 : 1);
   }
-  int status = 0;
-  waitpid(pid, &status, 0);
-  expect(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-         "openmp: a forked child is back on the pool and runs parallel work");
+  if (pid > 0) {
+    int status = 0;
+    waitpid(pid, &status, 0);
+    expect(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+           "openmp: a forked child is back on the pool and runs parallel work");
+  }
   expect(sdq::set_thread_backend(ThreadBackend::pool) == sdq::Status::ok &&
              sdq::thread_backend() == ThreadBackend::pool,
          "openmp: back to the pool");

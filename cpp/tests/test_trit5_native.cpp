@@ -100,7 +100,8 @@ void run_case(const Case& k, Rng& rng) {
       }
       half_step[t * nb + b] = 0.5 * mx / 127.0 * (1.0 + 1e-5);
     }
-  for (auto kernel : {sdq::Trit5Kernel::portable, sdq::Trit5Kernel::avx2, sdq::Trit5Kernel::avx512}) {
+  for (auto kernel : {sdq::Trit5Kernel::portable, sdq::Trit5Kernel::avx2, sdq::Trit5Kernel::avx512,
+                      sdq::Trit5Kernel::neon}) {
     char what[160];
     if (!sdq::trit5_kernel_supported(kernel)) {
       std::vector<float> y(k.batch * k.out);

@@ -41,6 +41,7 @@ enum class LutKernel : int {
   avx2 = 2,      // vpshufb on 32 rows x 8 codes per 32-byte vector, int16 sums
   avx512 = 3,    // AVX-512BW: 32 rows x 16 codes per 64-byte vector
   avx512_vnni = 4,  // AVX-512 VBMI + VNNI: vpermb on 64-entry tables, vpdpbusd into int32
+  neon = 5,         // AArch64: tbl on 16 rows x 8 codes per pair of registers, int16 sums
 };
 
 // Bytes of one 32-row tile, and of the packed codes of `out` rows.
@@ -60,7 +61,7 @@ Status lut_gemm_binary(const BlockLayout& L, const uint8_t* packed, const uint16
                        int64_t batch, float* y, int threads = 0,
                        LutKernel kernel = LutKernel::automatic) noexcept;
 
-// Name of a variant ("portable", "avx2", "avx512", "avx512-vnni"; automatic: the one chosen for this CPU);
+// Name of a variant ("portable", "avx2", "avx512", "avx512-vnni", "neon"; automatic: the one chosen for this CPU);
 // "unknown" otherwise.
 const char* lut_kernel_name(LutKernel kernel = LutKernel::automatic) noexcept;
 

@@ -86,6 +86,7 @@ enum class Trit5Kernel : int {
   portable = 1,  // one row at a time, plain C++
   avx2 = 2,      // vpshufb look-ups for 32 rows, sign by byte mask (needs avx2, fma, f16c)
   avx512 = 3,    // two groups x 32 rows per vpshufb, sign by kmask (avx512f/bw/vl)
+  neon = 4,      // AArch64: tbl look-ups for 16 rows, sign by byte mask
 };
 
 // scale, mean: [out, L.num_blocks()] fp16 bit patterns. xt, xsum: activation_transform's output
@@ -96,7 +97,7 @@ Status trit5_gemm(const BlockLayout& L, const uint8_t* trits, const uint32_t* tr
                   const float* xsum, int64_t batch, float* y, int threads = 0,
                   Trit5Kernel kernel = Trit5Kernel::automatic) noexcept;
 
-// "portable", "avx2", "avx512" (automatic: the one chosen for this CPU); "unknown" otherwise.
+// "portable", "avx2", "avx512", "neon" (automatic: the one chosen for this CPU); "unknown" otherwise.
 const char* trit5_kernel_name(Trit5Kernel kernel = Trit5Kernel::automatic) noexcept;
 
 // Whether this CPU can run a variant (automatic and portable: always).
