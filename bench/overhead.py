@@ -90,10 +90,10 @@ def measure(out: int, n_in: int, levels: str, args) -> dict:
     t = lambda fn: time_rotating(fn, n, reps, calls)  # noqa: E731
     row = {"out": out, "in": n_in, "levels": levels, "osr": OSR, "copies": n}
     with torch.no_grad():
-        want = torch.from_numpy(plans[0].run(xn[0], 0, args.threads))
+        want = torch.from_numpy(plans[0].run(xn[0], args.threads))
         assert torch.equal(mods[0](xs[0]), want), "the module must compute what its plan does"
         row["module_us"] = t(lambda k: mods[k % n](xs[k & 1]))
-        row["plan_us"] = t(lambda k: plans[k % n].run(xn[k & 1], 0, args.threads))
+        row["plan_us"] = t(lambda k: plans[k % n].run(xn[k & 1], args.threads))
         row["two_ops_us"] = t(lambda k: two_ops(mods[k % n], views[k % n], xn[k & 1]))
         row["linear_us"] = t(lambda k: F.linear(xs[k & 1], weights[k % n]))
         if not args.no_compile:
@@ -105,7 +105,7 @@ def measure(out: int, n_in: int, levels: str, args) -> dict:
         torch.set_num_threads(1)
         cpu = lambda fn: time_rotating(fn, n, reps, calls, clock=time.thread_time)  # noqa: E731
         row["module_cpu_1t_us"] = cpu(lambda k: mods[k % n](xs[k & 1]))
-        row["plan_cpu_1t_us"] = cpu(lambda k: plans[k % n].run(xn[k & 1], 0, 1))
+        row["plan_cpu_1t_us"] = cpu(lambda k: plans[k % n].run(xn[k & 1], 1))
         row["linear_cpu_1t_us"] = cpu(lambda k: F.linear(xs[k & 1], weights[k % n]))
         torch.set_num_threads(args.threads)
     row["overhead_cpu_1t_us"] = row["module_cpu_1t_us"] - row["plan_cpu_1t_us"]

@@ -5,6 +5,7 @@ rebuilt when the layer's tensors change, and is not used where the ops must run 
 float64).
 """
 import contextlib
+import math
 
 import numpy as np
 import pytest
@@ -94,9 +95,9 @@ def test_plan_equals_the_two_ops(out, n_in, levels, batch, threads, gemm):
                              "addonly": "addonly"}[gemm]
         assert plan.gemm_for(batch) == {"auto": _auto_gemm(levels, batch), "tables": tables,
                                         "addonly": "addonly"}[gemm]
-        assert torch.equal(torch.from_numpy(plan.run(x.numpy(), 0, threads)), want)
+        assert torch.equal(torch.from_numpy(plan.run(x.numpy(), threads)), want)
         y = torch.empty(batch, out)
-        plan.run_ptr(x.data_ptr(), batch, y.data_ptr(), 7, threads)
+        plan.run_ptr(x.data_ptr(), batch, y.data_ptr(), threads)
         assert torch.equal(y, want)
         with torch.no_grad():
             assert torch.equal(mod(x), want)
@@ -228,6 +229,13 @@ def test_shared_transform_is_reused_only_for_the_same_input():
     x2 = torch.randn(3, 200)  # another input, then back to x: recomputed each time
     assert torch.equal(q(x2), _two_ops(q, x2)) and torch.equal(q(x), _two_ops(q, x))
     assert _hits() == before + 3
+
+    # Equal contents in another buffer (a compiled graph gives q, k and v one copy each): reused.
+    assert torch.equal(v(x.clone()), _two_ops(v, x)) and _hits() == before + 4
+    y = x.clone()
+    y[2, 199] = torch.nextafter(y[2, 199], torch.tensor(math.inf))  # the last value differs
+    assert torch.equal(v(y), _two_ops(v, y)) and _hits() == before + 4
+    assert torch.equal(k(x[:2].clone()), _two_ops(k, x[:2])) and _hits() == before + 4  # batch
 
 
 @torch.no_grad()

@@ -79,23 +79,22 @@ class PyLinearPlan {
   }
 
   // y_ptr: float32 [batch, out]; x_ptr: float32 [batch, in_features]; both contiguous.
-  void run_ptr(uintptr_t x_ptr, int64_t batch, uintptr_t y_ptr, uint64_t version,
-               int threads) const {
+  void run_ptr(uintptr_t x_ptr, int64_t batch, uintptr_t y_ptr, int threads) const {
     Status s;
     {
       py::gil_scoped_release release;
       s = plan_->run(reinterpret_cast<const float*>(x_ptr), batch, reinterpret_cast<float*>(y_ptr),
-                     threads, version);
+                     threads);
     }
     check_status(s, "LinearPlan.run");
   }
 
-  py::array_t<float> run(const py::object& x_obj, uint64_t version, int threads) const {
+  py::array_t<float> run(const py::object& x_obj, int threads) const {
     auto x = require_array<float>(x_obj, "x", 2);
     require_shape(x, "x", {x.shape(0), plan_->layout().in_features});
     py::array_t<float> y({x.shape(0), plan_->out()});
     run_ptr(reinterpret_cast<uintptr_t>(x.data()), x.shape(0),
-            reinterpret_cast<uintptr_t>(y.mutable_data()), version, threads);
+            reinterpret_cast<uintptr_t>(y.mutable_data()), threads);
     return y;
   }
 
@@ -208,8 +207,8 @@ void bind_plan(py::module_& m) {
                            "mean uint16 fp16 bit patterns [out, num_blocks], signs float32\n"
                            "[block_size] or None, down_full / down_last float32 down-samplers.\n"
                            "Plans with equal transform constants share the transform: a call\n"
-                           "whose x (pointer, batch, version, contents) equals the last one\n"
-                           "transformed on this thread reuses it.\n"
+                           "whose x (batch and contents, wherever it lives) equals the last\n"
+                           "one transformed on this thread reuses it.\n"
                            "gemm: 'auto' (int8 tables: 'lut_binary' given lut_codes, 'trit5' given\n"
                            "trits; else 'addonly'; where the CPU has AMX, calls of >= 6 tokens\n"
                            "(binary) or >= 8 (ternary) run 'amx_binary' / 'amx_ternary'), or\n"
@@ -224,11 +223,10 @@ void bind_plan(py::module_& m) {
            py::arg("trits") = py::none(), py::arg("trit_signs") = py::none(),
            py::arg("lut_codes") = py::none())
       .def("run_ptr", &PyLinearPlan::run_ptr, py::arg("x_ptr"), py::arg("batch"),
-           py::arg("y_ptr"), py::arg("version"), py::arg("threads"),
+           py::arg("y_ptr"), py::arg("threads"),
            "y = layer(x) through raw data pointers (float32, contiguous, x [batch, in],\n"
-           "y [batch, out]); the caller guarantees the sizes. version: x's version counter.")
-      .def("run", &PyLinearPlan::run, py::arg("x"), py::arg("version") = 0,
-           py::arg("threads") = 0, "y = layer(x): x float32 [batch, in] -> y float32 [batch, out].")
+           "y [batch, out]); the caller guarantees the sizes.")
+      .def("run", &PyLinearPlan::run, py::arg("x"), py::arg("threads") = 0, "y = layer(x): x float32 [batch, in] -> y float32 [batch, out].")
       .def("shares_transform_with",
            [](const PyLinearPlan& a, const PyLinearPlan& b) {
              return a.plan().shares_transform_with(b.plan());

@@ -67,13 +67,11 @@ std::shared_ptr<const TransformConstants> shared_constants(const LinearPlanDesc&
   return c;
 }
 
-// What this thread's plan_* scratch slots hold: the transform of `batch` rows of x at `x`
-// (version `version`) by the constants with id `id`; id 0: nothing valid.
+// What this thread's plan_* scratch slots hold: the transform of `batch` rows (copied to the
+// plan_input slot) by the constants with id `id`; id 0: nothing valid.
 struct LastTransform {
   uint64_t id = 0;
-  const float* x = nullptr;
   int64_t batch = 0;
-  uint64_t version = 0;
 };
 thread_local LastTransform t_last;
 thread_local uint64_t t_hits = 0;
@@ -176,13 +174,12 @@ Status LinearPlan::create(const LinearPlanDesc& desc, std::unique_ptr<LinearPlan
 
 // Points *xt, *xsum at the transform of x: this thread's last one when it is the same (see the
 // header), else computed into this thread's plan_* slots.
-Status LinearPlan::transform(const float* x, int64_t batch, uint64_t version, int threads,
-                             const float** xt, const float** xsum) const {
+Status LinearPlan::transform(const float* x, int64_t batch, int threads, const float** xt,
+                             const float** xsum) const {
   const TransformConstants& c = *transform_;
   const BlockLayout& L = c.layout;
   const int64_t n = batch * L.in_features;
-  const bool same_key = t_last.id == c.id && t_last.x == x && t_last.batch == batch &&
-                        t_last.version == version;
+  const bool same_key = t_last.id == c.id && t_last.batch == batch;
   // Same key: the slots already have these sizes, so scratch() hands back the same buffers.
   // Otherwise they may be reallocated (or fail to be): forget what they held first.
   if (!same_key) t_last = LastTransform{};
@@ -202,7 +199,7 @@ Status LinearPlan::transform(const float* x, int64_t batch, uint64_t version, in
       out_xsum, threads);
   if (s != Status::ok) return s;
   std::memcpy(saved, x, static_cast<size_t>(n) * sizeof(float));
-  t_last = LastTransform{c.id, x, batch, version};
+  t_last = LastTransform{c.id, batch};
   return Status::ok;
 }
 
@@ -230,8 +227,7 @@ Status LinearPlan::gemm_run(const float* xt, const float* xsum, int64_t batch, f
   }
 }
 
-Status LinearPlan::run(const float* x, int64_t batch, float* y, int threads,
-                       uint64_t version) const noexcept {
+Status LinearPlan::run(const float* x, int64_t batch, float* y, int threads) const noexcept {
   if (batch < 0) return Status::bad_size;
   if (batch == 0) return Status::ok;
   if (!x || !y) return Status::null_pointer;
@@ -239,7 +235,7 @@ Status LinearPlan::run(const float* x, int64_t batch, float* y, int threads,
   return detail::guarded([&] {
     const float* xt = nullptr;
     const float* xsum = nullptr;
-    const Status s = transform(x, batch, version, threads, &xt, &xsum);
+    const Status s = transform(x, batch, threads, &xt, &xsum);
     return s != Status::ok ? s : gemm_run(xt, xsum, batch, y, threads);
   });
 }

@@ -378,14 +378,14 @@ def _layer_plan(module):
 
 
 def _eager_cpu(module, x: Tensor) -> Tensor:
-    """One LinearPlan call: the transform and GEMM in C++, writing into y directly. Passes x's
-    version counter so that layers sharing x (q/k/v, gate/up) reuse its transform."""
+    """One LinearPlan call: the transform and GEMM in C++, writing into y directly (layers that
+    read equal inputs, q/k/v and gate/up, reuse one transform: sdq/linear_plan.h)."""
     plan = _layer_plan(module)
     x2 = x if x.dim() == 2 else x.reshape(-1, module.in_features)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.to(torch.float32).contiguous()
     y = x2.new_empty(x2.shape[0], module.out_features)
-    plan.run_ptr(x2.data_ptr(), x2.shape[0], y.data_ptr(), version(x2), torch.get_num_threads())
+    plan.run_ptr(x2.data_ptr(), x2.shape[0], y.data_ptr(), torch.get_num_threads())
     if x.dim() == 2 and x.dtype == torch.float32:
         return y
     return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)

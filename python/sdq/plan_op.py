@@ -104,7 +104,7 @@ def _plan_linear_cpu(x, codes, codes2, scale, mean, signs, down_full, down_last,
                  (in_features, block_size, osr))
     x = x.contiguous()
     y = x.new_empty(x.shape[0], scale.shape[0])
-    plan.run_ptr(x.data_ptr(), x.shape[0], y.data_ptr(), version(x), torch.get_num_threads())
+    plan.run_ptr(x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
     return y
 
 

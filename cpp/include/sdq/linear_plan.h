@@ -3,7 +3,7 @@
 //
 //   LinearPlanDesc d;  ... fill it from the layer's tensors ...
 //   std::unique_ptr<LinearPlan> plan;
-//   if (LinearPlan::create(d, &plan) == Status::ok) plan->run(x, batch, y, threads, version);
+//   if (LinearPlan::create(d, &plan) == Status::ok) plan->run(x, batch, y, threads);
 //
 // Memory: the plan reads the packed codes, scales and means through the desc's pointers (they must
 // outlive the plan); it copies the activation-transform constants (signs, down matrices), which
@@ -11,9 +11,9 @@
 //
 // Shared transform: layers that read the same input (q/k/v; gate/up) compute the transform once.
 // Each calling thread keeps the last transform it computed (xt, xsum and a copy of x), tagged with
-// the shared constants' id, the x pointer, batch and the caller's version number; run reuses it
-// when all of these match and x's contents are bitwise equal to the copy. The content check is
-// what makes reuse safe: a new tensor allocated at a freed address starts at the same version.
+// the shared constants' id and the batch; run reuses it when both match and x's contents are
+// bitwise equal to the copy, wherever x lives: a compiled graph (torch.compile) hands q, k and v
+// equal inputs in three buffers. A differing input costs a memcmp to its first difference.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -74,13 +74,11 @@ class LinearPlan {
   LinearPlan& operator=(const LinearPlan&) = delete;
 
   // y [batch, out] = the layer applied to x [batch, in_features] (both float32, contiguous).
-  // `version` identifies the state of x's memory for the shared transform (see above); callers
-  // that do not track one may pass any constant. Safe to call from several threads at once.
+  // Safe to call from several threads at once.
   // `threads` (0: all cores) is an upper bound: with the pool backend (sdq/threads.h), a call of
   // little work (at batch 1 and OSR 2, a layer of up to about two million weights) runs on the
   // calling thread alone (linear_plan.cpp).
-  Status run(const float* x, int64_t batch, float* y, int threads = 0,
-             uint64_t version = 0) const noexcept;
+  Status run(const float* x, int64_t batch, float* y, int threads = 0) const noexcept;
 
   // Whether this plan and `other` share one transform (equal constants, found at create).
   bool shares_transform_with(const LinearPlan& other) const noexcept;
@@ -94,7 +92,7 @@ class LinearPlan {
  private:
   LinearPlan(const LinearPlanDesc& desc, PlanGemm gemm, bool amx_prefill,
              std::shared_ptr<const TransformConstants> transform) noexcept;
-  Status transform(const float* x, int64_t batch, uint64_t version, int threads,
+  Status transform(const float* x, int64_t batch, int threads,
                    const float** xt, const float** xsum) const;
   Status gemm_run(const float* xt, const float* xsum, int64_t batch, float* y,
                   int threads) const noexcept;
