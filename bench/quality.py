@@ -71,6 +71,19 @@ BEAM_FINETUNE.update({name: 200 for name in (*LR3_ROWS, LR3_BINARY, LR3_FILL)})
 LR3_FILL_LONG = "sdq-gram-gptq-t2.34-B128-beam8-ft400-lr3e-3"
 FINETUNE_LR[LR3_FILL_LONG] = 3e-3
 BEAM_FINETUNE[LR3_FILL_LONG] = 400
+# More calibration text, the remedy for that: 64 sequences of 512 tokens (for the Hessians and
+# the tuning alike) instead of the table's 16 ("-c64" rows). llama.cpp's importance matrices from
+# the same 64 sequences are imported as "llama.cpp-<type>-c64" (--ggml FILE --ggml-calib 64), so
+# each budget compares like with like (IQ4_XS: 25.60 from 64 sequences, 25.65 from 16).
+# Exploratory (tuning from one quantized model, 64 sequences): 27.70 before tuning (t2.3-beam8
+# from 16: 28.51), 25.91 after 200 steps at 3e-3, the calibration KL ~0.055 then (16: ~0.025):
+# no longer fitting the text, so tuned three times as long: 25.89, the KL down to ~0.03. So
+# steps no longer help, data did: 128 sequences, tuned 400 steps (~3 passes).
+LR3_FILL_C64 = "sdq-gram-gptq-t2.34-B128-beam8-ft600-lr3e-3-c64"
+LR3_FILL_C128 = "sdq-gram-gptq-t2.34-B128-beam8-ft400-lr3e-3-c128"
+CALIB_ROWS: dict[str, int] = {LR3_FILL_C64: 64, LR3_FILL_C128: 128}
+FINETUNE_LR.update({LR3_FILL_C64: 3e-3, LR3_FILL_C128: 3e-3})
+BEAM_FINETUNE.update({LR3_FILL_C64: 600, LR3_FILL_C128: 400})
 
 
 def _runs():
@@ -163,6 +176,10 @@ def _runs():
         SDQ(osr=2.34, levels="ternary", codes="gram", beam=8, block_size=128), True)
     add(LR3_FILL_LONG, "SDQ+gram+GPTQ beam 8+finetune 400 steps (lr 3e-3), ternary, B=128",
         SDQ(osr=2.34, levels="ternary", codes="gram", beam=8, block_size=128), True)
+    for name, steps, n in ((LR3_FILL_C64, 600, 64), (LR3_FILL_C128, 400, 128)):
+        add(name, f"SDQ+gram+GPTQ beam 8+finetune {steps} steps (lr 3e-3), ternary, B=128, "
+            f"{n} calibration sequences",
+            SDQ(osr=2.34, levels="ternary", codes="gram", beam=8, block_size=128), True)
     # Scale groups at the same all-in bits (2.5): B=64 pays 0.25 bits more for scales and
     # means than B=128, and code columns are whole 32-bit words per block (so not OSR 2.25).
     add("sdq-gram-gptq-b2-B64-r1", "SDQ+gram+GPTQ r1, binary, B=64",
@@ -223,6 +240,8 @@ def _multi_osr(model, cfg, rule, calib):
 
 
 def run_one(base, tok, spec, calib, eval_ids) -> dict:
+    """Quantize a copy of `base` as `spec` says (calibrated on `calib` [n, 512] when it is), then
+    its perplexity on `eval_ids`."""
     from sdq.evaluate import perplexity
     from sdq.packed_linear import set_max_kernel_tokens
     from sdq.pipeline import quantize_
@@ -240,6 +259,7 @@ def run_one(base, tok, spec, calib, eval_ids) -> dict:
     return {"family": family, "config": cfg.to_dict(), "calibrated": calibrated,
             "multi_osr": multi, "bits_all_in": report.bits_per_weight_all_in,
             "average_osr": report.average_osr, "perplexity": ppl, "quantize_s": t_quant,
+            **({"calib_samples": len(calib)} if calibrated else {}),
             **({"finetune_steps": steps, "finetune_lr": lr,
                 "finetune_s": report.finetune["seconds"]} if steps else {})}
 
@@ -257,17 +277,19 @@ def _is_sdq(r: dict) -> bool:
     return "osr" in r.get("config", {}) or r["family"].startswith("WGM")
 
 
-def import_ggml(results: dict, path: Path) -> dict:
-    """Store ggml_quality.py's rows (llama.cpp's quantizers + imatrix) as "llama.cpp-<type>"."""
+def import_ggml(results: dict, path: Path, calib: int, table_calib: int) -> dict:
+    """Store ggml_quality.py's rows (llama.cpp's quantizers + imatrix from `calib` sequences) as
+    "llama.cpp-<type>", or "llama.cpp-<type>-c<calib>" when that is not the table's count."""
     data = json.loads(path.read_text())
     fp, ours = data.get("fp"), results.get("fp32_perplexity")
     if fp is not None and ours is not None and abs(fp / ours - 1) > 1e-3:
         raise SystemExit(f"{path}: full-precision perplexity {fp:.3f}, not {ours:.3f}: measured on "
                          "other windows (use the same --eval-tokens)")
-    rows = {f"llama.cpp-{t}": {
+    tag = "" if calib == table_calib else f"-c{calib}"
+    rows = {f"llama.cpp-{t}{tag}": {
         "family": f"llama.cpp {t} + imatrix", "line": PEER, "config": {"ggml_type": t},
         "calibrated": True, "multi_osr": False, "bits_all_in": v["bits_all_in"],
-        "perplexity": v["perplexity"], "quantize_s": v["quantize_s"]}
+        "perplexity": v["perplexity"], "quantize_s": v["quantize_s"], "calib_samples": calib}
         for t, v in data.items() if t != "fp"}
     results["runs"] = {**_load_results()["runs"], **rows}
     write_json("quality.json", results)
@@ -368,6 +390,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="run only these names")
     ap.add_argument("--redo", nargs="*", default=[], help="rerun these names")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--ggml-calib", type=int, default=None, metavar="N",
+                    help="calibration sequences of that ggml_quality.py run (its --calib; "
+                         "default: --calib-samples)")
     ap.add_argument("--ggml", type=Path, default=None, metavar="FILE",
                     help="store the rows of ../shared/peer/ggml_quality.py's --out FILE")
     ap.add_argument("--frontier", action="store_true",
@@ -375,14 +400,15 @@ def main() -> None:
     args = ap.parse_args()
     results = _load_results()
     if args.ggml is not None:
-        results = import_ggml(results, args.ggml)
+        results = import_ggml(results, args.ggml, args.ggml_calib or args.calib_samples,
+                              args.calib_samples)
     if not args.plot_only:
         from sdq.data import calibration_tokens, eval_tokens, load_model
         from sdq.evaluate import perplexity
         torch.set_grad_enabled(False)
         base, tok = load_model()
         eval_ids = eval_tokens(tok, args.eval_tokens)
-        calib = calibration_tokens(tok, args.calib_samples, 512)
+        calibs: dict[int, torch.Tensor] = {}  # sequences -> tokens, made when first needed
         results.update({"model": "SmolLM2-135M-Instruct (Q4_1 GGUF expanded to fp32)",
                         "eval_tokens": args.eval_tokens, "calib_samples": args.calib_samples,
                         "seqlen": 512, "machine": machine()})
@@ -395,7 +421,10 @@ def main() -> None:
                                                          and name not in args.redo):
                 continue
             print(f"== {name}", flush=True)
-            r = run_one(base, tok, spec, calib, eval_ids)
+            n = CALIB_ROWS.get(name, args.calib_samples)
+            if n not in calibs:
+                calibs[n] = calibration_tokens(tok, n, 512)
+            r = run_one(base, tok, spec, calibs[n], eval_ids)
             # Merge into what is on disk now: another run of this script may have added rows.
             results["runs"] = {**_load_results()["runs"], name: r}
             print(f"   {r['bits_all_in']:.3f} bits, perplexity {r['perplexity']:.4g}, "
