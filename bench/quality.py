@@ -79,7 +79,8 @@ BEAM_FINETUNE[LR3_FILL_LONG] = 400
 # from 16: 28.51), 25.91 after 200 steps at 3e-3, the calibration KL ~0.055 then (16: ~0.025):
 # no longer fitting the text, so tuned three times as long: 25.89, the KL down to ~0.03. So
 # steps no longer help, data did: 128 sequences, tuned 400 steps (~3 passes): 25.55, against
-# IQ4_XS 25.51 from the same 128; then 256 sequences, the same 400 steps.
+# IQ4_XS 25.51 from the same 128; then 256 sequences, the same 400 steps: 25.33 (IQ4_XS from
+# the same 256: 25.56; its best, from 128: 25.51).
 LR3_FILL_C64 = "sdq-gram-gptq-t2.34-B128-beam8-ft600-lr3e-3-c64"
 LR3_FILL_C128 = "sdq-gram-gptq-t2.34-B128-beam8-ft400-lr3e-3-c128"
 LR3_FILL_C256 = "sdq-gram-gptq-t2.34-B128-beam8-ft400-lr3e-3-c256"
