@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "fp16.h"
 #include "scratch.h"
 
 namespace sdq::detail {
@@ -20,20 +21,14 @@ namespace {
 constexpr int kTile = static_cast<int>(kLutTileRows);
 constexpr int kMaxR = 2;  // tiles per pass: both share every table load
 
-inline float half(uint16_t h) noexcept {
-  __fp16 v;
-  std::memcpy(&v, &h, sizeof v);
-  return static_cast<float>(v);  // exact
-}
-
 // Scales and means of the rows [r0, r0 + width) as float, transposed to [nb, width] (rows past
 // c.out read as 0): a block's values of a tile are then contiguous vectors.
 void transpose_scales(const LutCtx& c, int64_t r0, int64_t width, float* s, float* mu) {
   for (int64_t i = 0; i < width; ++i) {
     const int64_t r = r0 + i;
-    for (int64_t b = 0; b < c.nb; ++b) {
-      s[b * width + i] = r < c.out ? half(c.scale[r * c.nb + b]) : 0.0f;
-      mu[b * width + i] = r < c.out ? half(c.mean[r * c.nb + b]) : 0.0f;
+    for (int64_t b = 0; b < c.nb; ++b) {  // fp16.h: exact, as the portable variant converts
+      s[b * width + i] = r < c.out ? static_cast<float>(half_to_double(c.scale[r * c.nb + b])) : 0;
+      mu[b * width + i] = r < c.out ? static_cast<float>(half_to_double(c.mean[r * c.nb + b])) : 0;
     }
   }
 }

@@ -10,7 +10,6 @@
 #include <arm_neon.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "scratch.h"
 
@@ -20,13 +19,8 @@ namespace {
 constexpr int kRows = static_cast<int>(kTrit5TileRows);
 constexpr int kMaxTokens = 2;  // tokens per pass over a tile: int16 sums stay in registers
 
-inline float half(uint16_t h) noexcept {
-  __fp16 v;
-  std::memcpy(&v, &h, sizeof v);
-  return static_cast<float>(v);  // exact
-}
-
-// Byte masks of a sign word for rows 0-15 (m[0]) and 16-31 (m[1]): byte r is 0xff when bit r is set.
+// Byte masks of a sign word for rows 0-15 (m[0]) and 16-31 (m[1]): byte r is 0xff when bit r
+// is set.
 inline void sign_masks(uint32_t word, uint8x16_t spread_lo, uint8x16_t spread_hi, uint8x16_t bit,
                        int8x16_t m[2]) {
   const uint8x16_t w = vreinterpretq_u8_u32(vdupq_n_u32(word));
@@ -94,7 +88,8 @@ void tile_tokens(const Trit5Ctx& c, int64_t tile, int rows, int64_t t0, const fl
       const float st = c.step[(t0 + t) * c.nb + b], xs = c.xsum[(t0 + t) * c.nb + b];
       for (int k = 0; k < 8; ++k) {
         const float32x4_t sv = vmulq_n_f32(vld1q_f32(s + b * kRows + 4 * k), st);
-        const float32x4_t base = vfmaq_n_f32(vld1q_f32(y[t] + 4 * k), vld1q_f32(mu + b * kRows + 4 * k), xs);
+        const float32x4_t mv = vld1q_f32(mu + b * kRows + 4 * k);
+        const float32x4_t base = vfmaq_n_f32(vld1q_f32(y[t] + 4 * k), mv, xs);
         vst1q_f32(y[t] + 4 * k, vfmaq_f32(base, vcvtq_f32_s32(acc[t][k]), sv));
       }
     }
@@ -113,8 +108,8 @@ void trit5_rows_neon(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end) {
     for (int i = 0; i < kRows; ++i)  // transposed: a block's 32 row values are contiguous
       for (int64_t b = 0; b < c.nb; ++b) {
         const int64_t r = tile * kRows + i;
-        s[b * kRows + i] = i < rows ? half(c.scale[r * c.nb + b]) : 0.0f;
-        mu[b * kRows + i] = i < rows ? half(c.mean[r * c.nb + b]) : 0.0f;
+        s[b * kRows + i] = i < rows ? half_to_float(c.scale[r * c.nb + b]) : 0.0f;
+        mu[b * kRows + i] = i < rows ? half_to_float(c.mean[r * c.nb + b]) : 0.0f;
       }
     int64_t t0 = 0;
     for (; t0 + kMaxTokens <= c.tokens; t0 += kMaxTokens)
