@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common.h"
+#include "sdq/amx_gemm.h"
 #include "sdq/gemv.h"
 
 namespace sdq::bind {
@@ -24,7 +25,13 @@ AddonlyKernel parse_kernel(const std::string& name) {
 
 py::tuple activation_transform_py(const py::object& x_obj, int64_t block_size, double osr,
                                   const py::object& signs_obj, const py::object& down_full_obj,
-                                  const py::object& down_last_obj, int threads) {
+                                  const py::object& down_last_obj, int threads,
+                                  const std::string& projection) {
+  if (projection != "float32" && projection != "bf16")
+    throw py::value_error("projection must be 'float32' or 'bf16', got '" + projection + "'");
+  if (projection == "bf16" && !activation_transform_bf16_supported())
+    throw py::value_error("activation_transform: projection 'bf16' needs AMX-BF16, which this "
+                          "CPU or OS has not");
   auto x = require_array<float>(x_obj, "x", 2);
   const BlockLayout L = make_layout(x.shape(1), block_size, osr);
   const int64_t nb = L.num_blocks(), batch = x.shape(0);
@@ -43,9 +50,9 @@ py::tuple activation_transform_py(const py::object& x_obj, int64_t block_size, d
   Status s;
   {
     py::gil_scoped_release release;
-    s = activation_transform(L, hadamard, hadamard ? signs.data() : nullptr, down_full.data(),
-                             down_last.data(), x.data(), batch, xt.mutable_data(),
-                             xsum.mutable_data(), threads);
+    const auto fn = projection == "bf16" ? &activation_transform_bf16 : &activation_transform;
+    s = fn(L, hadamard, hadamard ? signs.data() : nullptr, down_full.data(), down_last.data(),
+           x.data(), batch, xt.mutable_data(), xsum.mutable_data(), threads);
   }
   check_status(s, "activation_transform");
   return py::make_tuple(xt, xsum);
@@ -98,11 +105,14 @@ std::vector<std::string> addonly_kernels_py() {
 void bind_gemv(py::module_& m) {
   m.def("activation_transform", &activation_transform_py, py::arg("x"), py::arg("block_size"),
         py::arg("osr"), py::arg("signs"), py::arg("down_full"), py::arg("down_last"),
-        py::arg("threads") = 0,
+        py::arg("threads") = 0, py::arg("projection") = "float32",
         "Per-token transform of the add-only path.\n"
         "x: float32 [batch, in]; signs: float32 [block_size] of +-1 or None (no Hadamard);\n"
         "down_full / down_last: float32 down-samplers D [padded, m] of a full / the last block.\n"
+        "projection: 'float32', or 'bf16' (on AMX: the form the AMX GEMMs' plans run).\n"
         "Returns (xt: float32 [batch, total_code_cols], xsum: float32 [batch, num_blocks]).");
+  m.def("activation_transform_bf16_supported", &activation_transform_bf16_supported,
+        "Whether activation_transform(..., projection='bf16') runs here (AMX-BF16).");
   m.def("addonly_gemm", &addonly_gemm_py, py::arg("sign"), py::arg("nonzero"), py::arg("scale"),
         py::arg("mean"), py::arg("xt"), py::arg("xsum"), py::arg("in_features"),
         py::arg("block_size"), py::arg("osr"), py::arg("threads") = 0, py::arg("kernel") = "auto",

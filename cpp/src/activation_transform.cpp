@@ -5,27 +5,36 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "guard.h"
 #include "parallel.h"
 #include "project.h"
 #include "scratch.h"
+#include "sdq/amx_gemm.h"
 #include "sdq/gemv.h"
 
 namespace sdq {
 namespace {
 
 constexpr int64_t kTokens = 16;  // vectors projected together: each row of D is read once for all
+// The bf16 AMX projection's chunk: its B tiles of 4 column tiles stay in L1 for 4 A tiles.
+constexpr int64_t kTokensAmx = 64;
 // The least work worth a chunk of its own, in multiply-adds of the projection (~1.5 us: batch 1
 // of a 576-wide layer, 147k MACs, takes 3.2 us on one thread here): a worker joins within ~1-3 us
 // (thread_pool.cpp; an OpenMP team likewise). Twice this kept 576-wide layers on one thread, and
 // the default model's compiled decode step measured no faster for it.
 constexpr double kMinChunkMacs = 1 << 16;
 
+// In double (a few hundred terms: xsum at least as exact as the reference), in 8 running sums:
+// one chain of dependent additions took as long as the rest of a prefill's transform.
 float block_sum(const float* v, int64_t n) noexcept {
-  double s = 0.0;  // a few hundred terms; double keeps xsum at least as exact as the reference
-  for (int64_t i = 0; i < n; ++i) s += v[i];
-  return static_cast<float>(s);
+  double s[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) s[k] += v[i + k];
+  for (; i < n; ++i) s[i % 8] += v[i];
+  return static_cast<float>(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
 }
 
 // The (block, token) vectors that share one down-sampler: group "full" holds every block but
@@ -43,8 +52,8 @@ struct Group {
 // Vectors [v0, v1) of one group: pad, rotate, project; writes their slices of xt and xsum.
 // Every vector of a group has the same padded width and code count (the full blocks are alike).
 Status transform_vectors(const BlockLayout& L, const Group& g, int64_t v0, int64_t v1,
-                         bool hadamard, const float* signs, const float* down, const float* x,
-                         float* xt, float* xsum, float* buf) noexcept {
+                         bool hadamard, const float* signs, detail::Projection proj,
+                         const float* x, float* xt, float* xsum, float* buf) noexcept {
   const int64_t nb = L.num_blocks(), cols = L.total_code_cols(), n = v1 - v0;
   const int64_t b0 = g.block(v0, nb), padded = L.padded(b0), m = L.m(b0);
   for (int64_t k = 0; k < n; ++k) {
@@ -61,7 +70,11 @@ Status transform_vectors(const BlockLayout& L, const Group& g, int64_t v0, int64
   // place would put every token's output in the same L1 sets.
   float* acc = buf + n * padded;
   static const detail::ProjectFn project = detail::project_kernel();
-  project(down, padded, m, buf, n, acc, m);
+  if (proj.down_bf16)  // its bf16 copy of the vectors after acc (transform_checked sized buf)
+    detail::project_amx(proj.down_bf16, padded, m, buf, n, acc, m,
+                        reinterpret_cast<uint16_t*>(acc + n * m));
+  else
+    project(proj.down, padded, m, buf, n, acc, m);
   for (int64_t k = 0; k < n; ++k) {
     const int64_t b = g.block(v0 + k, nb), t = g.token(v0 + k);
     float* dst = xt + t * cols + L.code_offset(b);
@@ -73,13 +86,15 @@ Status transform_vectors(const BlockLayout& L, const Group& g, int64_t v0, int64
 }
 
 Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs,
-                         const float* down_full, const float* down_last, const float* x,
-                         int64_t batch, float* xt, float* xsum, int threads) {
+                         detail::Projection full_proj, detail::Projection last_proj,
+                         const float* x, int64_t batch, float* xt, float* xsum, int threads) {
   if (!L.valid() || batch < 0) return Status::bad_size;
   if (batch == 0) return Status::ok;
-  if (!x || !xt || !xsum || !down_last) return Status::null_pointer;
+  if (!x || !xt || !xsum || !last_proj.down) return Status::null_pointer;
   const int64_t nb = L.num_blocks();
-  if (nb > 1 && !down_full) return Status::null_pointer;
+  if (nb > 1 && !full_proj.down) return Status::null_pointer;
+  if ((full_proj.down_bf16 || last_proj.down_bf16) && !detail::project_amx_supported())
+    return Status::not_built;
   // Vectors 0 .. full_vectors - 1 are the full group's, then the last group's (one per token):
   // each thread gets an equal run of them (at batch 1 of a 4096-wide layer, 31 + 1: a split by
   // whole chunks of kTokens gave one thread 31), projected kTokens at a time within a group.
@@ -89,18 +104,23 @@ Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs
   // double: a huge layout must not overflow the estimate
   const double vector_macs = static_cast<double>(L.padded(0)) * static_cast<double>(L.m(0));
   const int64_t grain = detail::grain_for(kMinChunkMacs, vector_macs);
+  // Per thread: a chunk of vectors, their projections and (bf16) project_amx's copy of the
+  // vectors. Block 0 is the widest (the last one may be narrower).
+  const bool amx = full_proj.down_bf16 || last_proj.down_bf16;
+  const int64_t chunk = amx ? kTokensAmx : kTokens;
+  const int64_t buf_floats = chunk * (L.padded(0) + L.m(0)) +
+                             (amx ? (detail::project_amx_scratch_size(L.padded(0), chunk) + 1) / 2 : 0);
   std::atomic<Status> result{Status::ok};
   detail::parallel_for(vectors, threads, grain, [&](int64_t begin, int64_t end) {
     // Reused per thread; transform_vectors writes every element before reading it.
-    float* buf = detail::scratch<float>(detail::ScratchSlot::transform,
-                                        kTokens * (L.padded(0) + L.m(0)));
+    float* buf = detail::scratch<float>(detail::ScratchSlot::transform, buf_floats);
     for (int64_t v = begin; v < end;) {
       const bool in_full = v < full_vectors;
       const int64_t group_end = in_full ? std::min(end, full_vectors) : end;
-      const int64_t v1 = std::min(group_end, v + kTokens);
+      const int64_t v1 = std::min(group_end, v + chunk);
       const int64_t base = in_full ? 0 : full_vectors;  // the group's first vector
       const Status s = transform_vectors(L, in_full ? full : last, v - base, v1 - base, hadamard,
-                                         signs, in_full ? down_full : down_last, x, xt, xsum, buf);
+                                         signs, in_full ? full_proj : last_proj, x, xt, xsum, buf);
       if (s != Status::ok) {
         result.store(s);
         return;
@@ -116,10 +136,44 @@ Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs
 Status activation_transform(const BlockLayout& L, bool hadamard, const float* signs,
                             const float* down_full, const float* down_last, const float* x,
                             int64_t batch, float* xt, float* xsum, int threads) noexcept {
+  return detail::activation_transform_projected(L, hadamard, signs, {down_full, nullptr},
+                                                {down_last, nullptr}, x, batch, xt, xsum, threads);
+}
+
+bool activation_transform_bf16_supported() noexcept { return detail::project_amx_supported(); }
+
+Status activation_transform_bf16(const BlockLayout& L, bool hadamard, const float* signs,
+                                 const float* down_full, const float* down_last, const float* x,
+                                 int64_t batch, float* xt, float* xsum, int threads) noexcept {
+  if (!L.valid() || batch < 0) return Status::bad_size;
+  if (!detail::project_amx_supported()) return batch == 0 ? Status::ok : Status::not_built;
   return detail::guarded([&] {
-    return transform_checked(L, hadamard, signs, down_full, down_last, x, batch, xt, xsum,
-                             threads);
+    const auto pack = [](const float* down, int64_t b, const BlockLayout& l) {
+      std::vector<uint16_t> p;
+      if (!down) return p;
+      p.resize(detail::project_amx_packed_size(l.padded(b), l.m(b)));
+      detail::project_amx_pack(down, l.padded(b), l.m(b), p.data());
+      return p;
+    };
+    const int64_t last = L.num_blocks() - 1;
+    const std::vector<uint16_t> full_bf16 = last > 0 ? pack(down_full, 0, L) : std::vector<uint16_t>{};
+    const std::vector<uint16_t> last_bf16 = pack(down_last, last, L);
+    return transform_checked(L, hadamard, signs, {down_full, full_bf16.empty() ? nullptr : full_bf16.data()},
+                             {down_last, last_bf16.empty() ? nullptr : last_bf16.data()}, x, batch,
+                             xt, xsum, threads);
   });
 }
+
+namespace detail {
+
+Status activation_transform_projected(const BlockLayout& L, bool hadamard, const float* signs,
+                                      Projection full, Projection last, const float* x,
+                                      int64_t batch, float* xt, float* xsum, int threads) noexcept {
+  return guarded([&] {
+    return transform_checked(L, hadamard, signs, full, last, x, batch, xt, xsum, threads);
+  });
+}
+
+}  // namespace detail
 
 }  // namespace sdq

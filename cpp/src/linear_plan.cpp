@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "guard.h"
+#include "project.h"
 #include "scratch.h"
 #include "sdq/amx_gemm.h"
 #include "sdq/gemv.h"
@@ -20,17 +21,27 @@ namespace sdq {
 
 // The transform's constants, owned (so plans sharing them need not keep each other's arrays
 // alive), with an id that no other set of constants ever had (addresses get reused, ids do not).
+// down_full_bf16 / down_last_bf16: the down-samplers packed for the bf16 AMX projection
+// (project.h), where the CPU has it; empty otherwise.
 struct TransformConstants {
   uint64_t id;
   BlockLayout layout;
   bool hadamard;
   std::vector<float> signs, down_full, down_last;
+  std::vector<uint16_t> down_full_bf16, down_last_bf16;
 };
 
 namespace {
 
 std::vector<float> copy_of(const float* p, int64_t n) {
   return p ? std::vector<float>(p, p + n) : std::vector<float>{};
+}
+
+std::vector<uint16_t> bf16_pack_of(const std::vector<float>& down, int64_t padded, int64_t m) {
+  if (down.empty() || !detail::project_amx_supported()) return {};
+  std::vector<uint16_t> packed(detail::project_amx_packed_size(padded, m));
+  detail::project_amx_pack(down.data(), padded, m, packed.data());
+  return packed;
 }
 
 bool equal_to(const std::vector<float>& v, const float* p) noexcept {
@@ -62,16 +73,20 @@ std::shared_ptr<const TransformConstants> shared_constants(const LinearPlanDesc&
   const int64_t last = L.num_blocks() - 1;
   auto c = std::make_shared<TransformConstants>(TransformConstants{
       next_id++, L, d.hadamard, copy_of(d.hadamard ? d.signs : nullptr, L.block_size),
-      copy_of(d.down_full, L.padded(0) * L.m(0)), copy_of(d.down_last, L.padded(last) * L.m(last))});
+      copy_of(d.down_full, L.padded(0) * L.m(0)), copy_of(d.down_last, L.padded(last) * L.m(last)),
+      {}, {}});
+  if (last > 0) c->down_full_bf16 = bf16_pack_of(c->down_full, L.padded(0), L.m(0));
+  c->down_last_bf16 = bf16_pack_of(c->down_last, L.padded(last), L.m(last));
   live.push_back(c);
   return c;
 }
 
 // What this thread's plan_* scratch slots hold: the transform of `batch` rows (copied to the
-// plan_input slot) by the constants with id `id`; id 0: nothing valid.
+// plan_input slot) by the constants with id `id`, projected in bf16 or not; id 0: nothing valid.
 struct LastTransform {
   uint64_t id = 0;
   int64_t batch = 0;
+  bool bf16 = false;
 };
 thread_local LastTransform t_last;
 thread_local uint64_t t_hits = 0;
@@ -173,13 +188,14 @@ Status LinearPlan::create(const LinearPlanDesc& desc, std::unique_ptr<LinearPlan
 }
 
 // Points *xt, *xsum at the transform of x: this thread's last one when it is the same (see the
-// header), else computed into this thread's plan_* slots.
-Status LinearPlan::transform(const float* x, int64_t batch, int threads, const float** xt,
-                             const float** xsum) const {
+// header), else computed into this thread's plan_* slots. bf16: the AMX projection (project.h),
+// for the AMX GEMMs, which round its output to int8 next; the constants have its form then.
+Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, int threads,
+                             const float** xt, const float** xsum) const {
   const TransformConstants& c = *transform_;
   const BlockLayout& L = c.layout;
   const int64_t n = batch * L.in_features;
-  const bool same_key = t_last.id == c.id && t_last.batch == batch;
+  const bool same_key = t_last.id == c.id && t_last.batch == batch && t_last.bf16 == bf16;
   // Same key: the slots already have these sizes, so scratch() hands back the same buffers.
   // Otherwise they may be reallocated (or fail to be): forget what they held first.
   if (!same_key) t_last = LastTransform{};
@@ -193,13 +209,17 @@ Status LinearPlan::transform(const float* x, int64_t batch, int threads, const f
     return Status::ok;
   }
   t_last = LastTransform{};  // a failure below leaves nothing to reuse
-  const Status s = activation_transform(
+  const auto form = [bf16](const std::vector<float>& down, const std::vector<uint16_t>& packed) {
+    return detail::Projection{down.empty() ? nullptr : down.data(),
+                              bf16 && !packed.empty() ? packed.data() : nullptr};
+  };
+  const Status s = detail::activation_transform_projected(
       L, c.hadamard, c.signs.empty() ? nullptr : c.signs.data(),
-      c.down_full.empty() ? nullptr : c.down_full.data(), c.down_last.data(), x, batch, out_xt,
+      form(c.down_full, c.down_full_bf16), form(c.down_last, c.down_last_bf16), x, batch, out_xt,
       out_xsum, threads);
   if (s != Status::ok) return s;
   std::memcpy(saved, x, static_cast<size_t>(n) * sizeof(float));
-  t_last = LastTransform{c.id, batch};
+  t_last = LastTransform{c.id, batch, bf16};
   return Status::ok;
 }
 
@@ -235,7 +255,9 @@ Status LinearPlan::run(const float* x, int64_t batch, float* y, int threads) con
   return detail::guarded([&] {
     const float* xt = nullptr;
     const float* xsum = nullptr;
-    const Status s = transform(x, batch, threads, &xt, &xsum);
+    const PlanGemm g = gemm(batch);
+    const bool bf16 = g == PlanGemm::amx_binary || g == PlanGemm::amx_ternary;
+    const Status s = transform(x, batch, bf16, threads, &xt, &xsum);
     return s != Status::ok ? s : gemm_run(xt, xsum, batch, y, threads);
   });
 }

@@ -10,6 +10,9 @@
 #pragma once
 #include <cstdint>
 
+#include "sdq/layout.h"
+#include "sdq/status.h"
+
 namespace sdq::detail {
 
 enum class ProjectKernel : int { automatic = 0, portable = 1, avx2 = 2, avx512 = 3 };
@@ -26,5 +29,30 @@ void project_avx512(const float* down, int64_t padded, int64_t m, const float* v
 
 // The variant `kernel` names (automatic: the best this CPU runs); null when this CPU cannot.
 ProjectFn project_kernel(ProjectKernel kernel = ProjectKernel::automatic) noexcept;
+
+// bf16 on Intel AMX (project_amx.cpp), for transforms that an int8 GEMM reads: the same sum with
+// v and down rounded to bf16 (half to even) and float32 accumulation, in an order of its own.
+// down comes packed once (project_amx_pack: project_amx_packed_size elements, bf16 bits); a is
+// the caller's scratch of project_amx_scratch_size(padded, tokens) elements.
+// project_amx_supported: AMX-BF16, AVX512-BF16 and the OS's tile permission (amx_gemm.h).
+bool project_amx_supported() noexcept;
+int64_t project_amx_packed_size(int64_t padded, int64_t m) noexcept;
+int64_t project_amx_scratch_size(int64_t padded, int64_t tokens) noexcept;
+void project_amx_pack(const float* down, int64_t padded, int64_t m, uint16_t* packed) noexcept;
+void project_amx(const uint16_t* packed, int64_t padded, int64_t m, const float* v,
+                 int64_t tokens, float* out, int64_t out_stride, uint16_t* a);
+
+// One block group's down-sampler in the forms a projection reads: down [padded, m] float32, and
+// its project_amx_pack form or null (then the float32 projection runs).
+struct Projection {
+  const float* down;
+  const uint16_t* down_bf16;
+};
+
+// activation_transform (gemv.h) with each group's projection as its Projection says (not_built:
+// a bf16 form where project_amx_supported is false).
+Status activation_transform_projected(const BlockLayout& L, bool hadamard, const float* signs,
+                                      Projection full, Projection last, const float* x,
+                                      int64_t batch, float* xt, float* xsum, int threads) noexcept;
 
 }  // namespace sdq::detail

@@ -1,11 +1,14 @@
 // The activation transform's inner kernels against plain loops: every projection variant this
 // CPU runs (project.h) against a double-precision sum, on token counts around the register
 // tiles (1-16), output counts around the vector widths (1-200, tails), and extreme values; and
+// the bf16 AMX projection (where the CPU has it) against the double-precision sum of its
+// bf16-rounded operands, on token counts around its 16-row tiles and 64-vector chunks; and
 // the FWHT's vector path against the scalar butterflies, bit for bit, for n = 1 .. 4096.
 // Exit code 0: all agree.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -81,6 +84,66 @@ void test_projection() {
   }
 }
 
+// float -> the nearest bf16 (half to even), as a float: what project_amx multiplies.
+float bf16_round(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&f, &u, sizeof u);
+  return f;
+}
+
+// |out - exact| <= (padded + 1) 2^-24 sum |d v| + tiny over the bf16-rounded operands (products of
+// two bf16 values are exact in float32; only the float32 additions round), and nothing written
+// past m or past `tokens`.
+bool projection_amx_ok(int64_t padded, int64_t m, int64_t tokens, float scale, Rng& rng) {
+  std::vector<float> down(padded * m), v(tokens * padded);
+  for (auto& d : down) d = rng.normal();
+  for (auto& x : v) x = rng.normal() * scale;
+  std::vector<uint16_t> packed(sdq::detail::project_amx_packed_size(padded, m));
+  sdq::detail::project_amx_pack(down.data(), padded, m, packed.data());
+  std::vector<uint16_t> a(sdq::detail::project_amx_scratch_size(padded, tokens));
+  const int64_t stride = m + 3;
+  const float canary = -7.25f;
+  std::vector<float> out((tokens + 1) * stride, canary);
+  sdq::detail::project_amx(packed.data(), padded, m, v.data(), tokens, out.data(), stride,
+                           a.data());
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t j = 0; j < stride; ++j) {
+      const float got = out[t * stride + j];
+      if (j >= m) {
+        if (got != canary) return false;
+        continue;
+      }
+      double exact = 0, mag = 0;
+      for (int64_t i = 0; i < padded; ++i) {
+        const double p = static_cast<double>(bf16_round(down[i * m + j])) *
+                         bf16_round(v[t * padded + i]);
+        exact += p;
+        mag += std::fabs(p);
+      }
+      if (!(std::fabs(got - exact) <= (padded + 1) * 0x1p-24 * mag + 1e-37)) return false;
+    }
+  for (int64_t j = 0; j < stride; ++j)
+    if (out[tokens * stride + j] != canary) return false;
+  return true;
+}
+
+void test_projection_amx() {
+  if (!sdq::detail::project_amx_supported()) {
+    std::printf("skip projection amx-bf16: not supported by this CPU\n");
+    return;
+  }
+  Rng rng;
+  bool ok = true;
+  for (int64_t tokens : {1, 15, 16, 17, 64, 70})
+    for (int64_t m : {1, 15, 16, 17, 63, 64, 65, 83, 200, 256})
+      for (int64_t padded : {1, 2, 31, 32, 33, 64, 128}) ok = ok && projection_amx_ok(padded, m, tokens, 1.0f, rng);
+  expect(ok, "projection amx-bf16: random shapes");
+  expect(projection_amx_ok(128, 256, 16, 1e30f, rng) && projection_amx_ok(128, 256, 16, 1e-30f, rng),
+         "projection amx-bf16: huge and tiny activations");
+}
+
 void scalar_fwht(float* x, int64_t n) {  // the butterflies of fwht.cpp, one element at a time
   for (int64_t h = 1; h < n; h <<= 1)
     for (int64_t i = 0; i < n; i += 2 * h)
@@ -112,6 +175,7 @@ void test_fwht() {
 
 int main() {
   test_projection();
+  test_projection_amx();
   test_fwht();
   return sdq_test::finish();
 }

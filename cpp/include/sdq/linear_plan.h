@@ -92,7 +92,7 @@ class LinearPlan {
  private:
   LinearPlan(const LinearPlanDesc& desc, PlanGemm gemm, bool amx_prefill,
              std::shared_ptr<const TransformConstants> transform) noexcept;
-  Status transform(const float* x, int64_t batch, int threads,
+  Status transform(const float* x, int64_t batch, bool bf16, int threads,
                    const float** xt, const float** xsum) const;
   Status gemm_run(const float* xt, const float* xsum, int64_t batch, float* y,
                   int threads) const noexcept;

@@ -1,0 +1,194 @@
+// The projection (project.h) on Intel AMX in bf16: for the transforms whose output an int8 GEMM
+// rounds next (the AMX GEMMs, amx_gemm.h). Both operands are rounded to bf16 (8 significant bits,
+// half to even), the products summed in float32 by TDPBF16PS; the int8 rounding that follows
+// (a step of max/127 per block) is several times coarser than that. One TDPBF16PS is 16 x 16 x 32
+// multiply-adds, where an AVX-512 FMA is 16: the float32 projection was most of the transform of
+// a prefill, and the transform a third of a 64-token AMX layer call.
+#include "project.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "sdq/amx_gemm.h"
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define SDQ_HAVE_AMX_BF16 1
+#endif
+
+namespace sdq::detail {
+
+namespace {
+
+constexpr int64_t kK = 32;     // K per TDPBF16PS: bf16 values in a 64-byte A-tile row
+constexpr int64_t kCols = 16;  // outputs per C tile
+constexpr int kRows = 16;      // vectors per A tile (project_amx takes at most this many)
+
+int64_t round_up(int64_t n, int64_t k) noexcept { return (n + k - 1) / k * k; }
+
+// float -> bf16 bits, half to even (finite values; the down-samplers hold nothing else).
+uint16_t to_bf16(float f) noexcept {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+}  // namespace
+
+int64_t project_amx_scratch_size(int64_t padded, int64_t tokens) noexcept {
+  return round_up(tokens, kRows) * round_up(padded, kK);
+}
+
+int64_t project_amx_packed_size(int64_t padded, int64_t m) noexcept {
+  return round_up(padded, kK) * round_up(m, kCols);
+}
+
+// Column tile j, row pair i: 16 columns x (down[2i][.], down[2i+1][.]) interleaved, the B-tile
+// row layout of TDPBF16PS; so the B tile of column tile j and K step s is 16 rows of 64 bytes at
+// (j * K/2 + 16 s) * 32. Zero past padded rows and m columns.
+void project_amx_pack(const float* down, int64_t padded, int64_t m, uint16_t* packed) noexcept {
+  const int64_t k_pairs = round_up(padded, kK) / 2, tiles = round_up(m, kCols) / kCols;
+  for (int64_t j = 0; j < tiles; ++j)
+    for (int64_t i = 0; i < k_pairs; ++i)
+      for (int64_t c = 0; c < kCols; ++c)
+        for (int64_t e = 0; e < 2; ++e) {
+          const int64_t row = 2 * i + e, col = kCols * j + c;
+          packed[((j * k_pairs + i) * kCols + c) * 2 + e] =
+              row < padded && col < m ? to_bf16(down[row * m + col]) : 0;
+        }
+}
+
+}  // namespace sdq::detail
+
+#ifdef SDQ_HAVE_AMX_BF16
+// GCC 12's avx512fintrin.h seeds masked intrinsics with _mm512_undefined_*(): a false positive of
+// -W(maybe-)uninitialized once inlined into a target-attribute function (lut_gemm_avx512.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <cpuid.h>
+#include <immintrin.h>
+
+#define SDQ_AMX_BF16 \
+  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
+
+namespace sdq::detail {
+namespace {
+
+// ldtilecfg's operand, palette 1: every tile 16 rows of 64 bytes. C: tiles 0-3 (four column
+// tiles), A: tile 4, B: tiles 6 and 7 (alternate, so a load overlaps the previous product).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int i = 0; i < 8; ++i) {
+      colsb[i] = 64;
+      rows[i] = kRows;
+    }
+  }
+};
+
+bool cpu_support() noexcept {
+  unsigned a, b, c, d;  // AMX-BF16: CPUID.(7,0):EDX[22]; AVX512-BF16: CPUID.(7,1):EAX[5]
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 22 & 1)) return false;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1)) return false;
+  return amx_gemm_supported();  // AMX-TILE, AVX-512 and the OS's tile-state permission
+}
+
+// C tiles 0 .. NJ-1 = A (tile 4) x the column tiles' B, over every K step.
+template <int NJ>
+SDQ_AMX_BF16 void column_tiles(const uint16_t* a, int64_t a_stride, const uint16_t* b,
+                               int64_t k_steps, int64_t k_pairs, float* c) {
+  _tile_zero(0);
+  if (NJ > 1) _tile_zero(1);
+  if (NJ > 2) _tile_zero(2);
+  if (NJ > 3) _tile_zero(3);
+  for (int64_t s = 0; s < k_steps; ++s) {
+    _tile_loadd(4, a + s * kK, a_stride);
+    const uint16_t* bs = b + s * kK / 2 * kCols * 2;
+    _tile_loadd(6, bs, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (NJ > 1) {
+      _tile_loadd(7, bs + k_pairs * kCols * 2, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (NJ > 2) {
+      _tile_loadd(6, bs + 2 * k_pairs * kCols * 2, 64);
+      _tile_dpbf16ps(2, 4, 6);
+    }
+    if (NJ > 3) {
+      _tile_loadd(7, bs + 3 * k_pairs * kCols * 2, 64);
+      _tile_dpbf16ps(3, 4, 7);
+    }
+  }
+  _tile_stored(0, c, 4 * kCols * sizeof(float));
+  if (NJ > 1) _tile_stored(1, c + kCols, 4 * kCols * sizeof(float));
+  if (NJ > 2) _tile_stored(2, c + 2 * kCols, 4 * kCols * sizeof(float));
+  if (NJ > 3) _tile_stored(3, c + 3 * kCols, 4 * kCols * sizeof(float));
+}
+
+}  // namespace
+
+bool project_amx_supported() noexcept {
+  static const bool ok = cpu_support();
+  return ok;
+}
+
+SDQ_AMX_BF16 void project_amx(const uint16_t* packed, int64_t padded, int64_t m, const float* v,
+                              int64_t tokens, float* out, int64_t out_stride, uint16_t* a) {
+  const int64_t k_pad = round_up(padded, kK), k_pairs = k_pad / 2, k_steps = k_pad / kK;
+  const int64_t tiles = round_up(m, kCols) / kCols, rows = round_up(tokens, kRows);
+  const int64_t a_stride = k_pad * static_cast<int64_t>(sizeof(uint16_t));
+  // a: the vectors in bf16 [rows][k_pad] (an A tile per 16 vectors and K step), zero past
+  // `tokens` rows and `padded` columns.
+  for (int64_t t = 0; t < rows; ++t) {
+    uint16_t* row = a + t * k_pad;
+    if (t >= tokens) {
+      std::memset(row, 0, sizeof(uint16_t) * k_pad);
+      continue;
+    }
+    const float* x = v + t * padded;
+    for (int64_t k = 0; k < k_pad; k += 16) {
+      const int64_t live = std::clamp<int64_t>(padded - k, 0, 16);
+      const __mmask16 mask = live == 16 ? __mmask16(0xFFFF) : __mmask16((1u << live) - 1);
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + k));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k), reinterpret_cast<const __m256i&>(h));
+    }
+  }
+  alignas(64) float c[kRows * 4 * kCols];
+  const TileConfig cfg;
+  _tile_loadconfig(&cfg);
+  // Column groups outermost: a group's B tiles (16 KB at 128 rows) stay in L1 for every vector.
+  for (int64_t j0 = 0; j0 < tiles; j0 += 4) {
+    const uint16_t* b = packed + j0 * k_pairs * kCols * 2;
+    const int64_t nj = std::min<int64_t>(4, tiles - j0);
+    const int64_t cols = std::min<int64_t>(4 * kCols, m - j0 * kCols);
+    for (int64_t t0 = 0; t0 < tokens; t0 += kRows) {
+      const uint16_t* at = a + t0 * k_pad;
+      switch (nj) {
+        case 1: column_tiles<1>(at, a_stride, b, k_steps, k_pairs, c); break;
+        case 2: column_tiles<2>(at, a_stride, b, k_steps, k_pairs, c); break;
+        case 3: column_tiles<3>(at, a_stride, b, k_steps, k_pairs, c); break;
+        default: column_tiles<4>(at, a_stride, b, k_steps, k_pairs, c); break;
+      }
+      const int64_t n = std::min<int64_t>(kRows, tokens - t0);
+      for (int64_t t = 0; t < n; ++t)
+        std::memcpy(out + (t0 + t) * out_stride + j0 * kCols, c + t * 4 * kCols,
+                    sizeof(float) * cols);
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace sdq::detail
+
+#else  // no AMX build: never supported
+
+namespace sdq::detail {
+bool project_amx_supported() noexcept { return false; }
+void project_amx(const uint16_t*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                 uint16_t*) {}
+}  // namespace sdq::detail
+
+#endif
