@@ -295,6 +295,21 @@ def test_plan_rebuilt_after_a_buffer_is_replaced():
     assert _plan(mod) is not plan
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+def test_plan_follows_in_place_writes_to_scale_and_mean(levels):
+    """The int8-table plans keep the scales and means laid out per tile: an in-place write to
+    either must reach the next call."""
+    mod = _module(40, 300, levels)
+    x = torch.randn(1, 300)
+    y = mod(x)
+    mod.scale.mul_(2)
+    mod.mean.mul_(2)  # exact in fp16: y doubles exactly
+    assert torch.equal(mod(x), 2 * y)
+    mod.mean.zero_()
+    assert torch.equal(mod(x), _two_ops(mod, x))
+
+
 def test_no_plan_under_grad_compile_or_float64():
     mod = _module(16, 256, "binary")
     x = torch.randn(4, 256)

@@ -10,6 +10,7 @@
 
 #include "guard.h"
 #include "project.h"
+#include "scale_tiles.h"
 #include "scratch.h"
 #include "sdq/amx_gemm.h"
 #include "sdq/gemv.h"
@@ -167,8 +168,14 @@ Status check_desc(const LinearPlanDesc& d) noexcept {
 }  // namespace
 
 LinearPlan::LinearPlan(const LinearPlanDesc& desc, PlanGemm gemm, bool amx_prefill,
-                       std::shared_ptr<const TransformConstants> transform) noexcept
-    : desc_(desc), gemm_(gemm), amx_prefill_(amx_prefill), transform_(std::move(transform)) {}
+                       std::shared_ptr<const TransformConstants> transform,
+                       std::vector<uint16_t> scale_tiles) noexcept
+    : desc_(desc), gemm_(gemm), amx_prefill_(amx_prefill), transform_(std::move(transform)),
+      scale_tiles_(std::move(scale_tiles)) {}
+
+const uint16_t* LinearPlan::scale_tiles() const noexcept {
+  return scale_tiles_.empty() ? nullptr : scale_tiles_.data();
+}
 
 LinearPlan::~LinearPlan() = default;
 
@@ -182,7 +189,16 @@ Status LinearPlan::create(const LinearPlanDesc& desc, std::unique_ptr<LinearPlan
                            (gemm == PlanGemm::lut_binary || gemm == PlanGemm::trit5) &&
                            amx_gemm_supported();
   return detail::guarded([&] {
-    plan->reset(new LinearPlan(desc, gemm, amx_prefill, shared_constants(desc)));
+    // The int8-table GEMMs' scales laid out per tile once (scale_tiles.h), not per call.
+    std::vector<uint16_t> tiles;
+    if (gemm == PlanGemm::lut_binary || gemm == PlanGemm::trit5) {
+      const int64_t nb = desc.layout.num_blocks(), out = desc.out;
+      tiles.resize(detail::scale_tiles_size(out, nb));
+      detail::scale_tiles_fill(desc.scale, desc.mean, out, nb, 0,
+                               (out + detail::kScaleTileRows - 1) / detail::kScaleTileRows,
+                               tiles.data());
+    }
+    plan->reset(new LinearPlan(desc, gemm, amx_prefill, shared_constants(desc), std::move(tiles)));
     return Status::ok;
   });
 }
@@ -231,14 +247,14 @@ Status LinearPlan::gemm_run(const float* xt, const float* xsum, int64_t batch, f
       return addonly_gemm(d.layout, d.levels, d.sign, d.nonzero, d.scale, d.mean, d.out, xt,
                           xsum, batch, y, threads);
     case PlanGemm::lut_binary:
-      return lut_gemm_binary(d.layout, d.lut_codes, d.scale, d.mean, d.out, xt, xsum,
-                             batch, y, threads);
+      return detail::lut_gemm_binary_tiled(d.layout, d.lut_codes, d.scale, d.mean,
+                                           scale_tiles(), d.out, xt, xsum, batch, y, threads);
     case PlanGemm::amx_binary:
       return amx_gemm_binary(d.layout, d.lut_codes, d.scale, d.mean, d.out, xt, xsum, batch, y,
                              threads);
     case PlanGemm::trit5:
-      return trit5_gemm(d.layout, d.trits, d.trit_signs, d.scale, d.mean, d.out, xt, xsum, batch,
-                        y, threads);
+      return detail::trit5_gemm_tiled(d.layout, d.trits, d.trit_signs, d.scale, d.mean,
+                                      scale_tiles(), d.out, xt, xsum, batch, y, threads);
     case PlanGemm::amx_ternary:
       return amx_gemm_ternary(d.layout, d.trits, d.trit_signs, d.scale, d.mean, d.out, xt, xsum,
                               batch, y, threads);

@@ -8,6 +8,7 @@
 #include "guard.h"
 #include "lut_gemm.h"
 #include "parallel.h"
+#include "scale_tiles.h"
 #include "scratch.h"
 
 namespace sdq {
@@ -70,8 +71,8 @@ Status check_args(const BlockLayout& L, const uint8_t* packed, const uint16_t* s
 }
 
 Status run(LutKernel kernel, const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
-           const uint16_t* mean, int64_t out, const float* xt, const float* xsum, int64_t batch,
-           float* y, int threads) {
+           const uint16_t* mean, const uint16_t* scale_tiles, int64_t out, const float* xt,
+           const float* xsum, int64_t batch, float* y, int threads) {
   const int64_t nb = L.num_blocks(), cols = L.total_code_cols(), groups = cols / kLutGroup;
   const int64_t chunk = std::min(batch, kTokenChunk);
   const detail::LutTableShape shape{nb, L.code_cols(0) / kLutGroup, L.code_cols(nb - 1) / kLutGroup,
@@ -86,10 +87,18 @@ Status run(LutKernel kernel, const BlockLayout& L, const uint8_t* packed, const 
   const bool x86 = kernel == LutKernel::avx2 || kernel == LutKernel::avx512 ||
                    kernel == LutKernel::avx512_vnni;
   const auto tables_fn = x86 ? detail::lut_tables_avx2 : detail::lut_tables_portable;
+  // The x86 variants read the scales laid out per tile (scale_tiles.h): a plan's, else laid out
+  // here, each worker its own tiles in the first token chunk (every tile before any is read).
+  uint16_t* own_tiles = x86 && !scale_tiles
+                           ? detail::scratch<uint16_t>(detail::ScratchSlot::scale_tiles,
+                                                       detail::scale_tiles_size(out, nb))
+                           : nullptr;
+  if (own_tiles) scale_tiles = own_tiles;
   LutCtx c{};
   c.packed = packed;
   c.scale = scale;
   c.mean = mean;
+  c.scale_tiles = scale_tiles;
   c.out = out;
   c.nb = nb;
   c.tile_bytes = lut_tile_bytes(L);
@@ -110,8 +119,12 @@ Status run(LutKernel kernel, const BlockLayout& L, const uint8_t* packed, const 
         tables_fn(shape, xt + (t0 + t) * cols, q + t * groups * kLutEntries, tscale + t * nb);
     });
     const double tile_cost = static_cast<double>(c.tile_bytes) * static_cast<double>(c.tokens);
+    uint16_t* fill = t0 == 0 ? own_tiles : nullptr;
     detail::parallel_for(tiles, threads, grain_for(kMinChunkBytes, tile_cost),
-                         [&](int64_t b, int64_t e) { fn(c, b, e); });
+                         [&](int64_t b, int64_t e) {
+      if (fill) detail::scale_tiles_fill(scale, mean, out, nb, b, e, fill);
+      fn(c, b, e);
+    });
   }
   return Status::ok;
 }
@@ -162,9 +175,25 @@ Status lut_gemm_binary(const BlockLayout& L, const uint8_t* packed, const uint16
   if (kernel == LutKernel::automatic) kernel = best_kernel();
   if (!cpu_has(kernel)) return Status::not_built;
   return detail::guarded([&] {
-    return run(kernel, L, packed, scale, mean, out, xt, xsum, batch, y, threads);
+    return run(kernel, L, packed, scale, mean, nullptr, out, xt, xsum, batch, y, threads);
   });
 }
+
+namespace detail {
+
+Status lut_gemm_binary_tiled(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
+                             const uint16_t* mean, const uint16_t* scale_tiles, int64_t out,
+                             const float* xt, const float* xsum, int64_t batch, float* y,
+                             int threads) noexcept {
+  const Status s = check_args(L, packed, scale, mean, out, xt, xsum, batch, y);
+  if (s != Status::ok || out == 0 || batch == 0) return s;
+  return guarded([&] {
+    return run(best_kernel(), L, packed, scale, mean, scale_tiles, out, xt, xsum, batch, y,
+               threads);
+  });
+}
+
+}  // namespace detail
 
 const char* lut_kernel_name(LutKernel kernel) noexcept {
   switch (kernel == LutKernel::automatic ? best_kernel() : kernel) {

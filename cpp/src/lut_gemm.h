@@ -29,6 +29,7 @@ struct LutCtx {
   const uint8_t* packed;
   const uint16_t* scale;  // [out, nb] fp16
   const uint16_t* mean;   // [out, nb] fp16
+  const uint16_t* scale_tiles;  // scale_tiles.h layout of the same (what the x86 variants read)
   int64_t out, nb;
   int64_t tile_bytes;       // bytes of one 32-row tile
   int64_t pairs_per_block;  // pairs of every block but the last (block b starts at pair b * this)

@@ -8,6 +8,7 @@
 // Compiled with a target attribute so the build needs no -mavx2; chosen at run time.
 #include "fp16_rows.h"
 #include "lut_gemm.h"
+#include "scale_tiles.h"
 #include "scratch.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -105,10 +106,9 @@ SDQ_AVX2 void block_sums(const uint8_t* codes, int64_t tile_bytes, const int8_t*
 
 // R tiles from tile k0, every token: y over all blocks, then stored (rows < out).
 template <int R>
-SDQ_AVX2 void tiles(const LutCtx& c, int64_t k0, uint16_t* st, uint16_t* mt, float* ybuf) {
+SDQ_AVX2 void tiles(const LutCtx& c, int64_t k0, float* ybuf) {
   constexpr int W = R * kTile;
   const int64_t r0 = k0 * kTile;
-  lut_transpose_scales_avx2(c, r0, W, st, mt);
   std::memset(ybuf, 0, sizeof(float) * W * c.tokens);
   const uint8_t* codes = c.packed + k0 * c.tile_bytes;
   for (int64_t b = 0, p0 = 0; b < c.nb; p0 += c.block_pairs(b), ++b) {
@@ -122,8 +122,9 @@ SDQ_AVX2 void tiles(const LutCtx& c, int64_t k0, uint16_t* st, uint16_t* mt, flo
       for (int r = 0; r < R; ++r)
         for (int k = 0; k < 4; ++k) {
           const int i = r * kTile + 8 * k;
-          const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(st + b * W + i)));
-          const __m256 mu = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mt + b * W + i)));
+          const uint16_t* sp = tile_scales(c.scale_tiles, c.nb, k0 + r, b) + 8 * k;
+          const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)sp));
+          const __m256 mu = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sp + c.nb * kTile)));
           float* yp = ybuf + t * W + i;
           const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][k]), ts);
           _mm256_storeu_ps(yp, _mm256_fmadd_ps(f, s, _mm256_fmadd_ps(mu, xs, _mm256_loadu_ps(yp))));
@@ -199,16 +200,12 @@ SDQ_AVX2 void lut_transpose_scales_avx2(const LutCtx& c, int64_t r0, int64_t wid
 }
 
 SDQ_AVX2 void lut_rows_avx2(const LutCtx& c, int64_t tile_begin, int64_t tile_end) {
-  // Per worker: transposed scales and means [nb, R * 32] fp16, then y [tokens, R * 32].
+  // Per worker: y [tokens, R * 32].
   constexpr int64_t W = kMaxR * kTile;
-  const int64_t scale_bytes = (2 * c.nb * W * 2 + 63) / 64 * 64;
-  auto* buf = scratch<uint8_t>(ScratchSlot::lut_rows, scale_bytes + c.tokens * W * 4);
-  auto* st = reinterpret_cast<uint16_t*>(buf);
-  uint16_t* mt = st + c.nb * W;
-  auto* ybuf = reinterpret_cast<float*>(buf + scale_bytes);
+  auto* ybuf = scratch<float>(ScratchSlot::lut_rows, c.tokens * W);
   int64_t k = tile_begin;
-  for (; k + kMaxR <= tile_end; k += kMaxR) tiles<kMaxR>(c, k, st, mt, ybuf);
-  for (; k < tile_end; ++k) tiles<1>(c, k, st, mt, ybuf);
+  for (; k + kMaxR <= tile_end; k += kMaxR) tiles<kMaxR>(c, k, ybuf);
+  for (; k < tile_end; ++k) tiles<1>(c, k, ybuf);
 }
 
 }  // namespace sdq::detail

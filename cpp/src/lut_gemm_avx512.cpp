@@ -4,9 +4,11 @@
 // [T2p, T2p, T2p+2, T2p+2] (low nibbles) and [T2p+1, .., T2p+3, ..] (high nibbles) by vshufi64x2;
 // then vpshufb, vpunpck{l,h}bw and vpmaddubsw by 1 as in the AVX2 variant, 16 codes x 32 rows per
 // vector. The two pairs' int16 sums sit in different lanes and are added as int32 at a flush.
-// Table building and the scale transpose are the AVX2 ones (lut_gemm_avx2.cpp).
+// Table building is the AVX2 one (lut_gemm_avx2.cpp); the scales come laid out per tile
+// (scale_tiles.h).
 // Compiled with a target attribute so the build needs no -mavx512bw; chosen at run time.
 #include "lut_gemm.h"
+#include "scale_tiles.h"
 #include "scratch.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -106,10 +108,9 @@ __attribute__((noinline)) SDQ_VNNI void block_sums_vnni(const uint8_t* codes, in
 // kVnni: block_sums_vnni, compiled for VBMI + VNNI and called (not inlined: its target is wider),
 // so that the avx512 variant's code never holds a VBMI instruction.
 template <int R, bool kVnni>
-SDQ_AVX512 void tiles(const LutCtx& c, int64_t k0, uint16_t* st, uint16_t* mt, float* ybuf) {
+SDQ_AVX512 void tiles(const LutCtx& c, int64_t k0, float* ybuf) {
   constexpr int W = R * kTile;
   const int64_t r0 = k0 * kTile;
-  lut_transpose_scales_avx2(c, r0, W, st, mt);
   std::memset(ybuf, 0, sizeof(float) * W * c.tokens);
   const uint8_t* codes = c.packed + k0 * c.tile_bytes;
   for (int64_t b = 0, p0 = 0; b < c.nb; p0 += c.block_pairs(b), ++b) {
@@ -126,8 +127,9 @@ SDQ_AVX512 void tiles(const LutCtx& c, int64_t k0, uint16_t* st, uint16_t* mt, f
       for (int r = 0; r < R; ++r)
         for (int k = 0; k < 2; ++k) {
           const int i = r * kTile + 16 * k;
-          const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(st + b * W + i)));
-          const __m512 mu = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mt + b * W + i)));
+          const uint16_t* sp = tile_scales(c.scale_tiles, c.nb, k0 + r, b) + 16 * k;
+          const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sp));
+          const __m512 mu = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sp + c.nb * kTile)));
           float* yp = ybuf + t * W + i;
           const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][k]), ts);
           _mm512_storeu_ps(yp, _mm512_fmadd_ps(f, s, _mm512_fmadd_ps(mu, xs, _mm512_loadu_ps(yp))));
@@ -143,16 +145,12 @@ SDQ_AVX512 void tiles(const LutCtx& c, int64_t k0, uint16_t* st, uint16_t* mt, f
 
 template <bool kVnni>
 SDQ_AVX512 void rows(const LutCtx& c, int64_t tile_begin, int64_t tile_end) {
-  // Per worker: transposed scales and means [nb, R * 32] fp16, then y [tokens, R * 32].
+  // Per worker: y [tokens, R * 32].
   constexpr int64_t W = kMaxR * kTile;
-  const int64_t scale_bytes = (2 * c.nb * W * 2 + 63) / 64 * 64;
-  auto* buf = scratch<uint8_t>(ScratchSlot::lut_rows, scale_bytes + c.tokens * W * 4);
-  auto* st = reinterpret_cast<uint16_t*>(buf);
-  uint16_t* mt = st + c.nb * W;
-  auto* ybuf = reinterpret_cast<float*>(buf + scale_bytes);
+  auto* ybuf = scratch<float>(ScratchSlot::lut_rows, c.tokens * W);
   int64_t k = tile_begin;
-  for (; k + kMaxR <= tile_end; k += kMaxR) tiles<kMaxR, kVnni>(c, k, st, mt, ybuf);
-  for (; k < tile_end; ++k) tiles<1, kVnni>(c, k, st, mt, ybuf);
+  for (; k + kMaxR <= tile_end; k += kMaxR) tiles<kMaxR, kVnni>(c, k, ybuf);
+  for (; k < tile_end; ++k) tiles<1, kVnni>(c, k, ybuf);
 }
 
 SDQ_AVX512 void lut_rows_avx512(const LutCtx& c, int64_t tile_begin, int64_t tile_end) {

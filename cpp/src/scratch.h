@@ -18,9 +18,10 @@ enum class ScratchSlot : int {
   lut_tables,  // lut_gemm.cpp: int8 tables and their scales of a token chunk (calling thread)
   lut_rows,    // lut_gemm_<isa>.cpp: a row tile's transposed scales and partial sums (workers)
   trit5_tables,  // trit5_gemm.cpp: int8 tables and steps of a token chunk (calling thread)
-  trit5_rows,    // trit5_gemm_<isa>.cpp: a row tile's transposed scales (workers)
+  trit5_rows,    // trit5_gemm_neon.cpp: a row tile's scales as float (workers)
   amx_acts,      // amx_gemm.cpp: the int8 activations and their scales (calling thread)
   amx_rows,      // amx_gemm.cpp: a row tile's scales, B tiles, C tiles and sums (workers)
+  scale_tiles,   // lut_gemm.cpp, trit5_gemm.cpp: a one-off call's scale_tiles.h layout (caller)
   // linear_plan.cpp only: the calling thread's last transform (x copy, xt, xsum). Unlike the
   // other slots their contents are read back by a later call on purpose (the shared-transform
   // cache), so nothing else may write them.

@@ -5,6 +5,7 @@
 
 #include "guard.h"
 #include "parallel.h"
+#include "scale_tiles.h"
 #include "scratch.h"
 #include "trit5_gemm.h"
 
@@ -49,18 +50,21 @@ struct Variant {
   detail::Trit5TableFn tables;
   detail::Trit5RowsFn rows;
   int64_t table_stride;
+  bool x86;  // reads the scales in the scale_tiles.h layout
 };
 
 Variant variant(Trit5Kernel k) noexcept {
   switch (k) {
     case Trit5Kernel::avx512:
-      return {detail::trit5_tables_avx512, detail::trit5_rows_avx512, 2 * detail::kTrit5Entries};
+      return {detail::trit5_tables_avx512, detail::trit5_rows_avx512, 2 * detail::kTrit5Entries,
+              true};
     case Trit5Kernel::avx2:
-      return {detail::trit5_tables_avx2, detail::trit5_rows_avx2, detail::kTrit5Entries};
+      return {detail::trit5_tables_avx2, detail::trit5_rows_avx2, detail::kTrit5Entries, true};
     case Trit5Kernel::neon:
-      return {detail::trit5_tables_portable, detail::trit5_rows_neon, detail::kTrit5Entries};
+      return {detail::trit5_tables_portable, detail::trit5_rows_neon, detail::kTrit5Entries, false};
     default:
-      return {detail::trit5_tables_portable, detail::trit5_rows_portable, detail::kTrit5Entries};
+      return {detail::trit5_tables_portable, detail::trit5_rows_portable, detail::kTrit5Entries,
+              false};
   }
 }
 
@@ -74,15 +78,24 @@ Status check_args(const BlockLayout& L, const uint8_t* trits, const uint32_t* tr
 }
 
 Status run(const Variant& v, const BlockLayout& L, const uint8_t* trits,
-           const uint32_t* trit_signs, const uint16_t* scale, const uint16_t* mean, int64_t out,
-           const float* xt, const float* xsum, int64_t batch, float* y, int threads) {
+           const uint32_t* trit_signs, const uint16_t* scale, const uint16_t* mean,
+           const uint16_t* scale_tiles, int64_t out, const float* xt, const float* xsum,
+           int64_t batch, float* y, int threads) {
   const int64_t nb = L.num_blocks(), cols = L.total_code_cols();
   const int64_t chunk = std::min(batch, kTokenChunk);
+  // The x86 variants read the scales laid out per tile (scale_tiles.h): a plan's, else laid out
+  // here, each worker its own tiles in the first token chunk (every tile before any is read).
+  uint16_t* own_tiles = v.x86 && !scale_tiles
+                           ? detail::scratch<uint16_t>(detail::ScratchSlot::scale_tiles,
+                                                       detail::scale_tiles_size(out, nb))
+                           : nullptr;
+  if (own_tiles) scale_tiles = own_tiles;
   Trit5Ctx c{};
   c.trits = trits;
   c.signs = trit_signs;
   c.scale = scale;
   c.mean = mean;
+  c.scale_tiles = scale_tiles;
   c.out = out;
   c.nb = nb;
   c.groups = trit5_total_groups(L);
@@ -107,8 +120,12 @@ Status run(const Variant& v, const BlockLayout& L, const uint8_t* trits,
                              v.tables(L, xt + (t0 + t) * cols, c.table_stride,
                                       tables + t * c.token_table_bytes(), step + t * nb);
                          });
+    uint16_t* fill = t0 == 0 ? own_tiles : nullptr;
     detail::parallel_for(tiles, threads, grain_for(kMinChunkPairs, tile_pairs * c.tokens),
-                         [&](int64_t b, int64_t e) { v.rows(c, b, e); });
+                         [&](int64_t b, int64_t e) {
+      if (fill) detail::scale_tiles_fill(scale, mean, out, nb, b, e, fill);
+      v.rows(c, b, e);
+    });
   }
   return Status::ok;
 }
@@ -125,9 +142,26 @@ Status trit5_gemm(const BlockLayout& L, const uint8_t* trits, const uint32_t* tr
   if (!cpu_has(kernel)) return Status::not_built;
   const Variant v = variant(kernel);
   return detail::guarded([&] {
-    return run(v, L, trits, trit_signs, scale, mean, out, xt, xsum, batch, y, threads);
+    return run(v, L, trits, trit_signs, scale, mean, nullptr, out, xt, xsum, batch, y, threads);
   });
 }
+
+namespace detail {
+
+Status trit5_gemm_tiled(const BlockLayout& L, const uint8_t* trits, const uint32_t* trit_signs,
+                        const uint16_t* scale, const uint16_t* mean, const uint16_t* scale_tiles,
+                        int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
+                        int threads) noexcept {
+  const Status s = check_args(L, trits, trit_signs, scale, mean, out, xt, xsum, batch, y);
+  if (s != Status::ok || out == 0 || batch == 0) return s;
+  const Variant v = variant(best_kernel());
+  return guarded([&] {
+    return run(v, L, trits, trit_signs, scale, mean, scale_tiles, out, xt, xsum, batch, y,
+               threads);
+  });
+}
+
+}  // namespace detail
 
 const char* trit5_kernel_name(Trit5Kernel kernel) noexcept {
   switch (kernel == Trit5Kernel::automatic ? best_kernel() : kernel) {

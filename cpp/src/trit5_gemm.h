@@ -75,6 +75,7 @@ struct Trit5Ctx {
   const uint32_t* signs;       // [tiles, groups]
   const uint16_t* scale;       // [out, nb] fp16
   const uint16_t* mean;        // [out, nb] fp16
+  const uint16_t* scale_tiles; // scale_tiles.h layout of the same (what the x86 variants read)
   int64_t out, nb, groups;     // groups: total_groups of a row
   int64_t gp_full, gp_last;    // padded groups of every block but the last, and of the last
   const int8_t* tables;        // [tokens, groups, table_stride]
@@ -100,10 +101,6 @@ void trit5_tables_avx2(const BlockLayout& L, const float* xt, int64_t stride, in
                        float* step);
 void trit5_tables_avx512(const BlockLayout& L, const float* xt, int64_t stride, int8_t* tables,
                          float* step);
-// avx2 (f16c) helper shared by the SIMD variants: fp16 `src` [out, nb] of rows [r0, r0 + 32),
-// blocks [b0, b1) -> float out[b * 32 + i] (0 for rows past out).
-void trit5_transpose_halves(const Trit5Ctx& c, const uint16_t* src, int64_t r0, int rows,
-                            int64_t b0, int64_t b1, float* out);
 void trit5_rows_portable(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);
 void trit5_rows_avx2(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);
 void trit5_rows_avx512(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);

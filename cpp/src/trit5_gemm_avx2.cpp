@@ -4,8 +4,8 @@
 // (broadcast, shuffle, test) and applied as (v ^ m) - m; the two groups' bytes are interleaved and
 // summed into int16 by vpmaddubsw with ones, flushed to int32 before they could overflow.
 // Compiled with a target attribute so the build needs no -mavx2; chosen at run time.
-#include "fp16_rows.h"
 #include "scratch.h"
+#include "scale_tiles.h"
 #include "trit5_gemm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -60,54 +60,10 @@ SDQ_AVX2 inline __m128i group_table(const Patterns& p, const float* v, __m256 pr
   return _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
 }
 
-}  // namespace
-
-namespace {
-
-// 8 rows x 8 blocks of fp16 (h[k] = row k's blocks b .. b + 7) to float, transposed into
-// out[(b + j) * kRows + i0 + k] for the first n (<= 8) blocks j.
-SDQ_AVX2 inline void transpose_8x8(const __m128i* h, float* out, int64_t b, int n, int i0) {
-  __m256 r[8], t[8];
-  for (int k = 0; k < 8; ++k) r[k] = _mm256_cvtph_ps(h[k]);
-  for (int k = 0; k < 8; k += 2) {
-    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
-  }
-  for (int k = 0; k < 8; k += 4) {
-    r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
-    r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xee);
-    r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-    r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xee);
-  }
-  for (int k = 0; k < 4; ++k) {
-    if (k < n) _mm256_store_ps(out + (b + k) * kRows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
-    if (k + 4 < n)
-      _mm256_store_ps(out + (b + k + 4) * kRows + i0, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
-  }
+// 8 fp16 values (scale_tiles.h layout) as float.
+SDQ_AVX2 inline __m256 half8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-
-}  // namespace
-
-// Scale and mean of rows [r0, r0 + 32) for blocks [b0, b1), transposed: out[b * 32 + i] holds row
-// r0 + i (0 for rows past out), so a block's 32 row scales are 4 aligned vectors. The last
-// (b1 - b0) % 8 blocks go through the same 8x8 transpose: narrow layers (576 wide: 5 blocks) have
-// nothing else, and converting them one value at a time was a third of their GEMM.
-SDQ_AVX2 void trit5_transpose_halves(const Trit5Ctx& c, const uint16_t* src, int64_t r0, int rows,
-                               int64_t b0, int64_t b1, float* out) {
-  const int64_t total = c.out * c.nb;
-  for (int i0 = 0; i0 < kRows; i0 += 8) {
-    __m128i h[8];
-    for (int64_t b = b0; b < b1; b += 8) {
-      const int n = static_cast<int>(std::min<int64_t>(8, b1 - b));
-      for (int k = 0; k < 8; ++k)
-        h[k] = i0 + k < rows ? load_fp16x8(src, (r0 + i0 + k) * c.nb + b, total, n)
-                             : _mm_setzero_si128();
-      transpose_8x8(h, out, b, n, i0);
-    }
-  }
-}
-
-namespace {
 
 // Byte mask of a group's sign word: byte r is 0xff when bit r is set.
 SDQ_AVX2 inline __m256i sign_mask(uint32_t word, __m256i spread, __m256i bit) {
@@ -118,7 +74,7 @@ SDQ_AVX2 inline __m256i sign_mask(uint32_t word, __m256i spread, __m256i bit) {
 // Tokens [t0, t0 + TT) of one tile over blocks [b0, b1); y is accumulated across block chunks.
 template <int TT>
 SDQ_AVX2 void tile_tokens(const Trit5Ctx& c, int64_t tile, int rows, int64_t t0, int64_t b0,
-                          int64_t b1, const float* s, const float* mu) {
+                          int64_t b1, const uint16_t* s, const uint16_t* mu) {
   const int64_t pairs = c.groups / 2;
   const uint8_t* tb = c.trits + tile * pairs * kRows;
   const uint32_t* sb = c.signs + tile * c.groups;
@@ -175,8 +131,8 @@ SDQ_AVX2 void tile_tokens(const Trit5Ctx& c, int64_t tile, int rows, int64_t t0,
       const __m256 st = _mm256_set1_ps(c.step[(t0 + t) * c.nb + b]);
       const __m256 xs = _mm256_set1_ps(c.xsum[(t0 + t) * c.nb + b]);
       for (int q = 0; q < 4; ++q) {
-        const __m256 sv = _mm256_mul_ps(_mm256_load_ps(s + b * kRows + 8 * q), st);
-        const __m256 mv = _mm256_load_ps(mu + b * kRows + 8 * q);
+        const __m256 sv = _mm256_mul_ps(half8(s + b * kRows + 8 * q), st);
+        const __m256 mv = half8(mu + b * kRows + 8 * q);
         const __m256 acc_f = _mm256_cvtepi32_ps(acc[t][q]);
         _mm256_store_ps(y[t] + 8 * q, _mm256_fmadd_ps(acc_f, sv, _mm256_fmadd_ps(mv, xs, _mm256_load_ps(y[t] + 8 * q))));
       }
@@ -187,7 +143,7 @@ SDQ_AVX2 void tile_tokens(const Trit5Ctx& c, int64_t tile, int rows, int64_t t0,
 }
 
 SDQ_AVX2 void tile_all_tokens(const Trit5Ctx& c, int64_t tile, int rows, int64_t b0, int64_t b1,
-                              const float* s, const float* mu) {
+                              const uint16_t* s, const uint16_t* mu) {
   for (int64_t t0 = 0; t0 < c.tokens; t0 += kMaxTokens) {
     switch (std::min<int64_t>(kMaxTokens, c.tokens - t0)) {
       case 1: tile_tokens<1>(c, tile, rows, t0, b0, b1, s, mu); break;
@@ -227,8 +183,6 @@ SDQ_AVX2 void trit5_tables_avx2(const BlockLayout& L, const float* xt, int64_t s
 }
 
 SDQ_AVX2 void trit5_rows_avx2(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end) {
-  float* s = scratch<float>(ScratchSlot::trit5_rows, 2 * kRows * c.nb);
-  float* mu = s + kRows * c.nb;
   // Block chunks outermost: their tables (all tokens) stay in cache while every tile passes.
   const int64_t block_bytes = c.gp_full * c.table_stride;
   const int64_t chunk = std::max<int64_t>(1, kL2Bytes / (block_bytes * c.tokens));
@@ -236,9 +190,8 @@ SDQ_AVX2 void trit5_rows_avx2(const Trit5Ctx& c, int64_t tile_begin, int64_t til
     const int64_t b1 = std::min(c.nb, b0 + chunk);
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, c.out - tile * kRows));
-      trit5_transpose_halves(c, c.scale, tile * kRows, rows, b0, b1, s);
-      trit5_transpose_halves(c, c.mean, tile * kRows, rows, b0, b1, mu);
-      tile_all_tokens(c, tile, rows, b0, b1, s, mu);
+      const uint16_t* s = tile_scales(c.scale_tiles, c.nb, tile, 0);
+      tile_all_tokens(c, tile, rows, b0, b1, s, tile_means(c.scale_tiles, c.nb, tile, 0));
     }
   }
 }
@@ -255,8 +208,6 @@ void trit5_tables_avx2(const BlockLayout& L, const float* xt, int64_t stride, in
 void trit5_rows_avx2(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end) {
   trit5_rows_portable(c, tile_begin, tile_end);
 }
-void trit5_transpose_halves(const Trit5Ctx&, const uint16_t*, int64_t, int, int64_t, int64_t,
-                            float*) {}
 }  // namespace sdq::detail
 
 #endif

@@ -6,6 +6,7 @@
 // int16 by vpmaddubsw with ones, flushed to int32 before they could overflow.
 // Compiled with a target attribute so the build needs no -mavx512bw; chosen at run time.
 #include "scratch.h"
+#include "scale_tiles.h"
 #include "trit5_gemm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -48,6 +49,11 @@ SDQ_AVX512 inline __m512i lookup(const int8_t* tab, __m512i idx, __mmask64 k, in
   return _mm512_mask_sub_epi8(v, k, _mm512_setzero_si512(), v);
 }
 
+// 8 fp16 values (scale_tiles.h layout) as float.
+SDQ_AVX512 inline __m256 half8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // Two vectors of 8 floats as one: a in the low half, b in the high half (avx512f only, no dq).
 SDQ_AVX512 inline __m512 join(__m256 a, __m256 b) {
   return _mm512_castpd_ps(
@@ -57,7 +63,7 @@ SDQ_AVX512 inline __m512 join(__m256 a, __m256 b) {
 // Tokens [t0, t0 + TT) of one tile over blocks [b0, b1); y is accumulated across block chunks.
 template <int TT>
 SDQ_AVX512 void tile_tokens(const Trit5Ctx& c, int64_t tile, int rows, int64_t t0, int64_t b0,
-                            int64_t b1, const float* s, const float* mu) {
+                            int64_t b1, const uint16_t* s, const uint16_t* mu) {
   const int64_t pairs = c.groups / 2;
   const uint8_t* tb = c.trits + tile * pairs * kRows;
   const uint32_t* sb = c.signs + tile * c.groups;
@@ -115,8 +121,8 @@ SDQ_AVX512 void tile_tokens(const Trit5Ctx& c, int64_t tile, int rows, int64_t t
     }
     __m512 sv[2], mv[2];
     for (int h = 0; h < 2; ++h) {  // rows [8h .. 8h + 7, 16 + 8h .. 16 + 8h + 7]
-      sv[h] = join(_mm256_load_ps(s + b * kRows + 8 * h), _mm256_load_ps(s + b * kRows + 16 + 8 * h));
-      mv[h] = join(_mm256_load_ps(mu + b * kRows + 8 * h), _mm256_load_ps(mu + b * kRows + 16 + 8 * h));
+      sv[h] = join(half8(s + b * kRows + 8 * h), half8(s + b * kRows + 16 + 8 * h));
+      mv[h] = join(half8(mu + b * kRows + 8 * h), half8(mu + b * kRows + 16 + 8 * h));
     }
     for (int t = 0; t < TT; ++t) {
       const __m512 st = _mm512_set1_ps(c.step[(t0 + t) * c.nb + b]);
@@ -134,7 +140,7 @@ SDQ_AVX512 void tile_tokens(const Trit5Ctx& c, int64_t tile, int rows, int64_t t
 }
 
 SDQ_AVX512 void tile_all_tokens(const Trit5Ctx& c, int64_t tile, int rows, int64_t b0, int64_t b1,
-                                const float* s, const float* mu) {
+                                const uint16_t* s, const uint16_t* mu) {
   for (int64_t t0 = 0; t0 < c.tokens; t0 += kMaxTokens) {
     switch (std::min<int64_t>(kMaxTokens, c.tokens - t0)) {
       case 1: tile_tokens<1>(c, tile, rows, t0, b0, b1, s, mu); break;
@@ -155,8 +161,6 @@ void trit5_tables_avx512(const BlockLayout& L, const float* xt, int64_t stride, 
 }
 
 SDQ_AVX512 void trit5_rows_avx512(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end) {
-  float* s = scratch<float>(ScratchSlot::trit5_rows, 2 * kRows * c.nb);
-  float* mu = s + kRows * c.nb;
   // Block chunks outermost: their tables (all tokens) stay in cache while every tile passes.
   const int64_t block_bytes = c.gp_full * c.table_stride;
   const int64_t chunk = std::max<int64_t>(1, kL2Bytes / (block_bytes * c.tokens));
@@ -164,9 +168,8 @@ SDQ_AVX512 void trit5_rows_avx512(const Trit5Ctx& c, int64_t tile_begin, int64_t
     const int64_t b1 = std::min(c.nb, b0 + chunk);
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, c.out - tile * kRows));
-      trit5_transpose_halves(c, c.scale, tile * kRows, rows, b0, b1, s);
-      trit5_transpose_halves(c, c.mean, tile * kRows, rows, b0, b1, mu);
-      tile_all_tokens(c, tile, rows, b0, b1, s, mu);
+      const uint16_t* s = tile_scales(c.scale_tiles, c.nb, tile, 0);
+      tile_all_tokens(c, tile, rows, b0, b1, s, tile_means(c.scale_tiles, c.nb, tile, 0));
     }
   }
 }

@@ -312,12 +312,13 @@ def set_cpu_gemm(name: str) -> str:
 
 
 def _plan_key(module) -> tuple:
-    """What a layer's plan depends on: its buffers' identities, the codes' version (the binary
-    plan reads a repack of them, which an in-place write to the codes makes stale) and the GEMM
-    choice."""
+    """What a layer's plan depends on: its buffers' identities, the versions of the codes and of
+    the scales and means (the plan reads a repack of the binary codes and keeps the scales and
+    means laid out per tile: in-place writes make both stale) and the GEMM choice."""
     b = module._buffers
     codes = b["trits"] if b["sign"] is None else b["sign"]
-    return (*map(id, b.values()), version(codes), _cpu_gemm)
+    return (*map(id, b.values()), version(codes), version(b["scale"]), version(b["mean"]),
+            _cpu_gemm)
 
 
 def _plan_codes(module) -> dict:

@@ -7,7 +7,10 @@
 //
 // Memory: the plan reads the packed codes, scales and means through the desc's pointers (they must
 // outlive the plan); it copies the activation-transform constants (signs, down matrices), which
-// are small, into an object shared by every plan whose constants are equal by content.
+// are small, into an object shared by every plan whose constants are equal by content. Plans of
+// the int8-table GEMMs also keep the scales and means laid out per 32-row tile (2 x 2 bytes per
+// row and block: what the kernels read, instead of transposing them every call), so a change
+// to the desc's scales or means after create needs a new plan.
 //
 // Shared transform: layers that read the same input (q/k/v; gate/up) compute the transform once.
 // Each calling thread keeps the last transform it computed (xt, xsum and a copy of x), tagged with
@@ -17,6 +20,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "sdq/bitplane.h"
 #include "sdq/layout.h"
@@ -91,7 +95,9 @@ class LinearPlan {
 
  private:
   LinearPlan(const LinearPlanDesc& desc, PlanGemm gemm, bool amx_prefill,
-             std::shared_ptr<const TransformConstants> transform) noexcept;
+             std::shared_ptr<const TransformConstants> transform,
+             std::vector<uint16_t> scale_tiles) noexcept;
+  const uint16_t* scale_tiles() const noexcept;  // null: none kept (not an int8-table plan)
   Status transform(const float* x, int64_t batch, bool bf16, int threads,
                    const float** xt, const float** xsum) const;
   Status gemm_run(const float* xt, const float* xsum, int64_t batch, float* y,
@@ -101,6 +107,7 @@ class LinearPlan {
   PlanGemm gemm_;
   bool amx_prefill_;  // automatic int8-table plan on an AMX CPU: its AMX GEMM for prefill
   std::shared_ptr<const TransformConstants> transform_;
+  std::vector<uint16_t> scale_tiles_;  // scale_tiles.h layout for the int8-table GEMMs
 };
 
 // Transform reuses on the calling thread since it started (tests and diagnostics).
