@@ -5,6 +5,7 @@
 // (not x86-64 Linux, or a compiler without these intrinsics) not_built.
 #include "sdq/amx_gemm.h"
 
+#include "amx_tiles.h"
 #include "guard.h"
 #include "lut_gemm.h"
 #include "parallel.h"
@@ -61,20 +62,8 @@ bool cpu_and_os_support() noexcept {
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
 }
 
-// ldtilecfg's 64-byte operand, palette 1: tiles 0-3 C (int32 sums), 4-5 A (int8 activations),
-// 6-7 B (+-1 codes); each 16 rows of 64 bytes.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int i = 0; i < 8; ++i) {
-      colsb[i] = kStep;
-      rows[i] = kTokens;
-    }
-  }
-};
+// Tiles (amx_tiles.h): 0-3 C (int32 sums), 4-5 A (int8 activations), 6-7 B (+-1 codes).
+static_assert(kStep == 64 && kTokens == 16, "every tile is 16 rows of 64 bytes (amx_tiles.h)");
 
 struct Geometry {
   int64_t nb, steps0, steps_last;  // K steps of every block but the last; of the last
@@ -407,7 +396,7 @@ SDQ_AMX void groups(const Call& c, const Codes& codes, int64_t group_begin, int6
   const int64_t bytes = (2 * g.nb * W * 2 + 63) / 64 * 64 + 2 * g.nb * W * 4 +
                         g.steps0 * 2 * kTileBytes + 4 * kTileBytes + c.batch * W * 4;
   auto* buf = detail::scratch<uint8_t>(detail::ScratchSlot::amx_rows, bytes);
-  const TileConfig cfg;
+  const detail::AmxTileConfig cfg;
   _tile_loadconfig(&cfg);
   const int64_t tiles = (c.scales.out + kLutTileRows - 1) / kLutTileRows;
   for (int64_t q = group_begin; q < group_end; ++q) {

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "amx_tiles.h"
 #include "sdq/amx_gemm.h"
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
@@ -74,20 +75,9 @@ void project_amx_pack(const float* down, int64_t padded, int64_t m, uint16_t* pa
 namespace sdq::detail {
 namespace {
 
-// ldtilecfg's operand, palette 1: every tile 16 rows of 64 bytes. C: tiles 0-3 (four column
-// tiles), A: tile 4, B: tiles 6 and 7 (alternate, so a load overlaps the previous product).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int i = 0; i < 8; ++i) {
-      colsb[i] = 64;
-      rows[i] = kRows;
-    }
-  }
-};
+// Tiles (amx_tiles.h): C 0-3 (four column tiles), A 4, B 6 and 7 (alternate, so a load overlaps
+// the previous product).
+static_assert(kRows == 16 && kK * 2 == 64, "every tile is 16 rows of 64 bytes (amx_tiles.h)");
 
 bool cpu_support() noexcept {
   unsigned a, b, c, d;  // AMX-BF16: CPUID.(7,0):EDX[22]; AVX512-BF16: CPUID.(7,1):EAX[5]
@@ -157,7 +147,7 @@ SDQ_AMX_BF16 void project_amx(const uint16_t* packed, int64_t padded, int64_t m,
     }
   }
   alignas(64) float c[kRows * 4 * kCols];
-  const TileConfig cfg;
+  const AmxTileConfig cfg;
   _tile_loadconfig(&cfg);
   // Column groups outermost: a group's B tiles (16 KB at 128 rows) stay in L1 for every vector.
   for (int64_t j0 = 0; j0 < tiles; j0 += 4) {

@@ -34,33 +34,47 @@ struct Rng {
   }
 };
 
-// |out - exact| <= 1e-5 * sum |d v| + tiny, and untouched past m and past `tokens`.
+// One random projection problem: down [padded, m], v [tokens, padded], and an output of stride
+// m + 3 with a row to spare, filled with a canary that must survive past m and past `tokens`.
+struct Problem {
+  int64_t padded, m, tokens, stride;
+  std::vector<float> down, v, out;
+  static constexpr float kCanary = -7.25f;
+  Problem(int64_t p, int64_t m_, int64_t t, float scale, Rng& rng)
+      : padded(p), m(m_), tokens(t), stride(m_ + 3), down(p * m_), v(t * p),
+        out((t + 1) * (m_ + 3), kCanary) {
+    for (auto& d : down) d = rng.normal();
+    for (auto& x : v) x = rng.normal() * scale;
+  }
+  // Every output within `rel` * sum |d v| (+ tiny) of the double sum of round(d) * round(v),
+  // and the canaries intact.
+  template <typename Round>
+  bool check(double rel, Round round) const {
+    for (int64_t t = 0; t <= tokens; ++t)
+      for (int64_t j = 0; j < stride; ++j) {
+        const float got = out[t * stride + j];
+        if (t == tokens || j >= m) {
+          if (got != kCanary) return false;
+          continue;
+        }
+        double exact = 0, mag = 0;
+        for (int64_t i = 0; i < padded; ++i) {
+          const double p = static_cast<double>(round(down[i * m + j])) * round(v[t * padded + i]);
+          exact += p;
+          mag += std::fabs(p);
+        }
+        if (!(std::fabs(got - exact) <= rel * mag + 1e-37)) return false;
+      }
+    return true;
+  }
+};
+
+// |out - exact| <= 1e-5 * sum |d v| + tiny.
 bool projection_ok(sdq::detail::ProjectFn fn, int64_t padded, int64_t m, int64_t tokens,
                    float scale, Rng& rng) {
-  std::vector<float> down(padded * m), v(tokens * padded);
-  for (auto& d : down) d = rng.normal();
-  for (auto& x : v) x = rng.normal() * scale;
-  const int64_t stride = m + 3;
-  const float canary = -7.25f;
-  std::vector<float> out((tokens + 1) * stride, canary);
-  fn(down.data(), padded, m, v.data(), tokens, out.data(), stride);
-  for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t j = 0; j < stride; ++j) {
-      const float got = out[t * stride + j];
-      if (j >= m) {
-        if (got != canary) return false;
-        continue;
-      }
-      double exact = 0, mag = 0;
-      for (int64_t i = 0; i < padded; ++i) {
-        exact += static_cast<double>(down[i * m + j]) * v[t * padded + i];
-        mag += std::fabs(static_cast<double>(down[i * m + j]) * v[t * padded + i]);
-      }
-      if (!(std::fabs(got - exact) <= 1e-5 * mag + 1e-37)) return false;
-    }
-  for (int64_t j = 0; j < stride; ++j)
-    if (out[tokens * stride + j] != canary) return false;
-  return true;
+  Problem p(padded, m, tokens, scale, rng);
+  fn(p.down.data(), padded, m, p.v.data(), tokens, p.out.data(), p.stride);
+  return p.check(1e-5, [](float x) { return x; });
 }
 
 void test_projection() {
@@ -94,39 +108,15 @@ float bf16_round(float f) {
 }
 
 // |out - exact| <= (padded + 1) 2^-24 sum |d v| + tiny over the bf16-rounded operands (products of
-// two bf16 values are exact in float32; only the float32 additions round), and nothing written
-// past m or past `tokens`.
+// two bf16 values are exact in float32; only the float32 additions round).
 bool projection_amx_ok(int64_t padded, int64_t m, int64_t tokens, float scale, Rng& rng) {
-  std::vector<float> down(padded * m), v(tokens * padded);
-  for (auto& d : down) d = rng.normal();
-  for (auto& x : v) x = rng.normal() * scale;
+  Problem p(padded, m, tokens, scale, rng);
   std::vector<uint16_t> packed(sdq::detail::project_amx_packed_size(padded, m));
-  sdq::detail::project_amx_pack(down.data(), padded, m, packed.data());
+  sdq::detail::project_amx_pack(p.down.data(), padded, m, packed.data());
   std::vector<uint16_t> a(sdq::detail::project_amx_scratch_size(padded, tokens));
-  const int64_t stride = m + 3;
-  const float canary = -7.25f;
-  std::vector<float> out((tokens + 1) * stride, canary);
-  sdq::detail::project_amx(packed.data(), padded, m, v.data(), tokens, out.data(), stride,
+  sdq::detail::project_amx(packed.data(), padded, m, p.v.data(), tokens, p.out.data(), p.stride,
                            a.data());
-  for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t j = 0; j < stride; ++j) {
-      const float got = out[t * stride + j];
-      if (j >= m) {
-        if (got != canary) return false;
-        continue;
-      }
-      double exact = 0, mag = 0;
-      for (int64_t i = 0; i < padded; ++i) {
-        const double p = static_cast<double>(bf16_round(down[i * m + j])) *
-                         bf16_round(v[t * padded + i]);
-        exact += p;
-        mag += std::fabs(p);
-      }
-      if (!(std::fabs(got - exact) <= (padded + 1) * 0x1p-24 * mag + 1e-37)) return false;
-    }
-  for (int64_t j = 0; j < stride; ++j)
-    if (out[tokens * stride + j] != canary) return false;
-  return true;
+  return p.check((padded + 1) * 0x1p-24, bf16_round);
 }
 
 void test_projection_amx() {
