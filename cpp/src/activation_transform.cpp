@@ -108,8 +108,9 @@ Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs
   // vectors. Block 0 is the widest (the last one may be narrower).
   const bool amx = full_proj.down_bf16 || last_proj.down_bf16;
   const int64_t chunk = amx ? kTokensAmx : kTokens;
-  const int64_t buf_floats = chunk * (L.padded(0) + L.m(0)) +
-                             (amx ? (detail::project_amx_scratch_size(L.padded(0), chunk) + 1) / 2 : 0);
+  const int64_t amx_floats =
+      amx ? (detail::project_amx_scratch_size(L.padded(0), chunk) + 1) / 2 : 0;
+  const int64_t buf_floats = chunk * (L.padded(0) + L.m(0)) + amx_floats;
   std::atomic<Status> result{Status::ok};
   detail::parallel_for(vectors, threads, grain, [&](int64_t begin, int64_t end) {
     // Reused per thread; transform_vectors writes every element before reading it.
@@ -156,11 +157,11 @@ Status activation_transform_bf16(const BlockLayout& L, bool hadamard, const floa
       return p;
     };
     const int64_t last = L.num_blocks() - 1;
-    const std::vector<uint16_t> full_bf16 = last > 0 ? pack(down_full, 0, L) : std::vector<uint16_t>{};
-    const std::vector<uint16_t> last_bf16 = pack(down_last, last, L);
-    return transform_checked(L, hadamard, signs, {down_full, full_bf16.empty() ? nullptr : full_bf16.data()},
-                             {down_last, last_bf16.empty() ? nullptr : last_bf16.data()}, x, batch,
-                             xt, xsum, threads);
+    const std::vector<uint16_t> full = last > 0 ? pack(down_full, 0, L) : std::vector<uint16_t>{};
+    const std::vector<uint16_t> tail = pack(down_last, last, L);
+    const auto data = [](const std::vector<uint16_t>& p) { return p.empty() ? nullptr : p.data(); };
+    return transform_checked(L, hadamard, signs, {down_full, data(full)}, {down_last, data(tail)},
+                             x, batch, xt, xsum, threads);
   });
 }
 

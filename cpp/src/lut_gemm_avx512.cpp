@@ -129,7 +129,8 @@ SDQ_AVX512 void tiles(const LutCtx& c, int64_t k0, float* ybuf) {
           const int i = r * kTile + 16 * k;
           const uint16_t* sp = tile_scales(c.scale_tiles, c.nb, k0 + r, b) + 16 * k;
           const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)sp));
-          const __m512 mu = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sp + c.nb * kTile)));
+          const __m512 mu =
+              _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sp + c.nb * kTile)));
           float* yp = ybuf + t * W + i;
           const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][k]), ts);
           _mm512_storeu_ps(yp, _mm512_fmadd_ps(f, s, _mm512_fmadd_ps(mu, xs, _mm512_loadu_ps(yp))));

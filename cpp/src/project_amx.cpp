@@ -7,7 +7,6 @@
 #include "project.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 
 #include "amx_tiles.h"
@@ -23,7 +22,7 @@ namespace {
 
 constexpr int64_t kK = 32;     // K per TDPBF16PS: bf16 values in a 64-byte A-tile row
 constexpr int64_t kCols = 16;  // outputs per C tile
-constexpr int kRows = 16;      // vectors per A tile (project_amx takes at most this many)
+constexpr int kRows = 16;      // vectors per A tile
 
 int64_t round_up(int64_t n, int64_t k) noexcept { return (n + k - 1) / k * k; }
 

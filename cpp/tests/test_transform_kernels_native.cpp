@@ -128,9 +128,11 @@ void test_projection_amx() {
   bool ok = true;
   for (int64_t tokens : {1, 15, 16, 17, 64, 70})
     for (int64_t m : {1, 15, 16, 17, 63, 64, 65, 83, 200, 256})
-      for (int64_t padded : {1, 2, 31, 32, 33, 64, 128}) ok = ok && projection_amx_ok(padded, m, tokens, 1.0f, rng);
+      for (int64_t padded : {1, 2, 31, 32, 33, 64, 128})
+        ok = ok && projection_amx_ok(padded, m, tokens, 1.0f, rng);
   expect(ok, "projection amx-bf16: random shapes");
-  expect(projection_amx_ok(128, 256, 16, 1e30f, rng) && projection_amx_ok(128, 256, 16, 1e-30f, rng),
+  expect(projection_amx_ok(128, 256, 16, 1e30f, rng) &&
+             projection_amx_ok(128, 256, 16, 1e-30f, rng),
          "projection amx-bf16: huge and tiny activations");
 }
 
