@@ -121,3 +121,17 @@ def test_eos_ends_the_reply_and_streams_every_token():
     out = dec.generate(PROMPT, 10, eos_token_id=[eos, 95], on_token=seen.append)
     assert out.new == full[:full.index(eos) + 1] == seen
     assert out.stats.new_tokens == len(seen)
+
+
+def test_compiled_step_skips_module_guards_only_in_an_isolated_region(monkeypatch):
+    """The guard filter is used only together with isolate_recompiles (two decoders must not share
+    a graph once the module guards are gone); a torch without either gets the mode alone."""
+    kwargs = decode._compile_kwargs("max-autotune-no-cudagraphs")
+    if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
+        assert kwargs["isolate_recompiles"] is True
+        assert kwargs["options"]["guard_filter_fn"] is \
+            torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        assert kwargs["options"]["max_autotune"] is True  # the mode's own options kept
+        assert "mode" not in kwargs  # torch.compile takes a mode or options, not both
+    monkeypatch.delattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe")
+    assert decode._compile_kwargs("default") == {"mode": "default"}

@@ -20,6 +20,7 @@ reason in `WarmUp.reason`.
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -108,13 +109,20 @@ def compile_unavailable_reason() -> str | None:
     return None
 
 
-def _compile_options(mode: str | None) -> dict:
-    """torch.compile's options for the step: the mode's inductor options (it takes a mode or
-    options, not both) and the guard filter that skips the guards on the model's modules."""
+def _compile_kwargs(mode: str | None) -> dict:
+    """torch.compile's arguments for the step besides fullgraph and dynamic: the mode's inductor
+    options (it takes a mode or options, not both) with the guard filter that skips the guards on
+    the model's modules, and an isolated region (isolate_recompiles: dynamo keys compiled graphs
+    on the code object, which every decoder's step shares, and without the module guards two
+    models could then share one graph). A torch without both (older than 2.13) gets the mode
+    alone: every guard checked, as before."""
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if skip is None or "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
+        return {"mode": mode}
     from torch._inductor import list_mode_options
     options = dict(list_mode_options(mode or "default"))
-    options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    return options
+    options["guard_filter_fn"] = skip
+    return {"options": options, "isolate_recompiles": True}
 
 
 def cache_class():
@@ -131,8 +139,8 @@ class StaticDecoder:
     cannot work here; `warm.reason` says why). mode: torch.compile's mode for the step.
 
     The compiled step skips dynamo's guards on the model's modules
-    (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`): checking them before every step cost
-    2.4 ms of a ~22 ms step on the default model. So it assumes the modules stay as they were at
+    (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`, torch 2.13+): checking them before
+    every step cost 2.4 ms of a ~22 ms step on the default model. So it assumes the modules stay as they were at
     warm-up: writing new values into the weights in place is fine (sdq's plans see it), but after
     replacing, adding or reconfiguring modules build a new decoder.
     """
@@ -224,11 +232,8 @@ class StaticDecoder:
         return warm
 
     def _warm_compiled(self, warm: WarmUp, steps: int) -> WarmUp:
-        # isolate_recompiles: this decoder's graph is its own (dynamo keys compiled graphs on the
-        # code object, which every decoder's step shares, and the skipped guards on the modules
-        # would no longer tell two models apart)
         compiled = torch.compile(self._forward_step, fullgraph=True, dynamic=False,
-                                 options=_compile_options(self.mode), isolate_recompiles=True)
+                                 **_compile_kwargs(self.mode))
         t0 = time.perf_counter()
         try:
             self._prefill(torch.zeros(1, 1, dtype=torch.long, device=self.device))
