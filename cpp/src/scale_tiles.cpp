@@ -3,8 +3,12 @@
 #include "scale_tiles.h"
 
 #include "lut_gemm.h"
+#include "sdq/trit5.h"
 
 namespace sdq::detail {
+
+static_assert(kScaleTileRows == kLutTileRows && kScaleTileRows == kTrit5TileRows,
+              "the layout's tiles are the GEMMs' row tiles");
 
 namespace {
 
