@@ -4,8 +4,9 @@ the exact float-table kernel and the dequantized weights, on the same quantized 
 Quantizes SmolLM2-135M once per setting (calibrated gram codes, as the main job), then scores the same
 windows four ways: every linear through the default CPU GEMMs (sdq.ops.set_cpu_gemm("auto"): the
 int8 tables, and on AMX CPUs, which these 512-token windows then use, the transform's projection
-in bf16 and the int8 AMX GEMM), through the int8 tables alone ("tables"), through the exact add-only GEMM ("addonly"), and
-through the dequantized weight (set_max_kernel_tokens(0)). Writes bench/results/kernel_quality.json.
+in bf16 and the int8 AMX GEMM), through the int8 tables alone ("tables"), through the exact
+add-only GEMM ("addonly"), and through the dequantized weight (set_max_kernel_tokens(0)).
+Writes bench/results/kernel_quality.json.
 
     python bench/kernel_quality.py [--eval-tokens 4096] [--calib-samples 16] [--only t2 b2]
 """

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sdq.ref.kernels import block_geometry
+from test_gemv import _downs
 
 _core = pytest.importorskip("sdq._core")
 needs_bf16 = pytest.mark.skipif(not _core.activation_transform_bf16_supported(),
@@ -24,12 +25,6 @@ def bf16(a):
     u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
     u = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
     return u.view(np.float32).astype(np.float64)
-
-
-def _downs(rng, in_features, block_size, osr):
-    blocks, _ = block_geometry(in_features, block_size, osr)
-    return [rng.standard_normal((p, m)).astype(np.float32) for _, _, p, m, _ in
-            (blocks[0], blocks[-1])]
 
 
 def _reference(x, block_size, osr, signs, full, last):

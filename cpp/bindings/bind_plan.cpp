@@ -226,7 +226,8 @@ void bind_plan(py::module_& m) {
            py::arg("y_ptr"), py::arg("threads"),
            "y = layer(x) through raw data pointers (float32, contiguous, x [batch, in],\n"
            "y [batch, out]); the caller guarantees the sizes.")
-      .def("run", &PyLinearPlan::run, py::arg("x"), py::arg("threads") = 0, "y = layer(x): x float32 [batch, in] -> y float32 [batch, out].")
+      .def("run", &PyLinearPlan::run, py::arg("x"), py::arg("threads") = 0,
+           "y = layer(x): x float32 [batch, in] -> y float32 [batch, out].")
       .def("shares_transform_with",
            [](const PyLinearPlan& a, const PyLinearPlan& b) {
              return a.plan().shares_transform_with(b.plan());

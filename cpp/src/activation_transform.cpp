@@ -149,16 +149,12 @@ Status activation_transform_bf16(const BlockLayout& L, bool hadamard, const floa
   if (!L.valid() || batch < 0) return Status::bad_size;
   if (!detail::project_amx_supported()) return batch == 0 ? Status::ok : Status::not_built;
   return detail::guarded([&] {
-    const auto pack = [](const float* down, int64_t b, const BlockLayout& l) {
-      std::vector<uint16_t> p;
-      if (!down) return p;
-      p.resize(detail::project_amx_packed_size(l.padded(b), l.m(b)));
-      detail::project_amx_pack(down, l.padded(b), l.m(b), p.data());
-      return p;
-    };
     const int64_t last = L.num_blocks() - 1;
-    const std::vector<uint16_t> full = last > 0 ? pack(down_full, 0, L) : std::vector<uint16_t>{};
-    const std::vector<uint16_t> tail = pack(down_last, last, L);
+    const std::vector<uint16_t> full =
+        last > 0 ? detail::project_amx_packed(down_full, L.padded(0), L.m(0))
+                 : std::vector<uint16_t>{};
+    const std::vector<uint16_t> tail =
+        detail::project_amx_packed(down_last, L.padded(last), L.m(last));
     const auto data = [](const std::vector<uint16_t>& p) { return p.empty() ? nullptr : p.data(); };
     return transform_checked(L, hadamard, signs, {down_full, data(full)}, {down_last, data(tail)},
                              x, batch, xt, xsum, threads);

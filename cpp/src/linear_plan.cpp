@@ -38,13 +38,6 @@ std::vector<float> copy_of(const float* p, int64_t n) {
   return p ? std::vector<float>(p, p + n) : std::vector<float>{};
 }
 
-std::vector<uint16_t> bf16_pack_of(const std::vector<float>& down, int64_t padded, int64_t m) {
-  if (down.empty() || !detail::project_amx_supported()) return {};
-  std::vector<uint16_t> packed(detail::project_amx_packed_size(padded, m));
-  detail::project_amx_pack(down.data(), padded, m, packed.data());
-  return packed;
-}
-
 bool equal_to(const std::vector<float>& v, const float* p) noexcept {
   return v.empty() ? p == nullptr : p && std::memcmp(v.data(), p, v.size() * sizeof(float)) == 0;
 }
@@ -76,8 +69,8 @@ std::shared_ptr<const TransformConstants> shared_constants(const LinearPlanDesc&
       next_id++, L, d.hadamard, copy_of(d.hadamard ? d.signs : nullptr, L.block_size),
       copy_of(d.down_full, L.padded(0) * L.m(0)), copy_of(d.down_last, L.padded(last) * L.m(last)),
       {}, {}});
-  if (last > 0) c->down_full_bf16 = bf16_pack_of(c->down_full, L.padded(0), L.m(0));
-  c->down_last_bf16 = bf16_pack_of(c->down_last, L.padded(last), L.m(last));
+  if (last > 0) c->down_full_bf16 = detail::project_amx_packed(d.down_full, L.padded(0), L.m(0));
+  c->down_last_bf16 = detail::project_amx_packed(d.down_last, L.padded(last), L.m(last));
   live.push_back(c);
   return c;
 }
@@ -239,10 +232,10 @@ Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, int threa
   return Status::ok;
 }
 
-Status LinearPlan::gemm_run(const float* xt, const float* xsum, int64_t batch, float* y,
-                            int threads) const noexcept {
+Status LinearPlan::gemm_run(PlanGemm g, const float* xt, const float* xsum, int64_t batch,
+                            float* y, int threads) const noexcept {
   const LinearPlanDesc& d = desc_;
-  switch (gemm(batch)) {
+  switch (g) {
     case PlanGemm::addonly:
       return addonly_gemm(d.layout, d.levels, d.sign, d.nonzero, d.scale, d.mean, d.out, xt,
                           xsum, batch, y, threads);
@@ -274,7 +267,7 @@ Status LinearPlan::run(const float* x, int64_t batch, float* y, int threads) con
     const PlanGemm g = gemm(batch);
     const bool bf16 = g == PlanGemm::amx_binary || g == PlanGemm::amx_ternary;
     const Status s = transform(x, batch, bf16, threads, &xt, &xsum);
-    return s != Status::ok ? s : gemm_run(xt, xsum, batch, y, threads);
+    return s != Status::ok ? s : gemm_run(g, xt, xsum, batch, y, threads);
   });
 }
 

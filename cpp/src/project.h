@@ -9,6 +9,7 @@
 // AVX2+FMA a tile of 6 tokens x 16 outputs; portable accumulates row by row in memory.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "sdq/layout.h"
 #include "sdq/status.h"
@@ -39,6 +40,9 @@ bool project_amx_supported() noexcept;
 int64_t project_amx_packed_size(int64_t padded, int64_t m) noexcept;
 int64_t project_amx_scratch_size(int64_t padded, int64_t tokens) noexcept;
 void project_amx_pack(const float* down, int64_t padded, int64_t m, uint16_t* packed) noexcept;
+// down [padded, m] packed as project_amx reads it; empty when down is null or this CPU lacks
+// AMX-BF16.
+std::vector<uint16_t> project_amx_packed(const float* down, int64_t padded, int64_t m);
 void project_amx(const uint16_t* packed, int64_t padded, int64_t m, const float* v,
                  int64_t tokens, float* out, int64_t out_stride, uint16_t* a);
 

@@ -58,6 +58,14 @@ void project_amx_pack(const float* down, int64_t padded, int64_t m, uint16_t* pa
         }
 }
 
+std::vector<uint16_t> project_amx_packed(const float* down, int64_t padded, int64_t m) {
+  std::vector<uint16_t> packed;
+  if (!down || !project_amx_supported()) return packed;
+  packed.resize(project_amx_packed_size(padded, m));
+  project_amx_pack(down, padded, m, packed.data());
+  return packed;
+}
+
 }  // namespace sdq::detail
 
 #ifdef SDQ_HAVE_AMX_BF16

@@ -2,7 +2,7 @@
 // (lut_gemm_avx2/avx512, trit5_gemm_avx2/avx512). Tile k holds the scales of its 32 rows, block
 // by block ([nb][32]), then their means ([nb][32]); rows past `out` hold 0. In that order a
 // block's 32 row scales are one vector load; from the stored [out, nb] order every call had to
-// transpose them, which took 15-35% of a batch-1 call on the default model's layers. A prepared
+// transpose them, 10-30% of a batch-1 plan call on the default model's layers. A prepared
 // plan (linear_plan.cpp) lays them out once; the one-off GEMM entry points lay them out per call.
 #pragma once
 #include <cstdint>

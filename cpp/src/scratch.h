@@ -16,7 +16,7 @@ namespace sdq::detail {
 enum class ScratchSlot : int {
   gemm_tables, gemm_sums, gemm_rows, transform,
   lut_tables,  // lut_gemm.cpp: int8 tables and their scales of a token chunk (calling thread)
-  lut_rows,    // lut_gemm_<isa>.cpp: a row tile's transposed scales and partial sums (workers)
+  lut_rows,    // lut_gemm_<isa>.cpp: a row tile's partial sums (workers; NEON: its scales too)
   trit5_tables,  // trit5_gemm.cpp: int8 tables and steps of a token chunk (calling thread)
   trit5_rows,    // trit5_gemm_neon.cpp: a row tile's scales as float (workers)
   amx_acts,      // amx_gemm.cpp: the int8 activations and their scales (calling thread)

@@ -140,9 +140,9 @@ class StaticDecoder:
 
     The compiled step skips dynamo's guards on the model's modules
     (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`, torch 2.13+): checking them before
-    every step cost 2.4 ms of a ~22 ms step on the default model. So it assumes the modules stay as they were at
-    warm-up: writing new values into the weights in place is fine (sdq's plans see it), but after
-    replacing, adding or reconfiguring modules build a new decoder.
+    every step cost 2.4 ms of a ~22 ms step on the default model. So it assumes the modules stay
+    as they were at warm-up: writing new values into the weights in place is fine (sdq's plans
+    see it), but after replacing, adding or reconfiguring modules build a new decoder.
     """
 
     def __init__(self, model, max_cache_len: int, compile: bool | None = None,

@@ -100,8 +100,8 @@ class LinearPlan {
   const uint16_t* scale_tiles() const noexcept;  // null: none kept (not an int8-table plan)
   Status transform(const float* x, int64_t batch, bool bf16, int threads,
                    const float** xt, const float** xsum) const;
-  Status gemm_run(const float* xt, const float* xsum, int64_t batch, float* y,
-                  int threads) const noexcept;
+  Status gemm_run(PlanGemm g, const float* xt, const float* xsum, int64_t batch, float* y,
+                  int threads) const noexcept;  // g: gemm(batch), which run has chosen
 
   LinearPlanDesc desc_;
   PlanGemm gemm_;
