@@ -2,18 +2,21 @@
 (sdq.ref.amx) and against the exact float kernel. Runs only where the CPU and OS offer AMX (Sapphire Rapids and later); the
 rest of the suite checks that plans never pick it elsewhere.
 
-Tolerances. The reference rounds the activations exactly as the core does, so the integer dot
-products agree and only the float epilogue differs: we allow 1e-5 of a bound on the terms'
-magnitudes, sum_b 127 * cols_b * ascale_b * |S| + |MU| |xsum|, plus the smallest normal float.
-Against the exact dot products each activation is off by at most ascale_b / 2, so
-|y - exact| <= sum_b |S| cols_b ascale_b / 2 (+ slack).
+Tolerances. The reference rounds the activations and the scales exactly as the core does, so the
+integer dot products agree and only the float epilogue differs: we allow 1e-5 of a bound on the
+terms' magnitudes, sum_p 127 cols_p ascale_p qmax |f_p| + |MU| |xsum| (p: the spans; qmax 127 for
+binary, whose scales are rounded to int8, 1 for ternary, whose f is S), plus the smallest normal
+float. Against the exact dot products each activation is off by at most ascale_p / 2 and each
+binary scale by f_p / 2, so |y - exact| <= sum_b cols_b ascale_p |q_b f_p| / 2 (+ binary:
+sum_k |xt_k| f_p / 2) (+ slack).
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sdq.ref.amx import amx_activations_ref, amx_gemm_binary_ref, amx_gemm_ternary_ref
+from sdq.ref.amx import (amx_activations_ref, amx_gemm_binary_ref, amx_gemm_ternary_ref,
+                         amx_scales_ref, amx_spans)
 from sdq.ref.kernels import addonly_gemm_ref, block_geometry, pack_plane_ref
 from sdq.ref.lut import lut_pack_binary_ref
 
@@ -75,7 +78,7 @@ def _acts(rng, batch, live, nb, kind="normal"):
         xt *= np.float32(1e-40)
     elif kind == "zero":
         xt[:] = 0
-    elif kind == "spiky":  # one huge value per token: only its own block's rounding coarsens
+    elif kind == "spiky":  # one huge value per token: only its own span's rounding coarsens
         xt[:, 3] = 1e6
     xt[:, ~live] = 0
     return xt, rng.standard_normal((batch, nb)).astype(np.float32)
@@ -88,11 +91,20 @@ def _columns(in_features, block_size, osr):
     return np.array(cols, dtype=np.float64)
 
 
-def _magnitude(scale, mean, xt, xsum, geometry):
-    _, ascale = amx_activations_ref(xt, *geometry)
-    s = np.abs(scale.view(np.float16).astype(np.float64))
+def _span_of(geometry, scaled) -> np.ndarray:
+    """The span of each block."""
+    return np.concatenate([[p] * len(blocks)
+                           for p, blocks in enumerate(amx_spans(*geometry, scaled))])
+
+
+def _magnitude(scale, mean, xt, xsum, geometry, scaled):
+    _, ascale = amx_activations_ref(xt, *geometry, scaled)
+    _, f = amx_scales_ref(scale, *geometry, scaled)
+    span_cols = np.bincount(_span_of(geometry, scaled), weights=_columns(*geometry))
     mu = np.abs(mean.view(np.float16).astype(np.float64))
-    return (127 * _columns(*geometry) * ascale) @ s.T + np.abs(xsum.astype(np.float64)) @ mu.T
+    qmax = 127 if scaled else 1
+    return (127 * span_cols * ascale.astype(np.float64)) @ (qmax * np.abs(f.astype(np.float64))).T \
+        + np.abs(xsum.astype(np.float64)) @ mu.T
 
 
 def _run(planes, scale, mean, xt, xsum, out, geometry, threads=0):
@@ -117,8 +129,9 @@ def _check_reference(y, planes, scale, mean, xt, xsum, geometry):
     ref = _reference(planes, scale, mean, xt, xsum, geometry)
     assert y.dtype == np.float32 and y.shape == ref.shape
     assert np.isfinite(y).all()
-    np.testing.assert_array_less(np.abs(y - ref), 1e-5 * _magnitude(scale, mean, xt, xsum, geometry)
-                                 + TINY)
+    scaled = planes[1] is None  # binary
+    np.testing.assert_array_less(np.abs(y - ref),
+                                 1e-5 * _magnitude(scale, mean, xt, xsum, geometry, scaled) + TINY)
 
 
 @needs_amx
@@ -148,12 +161,15 @@ def test_prefill_of_many_tokens_and_rows(levels):
 
 @needs_amx
 @pytest.mark.parametrize("levels", LEVELS)
-@pytest.mark.parametrize("kind", ["zero", "huge", "denormal", "spiky"])
+@pytest.mark.parametrize("kind", ["zero", "huge", "denormal", "spiky", "dead_span"])
 def test_extreme_activations(levels, kind):
-    shape = (40, 300, 128, 1.3)
+    shape = (40, 600, 128, 1.3)  # 5 blocks of 192 code columns: spans of 2, 2, 1
     rng = np.random.default_rng(7)
     planes, scale, mean, live = _layer(rng, *shape, levels)
-    xt, xsum = _acts(rng, 18, live, scale.shape[1], kind=kind)
+    xt, xsum = _acts(rng, 18, live, scale.shape[1], kind="normal" if kind == "dead_span" else kind)
+    if kind == "dead_span":  # the first span's activations all zero, the others live
+        xt[:, :384] = 0
+        assert (amx_activations_ref(xt, *shape[1:], levels == "binary")[1][:, 0] == 0).all()
     y = _run(planes, scale, mean, xt, xsum, shape[0], shape[1:])
     _check_reference(y, planes, scale, mean, xt, xsum, shape[1:])
     if kind in ("zero", "denormal"):  # activations round to 0: only MU * xsum remains
@@ -161,19 +177,61 @@ def test_extreme_activations(levels, kind):
         np.testing.assert_allclose(y, xsum.astype(np.float64) @ mu.T, rtol=1e-5, atol=1e-6)
 
 
+@needs_amx
+@pytest.mark.parametrize("levels", LEVELS)
+def test_int32_sums_of_a_huge_block_do_not_overflow(levels):
+    """One block of 262144 code columns (block 16384, OSR 16), every product at its largest
+    (a = 127, code x q = 127): the sum of a span, 4.2e9, is more than int32 holds; the kernel
+    adds its sums to y every 131072 columns."""
+    shape = (32, 16384, 16384, 16.0)
+    rng = np.random.default_rng(9)
+    planes, scale, mean, live = _layer(rng, *shape, levels)
+    sign, nonzero = planes
+    ones = pack_plane_ref(np.broadcast_to(live, (shape[0], live.size)))
+    planes = (ones, None if nonzero is None else ones)
+    scale[:] = np.float16(0.5).view(np.uint16)
+    for batch in (1, 20):
+        xt = np.where(live, np.float32(0.25), np.float32(0))[None].repeat(batch, axis=0)
+        xsum = rng.standard_normal((batch, 1)).astype(np.float32)
+        y = _run(planes, scale, mean, xt, xsum, shape[0], shape[1:])
+        _check_reference(y, planes, scale, mean, xt, xsum, shape[1:])
+        mu = mean.view(np.float16).astype(np.float64)[:, 0]
+        np.testing.assert_allclose(y, 0.25 * 0.5 * live.sum() + xsum.astype(np.float64) * mu,
+                                   rtol=1e-5)
+
+
 def test_activations_follow_the_rule():
-    """Spot-check the reference's rounding: int8 in [-127, 127], the block's largest at +-127,
+    """Spot-check the reference's rounding: int8 in [-127, 127], the span's largest at +-127,
     each column within half a step of x."""
-    geometry = (300, 128, 1.3)
+    geometry = (600, 128, 1.3)
     rng = np.random.default_rng(3)
     blocks, total = block_geometry(*geometry)
     xt = rng.standard_normal((2, total)).astype(np.float32)
     a, ascale = amx_activations_ref(xt, *geometry)
-    for b, (_, _, _, m, offset) in enumerate(blocks):
-        cols = slice(offset, offset + m)
+    spans = amx_spans(*geometry)
+    assert [len(p) for p in spans] == [2, 2, 1]  # 192 code columns a block: 2 fit in 512
+    for p, span in enumerate(spans):
+        cols = np.concatenate([np.arange(blocks[b][4], blocks[b][4] + blocks[b][3]) for b in span])
         assert np.abs(a[:, cols]).max() == 127
-        err = np.abs(a[:, cols] * ascale[:, b:b + 1] - xt[:, cols])
-        assert (err < ascale[:, b:b + 1] / 2 + 1e-6).all()
+        err = np.abs(a[:, cols] * ascale[:, p:p + 1] - xt[:, cols])
+        assert (err < ascale[:, p:p + 1] / 2 + 1e-6).all()
+
+
+def test_scales_follow_the_rule():
+    """The reference's int8 scales: the span's largest |S| of each row at +-127, each block's
+    q f within f / 2 of S, f = q = 0 for a row whose span is all zero."""
+    geometry = (600, 128, 1.3)
+    rng = np.random.default_rng(4)
+    s = rng.uniform(-2, 2, (6, 5)).astype(np.float16)
+    s[1, :2] = 0
+    q, f = amx_scales_ref(s.view(np.uint16), *geometry)
+    for p, span in enumerate(amx_spans(*geometry)):
+        sp = slice(span.start, span.stop)
+        live = np.abs(s[:, sp]).max(axis=1) > 0
+        assert (np.abs(q[live, sp]).max(axis=1) == 127).all()
+        assert (q[~live, sp] == 0).all() and (f[~live, p] == 0).all()
+        err = np.abs(q[:, sp] * f[:, p:p + 1] - s[:, sp].astype(np.float32))
+        assert (err <= f[:, p:p + 1] / 2 * (1 + 1e-6)).all()
 
 
 @needs_amx
@@ -186,10 +244,18 @@ def test_close_to_exact_float_kernel(levels, shape):
     xt, xsum = _acts(rng, 20, live, scale.shape[1])
     y = _run(planes, scale, mean, xt, xsum, out, geometry)
     exact = addonly_gemm_ref(*planes, scale, mean, xt, xsum, *geometry)
-    _, ascale = amx_activations_ref(xt, *geometry)
-    step = (_columns(*geometry) * ascale / 2) @ np.abs(scale.view(np.float16).astype(np.float64)).T
+    scaled = levels == "binary"
+    _, ascale = amx_activations_ref(xt, *geometry, scaled)
+    q, f = amx_scales_ref(scale, *geometry, scaled)
+    span = _span_of(geometry, scaled)
+    blocks, _ = block_geometry(*geometry)
+    xabs = np.stack([np.abs(xt[:, o:o + m]).sum(axis=1) for _, _, _, m, o in blocks], axis=1)
+    fb = np.abs(f[:, span].astype(np.float64))  # [out, nb]: each block's span factor
+    step = (_columns(*geometry) * ascale[:, span] / 2) @ (np.abs(q) * fb).T
+    if scaled:  # and each scale off by at most f / 2
+        step += (xabs / 2) @ fb.T
     np.testing.assert_array_less(np.abs(y - exact), 1.001 * step + 1e-5 * _magnitude(
-        scale, mean, xt, xsum, geometry) + TINY)
+        scale, mean, xt, xsum, geometry, scaled) + TINY)
     # and far below the worst case on Gaussian activations, closer than the tables (~1%)
     assert np.linalg.norm(y - exact) < 0.01 * np.linalg.norm(exact)
 

@@ -1,6 +1,7 @@
 // amx_gemm_binary / amx_gemm_ternary (sdq/amx_gemm.h): activations rounded to int8 per (token,
-// block), the codes of each 32-row tile and block unpacked to int8 in AMX's B-tile layout (one
-// policy per code format: BinaryCodes, Trit5Codes), TDPBSSD, and a float epilogue per block.
+// span of blocks), the codes of each 32-row tile and block unpacked to int8 in AMX's B-tile layout
+// (binary: times the block's int8 scale; one policy per code format: BinaryCodes, Trit5Codes),
+// TDPBSSD summing a whole span in the tiles, and a float epilogue per span.
 // Compiled with target attributes (the build needs no -mamx-*), chosen at run time; elsewhere
 // (not x86-64 Linux, or a compiler without these intrinsics) not_built.
 #include "sdq/amx_gemm.h"
@@ -42,6 +43,10 @@ constexpr int kHalf = 16;     // packed-tile rows per B (and C) tile: a 32-row t
 constexpr int kTileBytes = 1024;  // 16 rows x 64 bytes: every tile this kernel configures
 constexpr float kTinyAmax = 0x1p-120f;
 constexpr int64_t kGroupTiles = 4;  // packed tiles that share one pass over the activations
+// |a| <= 127 and |code x q| <= 127: int32 sums of up to 2^31 / 127^2 columns cannot overflow, so
+// the C tiles are flushed every kFlushSteps steps (only blocks over 131072 code columns need it).
+constexpr int64_t kFlushSteps = 2048;
+static_assert(kFlushSteps * 64 * 127 * 127 < (int64_t{1} << 31), "int32 sums overflow");
 constexpr double kMinChunkBytes = 1 << 14;  // as lut_gemm.cpp: a few microseconds of work
 
 static_assert(kLutTileRows == 2 * kHalf, "a packed tile is two B tiles of rows");
@@ -68,7 +73,9 @@ static_assert(kStep == 64 && kTokens == 16, "every tile is 16 rows of 64 bytes (
 struct Geometry {
   int64_t nb, steps0, steps_last;  // K steps of every block but the last; of the last
   int64_t tokens;                  // tokens padded to a multiple of kTokens
+  int64_t span, spans;             // blocks per span (amx_gemm.h), spans per row
   int64_t steps(int64_t b) const noexcept { return b == nb - 1 ? steps_last : steps0; }
+  int64_t span_end(int64_t sp) const noexcept { return std::min(nb, (sp + 1) * span); }
   // The int8 activations are block-major: block b's rows (steps(b) * kStep bytes per token,
   // zero past its codes) start at a_offset(b), so that an A tile is 1 KB in one run.
   int64_t a_offset(int64_t b) const noexcept { return b * tokens * steps0 * kStep; }
@@ -83,6 +90,8 @@ Geometry geometry_of(const BlockLayout& L, const Codes& codes, int64_t batch) no
   g.steps0 = codes.steps(0);
   g.steps_last = codes.steps(nb - 1);
   g.tokens = (batch + kTokens - 1) / kTokens * kTokens;
+  g.span = Codes::kScaled ? amx_span_blocks(L) : 1;
+  g.spans = (nb + g.span - 1) / g.span;
   return g;
 }
 
@@ -97,25 +106,52 @@ SDQ_AMX void round_to_int8(const float* x, int64_t n, __m512 inv, int8_t* q) {
 }
 
 // Token t's xt row -> its int8 rows of a (Geometry::a_offset), laid out by the codes, and
-// ascale [nb]. amax runs over the block's code columns (zero past m_b).
+// ascale [spans]: one scale per span, amax over its blocks' code columns (zero past m_b).
 template <typename Codes>
 SDQ_AMX void quantize_token(const BlockLayout& L, const Codes& codes, const Geometry& g,
                             const float* xt, int64_t t, int8_t* a, float* ascale) {
-  for (int64_t b = 0; b < g.nb; ++b) {
-    const float* x = xt + L.code_offset(b);
-    const int64_t cols = L.code_cols(b);  // a multiple of 32
-    int8_t* dst = a + g.a_offset(b) + t * g.steps(b) * kStep;
+  for (int64_t sp = 0; sp < g.spans; ++sp) {
+    const int64_t b0 = sp * g.span, b1 = g.span_end(sp);
     __m512 m = _mm512_setzero_ps();
-    for (int64_t k = 0; k < cols; k += 16)
-      m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-    const float amax = _mm512_reduce_max_ps(m);
-    if (!(amax >= kTinyAmax)) {  // as the table kernels: such a block adds only MU * xsum
-      std::memset(dst, 0, static_cast<size_t>(g.steps(b) * kStep));
-      ascale[b] = 0.0f;
-      continue;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* x = xt + L.code_offset(b);
+      for (int64_t k = 0, cols = L.code_cols(b); k < cols; k += 16)  // cols: a multiple of 32
+        m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
     }
-    codes.activations(x, cols, g.steps(b), _mm512_set1_ps(127.0f / amax), dst);
-    ascale[b] = amax / 127.0f;
+    const float amax = _mm512_reduce_max_ps(m);
+    const bool live = amax >= kTinyAmax;  // else (or NaN) the span adds only MU * xsum
+    for (int64_t b = b0; b < b1; ++b) {
+      int8_t* dst = a + g.a_offset(b) + t * g.steps(b) * kStep;
+      if (live)
+        codes.activations(xt + L.code_offset(b), L.code_cols(b), g.steps(b),
+                          _mm512_set1_ps(127.0f / amax), dst);
+      else
+        std::memset(dst, 0, static_cast<size_t>(g.steps(b) * kStep));
+    }
+    ascale[sp] = live ? amax / 127.0f : 0.0f;
+  }
+}
+
+// The 64-byte vectors +q and -q of a B tile's half h: byte 4n + j holds row 16h + n's q (q32: the
+// block's int8 scales of the packed tile's 32 rows).
+struct RowScales {
+  __m512i plus[2], minus[2];
+  SDQ_AMX RowScales(const int8_t* q32, const __m512i (&spread)[2]) {
+    const __m512i q =
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q32)));
+    for (int h = 0; h < 2; ++h) {
+      plus[h] = _mm512_permutexvar_epi8(spread[h], q);
+      minus[h] = _mm512_sub_epi8(_mm512_setzero_si512(), plus[h]);
+    }
+  }
+};
+
+// spread[h] byte i = 16h + i / 4: RowScales' look-up of row 16h + n for the 4 bytes of dword n
+SDQ_AMX void row_spread(__m512i (&spread)[2]) {
+  alignas(64) uint8_t t[64];
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < 64; ++i) t[i] = static_cast<uint8_t>(kHalf * h + i / 4);
+    spread[h] = _mm512_load_si512(t);
   }
 }
 
@@ -126,10 +162,11 @@ SDQ_AMX void quantize_token(const BlockLayout& L, const Codes& codes, const Geom
 // holds bytes p and p+1 of its 32 rows. So B row r = 4q + 2e + o of half h takes, from load q,
 // byte 32e + 16h + n for each n (vpermb), and bit 4o + j of it (vptestmb), as +-1 (blend).
 struct BinaryCodes {
+  static constexpr bool kScaled = true;  // B holds code x q (amx_gemm.h: spans of blocks)
   const BlockLayout* L;
   const uint8_t* packed;
   int64_t tile_bytes, row_bytes;  // per packed tile; packed code bytes per row
-  __m512i idx[2][2], bit[2];
+  __m512i idx[2][2], bit[2], spread[2];
 
   SDQ_AMX BinaryCodes(const BlockLayout& layout, const uint8_t* codes)
       : L(&layout), packed(codes), tile_bytes(lut_tile_bytes(layout)),
@@ -144,6 +181,7 @@ struct BinaryCodes {
       for (int i = 0; i < 64; ++i) t[i] = static_cast<uint8_t>(1u << (4 * o + i % 4));
       bit[o] = _mm512_load_si512(t);
     }
+    row_spread(spread);
   }
 
   int64_t steps(int64_t b) const noexcept { return (L->code_cols(b) + kStep - 1) / kStep; }
@@ -155,10 +193,11 @@ struct BinaryCodes {
     std::memset(dst + cols, 0, static_cast<size_t>(steps * kStep - cols));
   }
 
-  // B tiles of block b of packed tile k: b_tiles[(s * 2 + h) * kTileBytes] for step s, half h.
-  // Bytes past the row (the last block's last step) read as code -1: their activations are 0.
-  SDQ_AMX void unpack(int64_t k, int64_t b, int8_t* b_tiles) const {
-    const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+  // B tiles of block b of packed tile k, each code times its row's q (q32):
+  // b_tiles[(s * 2 + h) * kTileBytes] for step s, half h. Bytes past the row (the last block's
+  // last step) read as code -1: their activations are 0.
+  SDQ_AMX void unpack(int64_t k, int64_t b, const int8_t* q32, int8_t* b_tiles) const {
+    const RowScales rs(q32, spread);
     const uint8_t* tile = packed + k * tile_bytes;
     const int64_t p0 = L->code_offset(b) / 8;
     for (int64_t s = 0; s < steps(b); ++s)
@@ -173,7 +212,8 @@ struct BinaryCodes {
             int8_t* dst = b_tiles + (s * 2 + h) * kTileBytes + (4 * q + 2 * e) * kStep;
             for (int o = 0; o < 2; ++o)
               _mm512_store_si512(dst + o * kStep,
-                                 _mm512_mask_blend_epi8(_mm512_test_epi8_mask(w, bit[o]), minus, plus));
+                                 _mm512_mask_blend_epi8(_mm512_test_epi8_mask(w, bit[o]),
+                                                        rs.minus[h], rs.plus[h]));
           }
       }
   }
@@ -184,6 +224,7 @@ struct BinaryCodes {
 // becomes its dword by one 16-entry look-up (vpermd) and its sign bit negates it.
 
 struct Trit5Codes {
+  static constexpr bool kScaled = false;  // B holds the codes; a block is its own span, f = S
   const BlockLayout* L;
   const uint8_t* trits;
   const uint32_t* signs;
@@ -225,9 +266,10 @@ struct Trit5Codes {
     }
   }
 
-  // B tiles of block b of tile k, as BinaryCodes::unpack. B row r of step s is group
-  // group_offset(b) + 16 s + r; groups past the row's end read as 0 (their activations are 0).
-  SDQ_AMX void unpack(int64_t k, int64_t b, int8_t* b_tiles) const {
+  // B tiles of block b of tile k, as BinaryCodes::unpack but the codes themselves (the block's
+  // scale is applied in the epilogue). B row r of step s is group group_offset(b) + 16 s + r;
+  // groups past the row's end read as 0 (their activations are 0).
+  SDQ_AMX void unpack(int64_t k, int64_t b, const int8_t*, int8_t* b_tiles) const {
     const uint8_t* tile = trits + k * tile_trit_bytes;
     const uint32_t* neg = signs + k * total_groups;
     const int64_t g0 = trit5_group_offset(*L, b);
@@ -258,18 +300,29 @@ struct Trit5Codes {
   }
 };
 
-// C tiles 2m + h (tiles 0-3) = (A tile m: tokens 16m..) x (B tile h: rows 16h..) summed over
-// one block's steps. a: the block's row of the first token. The sums stay in the tiles until
-// store_sums.
+// Byte offsets in a worker's scratch (tile_group), for a full group of kGroupTiles tiles.
+struct Layout {
+  int64_t q, f, mu, b_tiles, c_tiles, y, bytes;
+};
+
+Layout scratch_layout(const Geometry& g, int64_t batch) {
+  constexpr int64_t W = kGroupTiles * kLutTileRows;
+  auto up = [](int64_t v) { return (v + 63) / 64 * 64; };
+  Layout l{};
+  l.q = up(2 * g.nb * W * 2);  // after the transposed fp16 scales and means
+  l.f = l.q + up(g.nb * W);
+  l.mu = l.f + up(g.spans * W * 4);
+  l.b_tiles = l.mu + up(g.nb * W * 4);
+  l.c_tiles = l.b_tiles + g.span * std::max(g.steps0, g.steps_last) * 2 * kTileBytes;
+  l.y = l.c_tiles + 4 * kTileBytes;
+  l.bytes = l.y + batch * W * 4;
+  return l;
+}
+
+// C tiles 2m + h (tiles 0-3) += (A tile m: tokens 16m..) x (B tile h: rows 16h..) over `steps`
+// steps of one block. a: the block's row of the first token, kp bytes per token row.
 template <int MA>
-SDQ_AMX void block_products(const int8_t* a, const int8_t* b_tiles, int64_t steps) {
-  const int64_t kp = steps * kStep;
-  _tile_zero(0);
-  _tile_zero(1);
-  if (MA == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
-  }
+SDQ_AMX void block_products(const int8_t* a, int64_t kp, const int8_t* b_tiles, int64_t steps) {
   // Each operand tile is reloaded as soon as its last reader of this step has been issued, so
   // that the loads of step s + 1 overlap the products of step s (tiles are not renamed).
   const int8_t* a1 = a + kTokens * kp;
@@ -295,6 +348,16 @@ SDQ_AMX void block_products(const int8_t* a, const int8_t* b_tiles, int64_t step
   }
 }
 
+template <int MA>
+SDQ_AMX void zero_sums() {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (MA == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+}
+
 // c_tiles[(2m + h) * 256] int32 = C tile 2m + h.
 template <int MA>
 SDQ_AMX void store_sums(int32_t* c_tiles) {
@@ -310,80 +373,175 @@ struct Call {
   Geometry g;
   detail::LutCtx scales;  // scale, mean, out, nb: for lut_transpose_scales_avx2
   const int8_t* a;       // block-major (Geometry::a_offset)
-  const float* ascale;   // [batch, nb]
+  const float* ascale;   // [batch, spans]
   const float* xsum;     // [batch, nb]
   int64_t batch;
   float* y;
 };
 
-// ybuf[t * width + 16h + i] += the stored C tiles x ascale x S + MU x xsum for block b, tokens
-// t0 .. t0 + 31 (those < batch). s, mu: the block's scales and means of the packed tile's 32
-// rows as float; y: ybuf at the packed tile's first column.
-SDQ_AMX void epilogue(const Call& c, const int32_t* c_tiles, int64_t b, int64_t t0, const float* s,
-                      const float* mu, float* y, int64_t width) {
-  const int64_t nb = c.g.nb;
-  const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
-  const __m512 m0 = _mm512_loadu_ps(mu), m1 = _mm512_loadu_ps(mu + 16);
+// ybuf[t * width + 16h + i] += the stored C tiles x ascale x f for span sp, tokens t0 .. t0 + 31
+// (those < batch). f: the span's row factors of the packed tile's 32 rows; y: ybuf at the packed
+// tile's first column.
+SDQ_AMX void epilogue(const Call& c, const int32_t* c_tiles, int64_t sp, int64_t t0,
+                      const float* f, float* y, int64_t width) {
+  const int64_t spans = c.g.spans;
+  const __m512 f0 = _mm512_loadu_ps(f), f1 = _mm512_loadu_ps(f + 16);
   const int64_t n = std::min<int64_t>(2 * kTokens, c.batch - t0);
-  const float* as = c.ascale + t0 * nb + b;
-  const float* xs = c.xsum + t0 * nb + b;
+  const float* as = c.ascale + t0 * spans + sp;
   float* yp = y + t0 * width;
-  for (int64_t u = 0; u < n; ++u, as += nb, xs += nb, yp += width) {
+  for (int64_t u = 0; u < n; ++u, as += spans, yp += width) {
     const int32_t* acc = c_tiles + (u >= kTokens ? 512 - kTokens * 16 : 0) + u * 16;
-    const __m512 a = _mm512_set1_ps(*as), x = _mm512_set1_ps(*xs);
-    const __m512 f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(acc)), a);
-    const __m512 f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(acc + 256)), a);
-    _mm512_storeu_ps(yp, _mm512_fmadd_ps(f0, s0, _mm512_fmadd_ps(m0, x, _mm512_loadu_ps(yp))));
-    _mm512_storeu_ps(yp + 16, _mm512_fmadd_ps(f1, s1, _mm512_fmadd_ps(m1, x, _mm512_loadu_ps(yp + 16))));
+    const __m512 a = _mm512_set1_ps(*as);
+    const __m512 p0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(acc)), a);
+    const __m512 p1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(acc + 256)), a);
+    _mm512_storeu_ps(yp, _mm512_fmadd_ps(p0, f0, _mm512_loadu_ps(yp)));
+    _mm512_storeu_ps(yp + 16, _mm512_fmadd_ps(p1, f1, _mm512_loadu_ps(yp + 16)));
   }
 }
 
-// Tiles of 32 rows [k0, k0 + n), n <= kGroupTiles, every token. Block by block, so that a
-// block's int8 activations (up to 24 KB at 64 tokens and OSR 2) are read from L2 once for n tiles.
+// A packed tile's scales for one call: per block its 32 rows' int8 q (amx_gemm.h; scaled codes
+// only), per span their float factors f, per block their means as float. Laid out [n][nb][32] /
+// [n][spans][32].
+struct TileScales {
+  int8_t* q;
+  float* f;
+  float* mu;
+};
+
+// 16 fp16 values as float
+SDQ_AMX __m512 half16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The n packed tiles from k0: fp16 scales and means transposed to [nb][width], then per span the
+// rows' largest |S|, f = that / 127 and q = rint(S * (127 / that)) (0 where it is below 2^-120);
+// codes that are not scaled (a span per block) take f = S.
+template <bool Scaled>
+SDQ_AMX void prepare_scales(const Call& c, int64_t k0, int64_t n, uint16_t* st, uint16_t* mt,
+                            const TileScales& out) {
+  const Geometry& g = c.g;
+  const int64_t width = n * kLutTileRows;
+  detail::lut_transpose_scales_avx2(c.scales, k0 * kLutTileRows, width, st, mt);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t j = 0; j < width; j += 16) {  // 16 rows of tile j / 32
+    const int64_t k = j / 32, i = j % 32;
+    for (int64_t b = 0; b < g.nb; ++b)
+      _mm512_storeu_ps(out.mu + (k * g.nb + b) * 32 + i, half16(mt + b * width + j));
+    if (!Scaled) {
+      for (int64_t b = 0; b < g.nb; ++b)
+        _mm512_storeu_ps(out.f + (k * g.nb + b) * 32 + i, half16(st + b * width + j));
+      continue;
+    }
+    for (int64_t sp = 0; sp < g.spans; ++sp) {
+      const int64_t b0 = sp * g.span, b1 = g.span_end(sp);
+      __m512 m = _mm512_setzero_ps();
+      for (int64_t b = b0; b < b1; ++b)
+        m = _mm512_max_ps(m, _mm512_abs_ps(half16(st + b * width + j)));
+      const __mmask16 live = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kTinyAmax), _CMP_GE_OQ);
+      const __m512 inv = _mm512_maskz_div_ps(live, _mm512_set1_ps(127.0f), m);
+      _mm512_storeu_ps(out.f + (k * g.spans + sp) * 32 + i,
+                       _mm512_maskz_div_ps(live, m, _mm512_set1_ps(127.0f)));
+      for (int64_t b = b0; b < b1; ++b) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(half16(st + b * width + j), inv));
+        v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q + (k * g.nb + b) * 32 + i),
+                         _mm512_cvtepi32_epi8(v));
+      }
+    }
+  }
+}
+
+// ybuf [batch][width] = sum_b MU x xsum (the part of y that needs no codes): 4 tokens x 2 halves
+// of a tile at a time, so that each mean vector loaded serves 4 tokens and 8 sums run side by side.
+SDQ_AMX void mean_terms(const Call& c, int64_t n, const float* mu, float* ybuf, int64_t width) {
+  const int64_t nb = c.g.nb;
+  for (int64_t t0 = 0; t0 < c.batch; t0 += 4) {
+    const int64_t nt = std::min<int64_t>(4, c.batch - t0);
+    const float* xs[4];
+    for (int i = 0; i < 4; ++i) xs[i] = c.xsum + (t0 + std::min<int64_t>(i, nt - 1)) * nb;
+    for (int64_t k = 0; k < n; ++k) {
+      const float* m = mu + k * nb * 32;
+      __m512 y[4][2];
+      for (auto& v : y) v[0] = v[1] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b, m += 32) {
+        const __m512 m0 = _mm512_loadu_ps(m), m1 = _mm512_loadu_ps(m + 16);
+        for (int i = 0; i < 4; ++i) {
+          const __m512 x = _mm512_set1_ps(xs[i][b]);
+          y[i][0] = _mm512_fmadd_ps(m0, x, y[i][0]);
+          y[i][1] = _mm512_fmadd_ps(m1, x, y[i][1]);
+        }
+      }
+      for (int64_t i = 0; i < nt; ++i) {
+        _mm512_storeu_ps(ybuf + (t0 + i) * width + k * 32, y[i][0]);
+        _mm512_storeu_ps(ybuf + (t0 + i) * width + k * 32 + 16, y[i][1]);
+      }
+    }
+  }
+}
+
+// The products of span sp for the token tiles from t0 (MA of them), flushed into ybuf at the
+// span's end and every kFlushSteps steps.
+template <int MA>
+SDQ_AMX void span_products(const Call& c, int64_t sp, int64_t t0, const int8_t* b_tiles,
+                           const float* f, int32_t* c_tiles, float* y, int64_t width) {
+  const Geometry& g = c.g;
+  zero_sums<MA>();
+  int64_t budget = kFlushSteps;
+  for (int64_t b = sp * g.span, e = g.span_end(sp); b < e; ++b) {
+    const int64_t steps = g.steps(b), kp = steps * kStep;
+    const int8_t* a = c.a + g.a_offset(b) + t0 * kp;
+    for (int64_t s = 0; s < steps;) {
+      const int64_t n = std::min(steps - s, budget);
+      block_products<MA>(a + s * kStep, kp, b_tiles + s * 2 * kTileBytes, n);
+      s += n;
+      budget -= n;
+      if (budget == 0 && (s < steps || b + 1 < e)) {
+        store_sums<MA>(c_tiles);
+        epilogue(c, c_tiles, sp, t0, f, y, width);
+        zero_sums<MA>();
+        budget = kFlushSteps;
+      }
+    }
+    b_tiles += steps * 2 * kTileBytes;
+  }
+  store_sums<MA>(c_tiles);
+  epilogue(c, c_tiles, sp, t0, f, y, width);
+}
+
+// Tiles of 32 rows [k0, k0 + n), n <= kGroupTiles, every token. Span by span: a tile's codes of
+// the span are unpacked once (16 KB at 512 code columns) and multiplied with every token.
 template <typename Codes>
 SDQ_AMX void tile_group(const Call& c, const Codes& codes, int64_t k0, int64_t n, uint8_t* buf) {
   const Geometry& g = c.g;
   const int64_t width = n * kLutTileRows;
-  const int64_t scale_bytes = (2 * g.nb * width * 2 + 63) / 64 * 64;
+  const Layout at = scratch_layout(g, c.batch);
   auto* st = reinterpret_cast<uint16_t*>(buf);  // [nb][width] fp16 scales, then means
   uint16_t* mt = st + g.nb * width;
-  auto* sf = reinterpret_cast<float*>(buf + scale_bytes);  // [n][nb][32] float scales, means
-  float* mf = sf + g.nb * width;
-  auto* b_tiles = reinterpret_cast<int8_t*>(sf + 2 * g.nb * width);
-  auto* c_tiles = reinterpret_cast<int32_t*>(b_tiles + g.steps0 * 2 * kTileBytes);
-  float* ybuf = reinterpret_cast<float*>(c_tiles + kTileBytes);  // [batch][width]
-  const int64_t r0 = k0 * kLutTileRows;
-  detail::lut_transpose_scales_avx2(c.scales, r0, width, st, mt);
-  for (int64_t b = 0; b < g.nb; ++b)
-    for (int64_t j = 0; j < width; j += 16) {
-      const int64_t dst = ((j / 32) * g.nb + b) * 32 + j % 32;
-      _mm512_storeu_ps(sf + dst, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(st + b * width + j))));
-      _mm512_storeu_ps(mf + dst, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mt + b * width + j))));
-    }
-  std::memset(ybuf, 0, sizeof(float) * width * c.batch);
-  for (int64_t b = 0; b < g.nb; ++b) {
-    const int64_t steps = g.steps(b), row = steps * kStep;
-    const int8_t* a = c.a + g.a_offset(b);
+  const TileScales ts{reinterpret_cast<int8_t*>(buf + at.q), reinterpret_cast<float*>(buf + at.f),
+                      reinterpret_cast<float*>(buf + at.mu)};
+  auto* b_tiles = reinterpret_cast<int8_t*>(buf + at.b_tiles);
+  auto* c_tiles = reinterpret_cast<int32_t*>(buf + at.c_tiles);
+  auto* ybuf = reinterpret_cast<float*>(buf + at.y);  // [batch][width]
+  prepare_scales<Codes::kScaled>(c, k0, n, st, mt, ts);
+  mean_terms(c, n, ts.mu, ybuf, width);
+  for (int64_t sp = 0; sp < g.spans; ++sp) {
     for (int64_t k = 0; k < n; ++k) {
-      codes.unpack(k0 + k, b, b_tiles);
-      const float* s = sf + (k * g.nb + b) * 32;
-      const float* mu = mf + (k * g.nb + b) * 32;
+      int8_t* bt = b_tiles;
+      for (int64_t b = sp * g.span, e = g.span_end(sp); b < e; ++b) {
+        codes.unpack(k0 + k, b, ts.q + (k * g.nb + b) * 32, bt);
+        bt += g.steps(b) * 2 * kTileBytes;
+      }
+      const float* f = ts.f + (k * g.spans + sp) * 32;
       float* y = ybuf + k * kLutTileRows;
       for (int64_t t0 = 0; t0 < g.tokens; t0 += 2 * kTokens) {
-        const bool two = t0 + 2 * kTokens <= g.tokens;
-        if (two)
-          block_products<2>(a + t0 * row, b_tiles, steps);
+        if (t0 + 2 * kTokens <= g.tokens)
+          span_products<2>(c, sp, t0, b_tiles, f, c_tiles, y, width);
         else
-          block_products<1>(a + t0 * row, b_tiles, steps);
-        if (two)
-          store_sums<2>(c_tiles);
-        else
-          store_sums<1>(c_tiles);
-        epilogue(c, c_tiles, b, t0, s, mu, y, width);
+          span_products<1>(c, sp, t0, b_tiles, f, c_tiles, y, width);
       }
     }
   }
-  const int64_t rows = std::min(width, c.scales.out - r0);
+  const int64_t r0 = k0 * kLutTileRows, rows = std::min(width, c.scales.out - r0);
   for (int64_t t = 0; t < c.batch; ++t)
     std::memcpy(c.y + t * c.scales.out + r0, ybuf + t * width, sizeof(float) * rows);
 }
@@ -391,11 +549,8 @@ SDQ_AMX void tile_group(const Call& c, const Codes& codes, int64_t k0, int64_t n
 // Groups [group_begin, group_end) of kGroupTiles tiles (the last one may be shorter).
 template <typename Codes>
 SDQ_AMX void groups(const Call& c, const Codes& codes, int64_t group_begin, int64_t group_end) {
-  const Geometry& g = c.g;
-  constexpr int64_t W = kGroupTiles * kLutTileRows;
-  const int64_t bytes = (2 * g.nb * W * 2 + 63) / 64 * 64 + 2 * g.nb * W * 4 +
-                        g.steps0 * 2 * kTileBytes + 4 * kTileBytes + c.batch * W * 4;
-  auto* buf = detail::scratch<uint8_t>(detail::ScratchSlot::amx_rows, bytes);
+  auto* buf = detail::scratch<uint8_t>(detail::ScratchSlot::amx_rows,
+                                       scratch_layout(c.g, c.batch).bytes);
   const detail::AmxTileConfig cfg;
   _tile_loadconfig(&cfg);
   const int64_t tiles = (c.scales.out + kLutTileRows - 1) / kLutTileRows;
@@ -421,7 +576,7 @@ Status run(const BlockLayout& L, const Codes& codes, const uint16_t* scale, cons
   const Geometry& g = c.g;
   const int64_t a_bytes = (g.a_bytes() + 63) / 64 * 64;
   auto* buf = detail::scratch<uint8_t>(detail::ScratchSlot::amx_acts,
-                                       a_bytes + batch * g.nb * static_cast<int64_t>(sizeof(float)));
+                                       a_bytes + batch * g.spans * int64_t{sizeof(float)});
   auto* a = reinterpret_cast<int8_t*>(buf);
   auto* ascale = reinterpret_cast<float*>(buf + a_bytes);
   for (int64_t b = 0; b < g.nb; ++b) {  // the padding tokens' rows
@@ -431,7 +586,8 @@ Status run(const BlockLayout& L, const Codes& codes, const uint16_t* scale, cons
   const int64_t cols = L.total_code_cols();
   detail::parallel_for(batch, threads, grain_for(8192, static_cast<double>(cols)),
                        [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) quantize_token(L, codes, g, xt + t * cols, t, a, ascale + t * g.nb);
+    for (int64_t t = b; t < e; ++t)
+      quantize_token(L, codes, g, xt + t * cols, t, a, ascale + t * g.spans);
   });
   c.a = a;
   c.ascale = ascale;
