@@ -12,6 +12,7 @@ tuned, devices without kernels) runs sdq.torch_ops, which also gives both ops th
 from __future__ import annotations
 
 import functools
+from operator import is_
 from typing import Optional
 
 import numpy as np
@@ -271,22 +272,28 @@ def _table_gemm_ok(module, x: Tensor) -> bool:
 _EAGER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# The per-call checks read these once (each torch.X lookup is a dict access on every call).
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+_num_threads = torch.get_num_threads
+_F16, _F32 = torch.float16, torch.float32
+
+
 def _eager_cpu_ok(module, x: Tensor) -> bool:
     """The op dispatch buys tracing, autograd and tensor subclasses/modes; a plain eager CPU call
     that needs none of them can call the kernels directly (the ops' CPU kernel does the same)."""
-    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or not x.is_cpu:
+    if type(x) is not Tensor or not x.is_cpu or _is_compiling():
         return False
     b = module._buffers  # not module.scale: nn.Module.__getattr__ costs a Python call
     scale, mean = b["scale"], b["mean"]
-    if x.dtype not in _EAGER_DTYPES or scale.dtype != torch.float16 \
-            or mean.dtype != torch.float16:
+    if x.dtype not in _EAGER_DTYPES or scale.dtype is not _F16 or mean.dtype is not _F16:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad
-                                    or mean.requires_grad):
+    if _grad_enabled() and (x.requires_grad or scale.requires_grad or mean.requires_grad):
         return False
     # no __torch_function__ / __torch_dispatch__ mode active (FakeTensorMode, FlopCounterMode...)
-    return not torch._C._is_torch_function_mode_enabled() and \
-        torch._C._len_torch_dispatch_stack() == 0
+    return not _function_mode() and _dispatch_depth() == 0
 
 
 # Which GEMM the CPU plans run: "auto" (the int8 kernels: lut_binary for binary, trit5 for
@@ -311,14 +318,13 @@ def set_cpu_gemm(name: str) -> str:
     return previous
 
 
-def _plan_key(module) -> tuple:
-    """What a layer's plan depends on: its buffers' identities, the versions of the codes and of
-    the scales and means (the plan reads a repack of the binary codes and keeps the scales and
-    means laid out per tile: in-place writes make both stale) and the GEMM choice."""
-    b = module._buffers
+def _plan_versions(b) -> tuple:
+    """The version counters (and GEMM choice) a layer's plan depends on, besides its buffers'
+    identities: those of the codes and of the scales and means (the plan reads a repack of the
+    binary codes and keeps the scales and means laid out per tile: in-place writes make both
+    stale) and set_cpu_gemm's choice. b: the module's _buffers."""
     codes = b["trits"] if b["sign"] is None else b["sign"]
-    return (*map(id, b.values()), version(codes), version(b["scale"]), version(b["mean"]),
-            _cpu_gemm)
+    return version(codes), version(b["scale"]), version(b["mean"]), _cpu_gemm
 
 
 def _plan_codes(module) -> dict:
@@ -335,12 +341,13 @@ def _plan_codes(module) -> dict:
 
 
 class _PlanEntry:
-    """A module's cached LinearPlan with its key. Copies and pickles of the module get an empty
+    """A module's cached LinearPlan, the buffers it was built from (kept alive, so that their ids
+    cannot be reused meanwhile) and _plan_versions. Copies and pickles of the module get an empty
     entry and build their own plan: this one reads the original module's tensors."""
-    __slots__ = ("key", "plan", "tensors")
+    __slots__ = ("versions", "plan", "tensors")
 
-    def __init__(self, key=None, plan=None, tensors=()):
-        self.key, self.plan, self.tensors = key, plan, tensors
+    def __init__(self, versions=None, plan=None, tensors=()):
+        self.versions, self.plan, self.tensors = versions, plan, tensors
 
     def __deepcopy__(self, memo):
         return _PlanEntry()
@@ -357,12 +364,13 @@ def _plan_gemm(module) -> str:
 
 
 def _layer_plan(module):
-    """The layer's _core.LinearPlan, built on first use and rebuilt when _plan_key changes (device
-    moves, load_state_dict, assignment, in-place writes to the codes, set_cpu_gemm). The entry
-    keeps the buffers alive, so an id in the key cannot be reused by a new tensor meanwhile."""
-    key = _plan_key(module)
+    """The layer's _core.LinearPlan, built on first use and rebuilt when a buffer is not the one
+    it was built from (device moves, load_state_dict, assignment) or _plan_versions changes
+    (in-place writes to the codes, scales or means; set_cpu_gemm)."""
+    b = module._buffers
     cached = module.__dict__.get("_eager_plan")
-    if cached is not None and cached.key == key:
+    if cached is not None and cached.versions == _plan_versions(b) and \
+            len(b) == len(cached.tensors) and all(map(is_, b.values(), cached.tensors)):
         return cached.plan
     cfg = module.config
     codes = _plan_codes(module)
@@ -373,8 +381,8 @@ def _layer_plan(module):
         None if signs is None else _np(signs), _np(module.down_full), _np(module.down_last),
         gemm=_plan_gemm(module), trits=codes.get("trits"), trit_signs=codes.get("trit_signs"),
         lut_codes=codes.get("lut_codes"))
-    buffers = tuple(module._buffers.values())  # after _plan_codes: it may derive planes
-    module.__dict__["_eager_plan"] = _PlanEntry(_plan_key(module), plan, buffers)
+    # after _plan_codes: it may derive planes (new buffers)
+    module.__dict__["_eager_plan"] = _PlanEntry(_plan_versions(b), plan, tuple(b.values()))
     return plan
 
 
@@ -383,10 +391,11 @@ def _eager_cpu(module, x: Tensor) -> Tensor:
     read equal inputs, q/k/v and gate/up, reuse one transform: sdq/linear_plan.h)."""
     plan = _layer_plan(module)
     x2 = x if x.dim() == 2 else x.reshape(-1, module.in_features)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    y = x2.new_empty(x2.shape[0], module.out_features)
-    plan.run_ptr(x2.data_ptr(), x2.shape[0], y.data_ptr(), torch.get_num_threads())
-    if x.dim() == 2 and x.dtype == torch.float32:
+    if x2.dtype is not _F32 or not x2.is_contiguous():
+        x2 = x2.to(_F32).contiguous()
+    n = x2.shape[0]
+    y = x2.new_empty(n, module.out_features)
+    plan.run_ptr(x2.data_ptr(), n, y.data_ptr(), _num_threads())
+    if x2 is x:
         return y
     return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
