@@ -10,6 +10,7 @@
 #include "guard.h"
 #include "lut_gemm.h"
 #include "parallel.h"
+#include "scale_tiles.h"
 #include "scratch.h"
 #include "sdq/trit5.h"
 
@@ -372,6 +373,7 @@ SDQ_AMX void store_sums(int32_t* c_tiles) {
 struct Call {
   Geometry g;
   detail::LutCtx scales;  // scale, mean, out, nb: for lut_transpose_scales_avx2
+  const uint16_t* tiles;  // a plan's scales laid out per tile (scale_tiles.h), or null
   const int8_t* a;       // block-major (Geometry::a_offset)
   const float* ascale;   // [batch, spans]
   const float* xsum;     // [batch, nb]
@@ -421,28 +423,38 @@ SDQ_AMX void prepare_scales(const Call& c, int64_t k0, int64_t n, uint16_t* st, 
                             const TileScales& out) {
   const Geometry& g = c.g;
   const int64_t width = n * kLutTileRows;
-  detail::lut_transpose_scales_avx2(c.scales, k0 * kLutTileRows, width, st, mt);
+  // The fp16 scale and mean of 16 rows from row j of the group, block b: from the plan's tiles,
+  // else from this call's transposition ([nb][width]).
+  if (!c.tiles) detail::lut_transpose_scales_avx2(c.scales, k0 * kLutTileRows, width, st, mt);
+  auto scale = [&](int64_t j, int64_t b) {
+    return c.tiles ? detail::tile_scales(c.tiles, g.nb, k0 + j / 32, b) + j % 32
+                   : st + b * width + j;
+  };
+  auto mean = [&](int64_t j, int64_t b) {
+    return c.tiles ? detail::tile_means(c.tiles, g.nb, k0 + j / 32, b) + j % 32
+                   : mt + b * width + j;
+  };
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   for (int64_t j = 0; j < width; j += 16) {  // 16 rows of tile j / 32
     const int64_t k = j / 32, i = j % 32;
     for (int64_t b = 0; b < g.nb; ++b)
-      _mm512_storeu_ps(out.mu + (k * g.nb + b) * 32 + i, half16(mt + b * width + j));
+      _mm512_storeu_ps(out.mu + (k * g.nb + b) * 32 + i, half16(mean(j, b)));
     if (!Scaled) {
       for (int64_t b = 0; b < g.nb; ++b)
-        _mm512_storeu_ps(out.f + (k * g.nb + b) * 32 + i, half16(st + b * width + j));
+        _mm512_storeu_ps(out.f + (k * g.nb + b) * 32 + i, half16(scale(j, b)));
       continue;
     }
     for (int64_t sp = 0; sp < g.spans; ++sp) {
       const int64_t b0 = sp * g.span, b1 = g.span_end(sp);
       __m512 m = _mm512_setzero_ps();
       for (int64_t b = b0; b < b1; ++b)
-        m = _mm512_max_ps(m, _mm512_abs_ps(half16(st + b * width + j)));
+        m = _mm512_max_ps(m, _mm512_abs_ps(half16(scale(j, b))));
       const __mmask16 live = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kTinyAmax), _CMP_GE_OQ);
       const __m512 inv = _mm512_maskz_div_ps(live, _mm512_set1_ps(127.0f), m);
       _mm512_storeu_ps(out.f + (k * g.spans + sp) * 32 + i,
                        _mm512_maskz_div_ps(live, m, _mm512_set1_ps(127.0f)));
       for (int64_t b = b0; b < b1; ++b) {
-        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(half16(st + b * width + j), inv));
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(half16(scale(j, b)), inv));
         v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q + (k * g.nb + b) * 32 + i),
                          _mm512_cvtepi32_epi8(v));
@@ -563,9 +575,11 @@ SDQ_AMX void groups(const Call& c, const Codes& codes, int64_t group_begin, int6
 
 template <typename Codes>
 Status run(const BlockLayout& L, const Codes& codes, const uint16_t* scale, const uint16_t* mean,
-           int64_t out, const float* xt, const float* xsum, int64_t batch, float* y, int threads) {
+           const uint16_t* tiles, int64_t out, const float* xt, const float* xsum, int64_t batch,
+           float* y, int threads) {
   Call c{};
   c.g = geometry_of(L, codes, batch);
+  c.tiles = tiles;
   c.scales.scale = scale;
   c.scales.mean = mean;
   c.scales.out = out;
@@ -608,30 +622,38 @@ bool amx_gemm_supported() noexcept {
   return ok;
 }
 
-Status amx_gemm_binary(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
-                       const uint16_t* mean, int64_t out, const float* xt, const float* xsum,
-                       int64_t batch, float* y, int threads) noexcept {
+namespace detail {
+
+Status amx_gemm_binary_tiled(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
+                             const uint16_t* mean, const uint16_t* scale_tiles, int64_t out,
+                             const float* xt, const float* xsum, int64_t batch, float* y,
+                             int threads) noexcept {
   if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
   if (out == 0 || batch == 0) return Status::ok;
   if (!packed || !scale || !mean || !xt || !xsum || !y) return Status::null_pointer;
   if (!amx_gemm_supported()) return Status::not_built;
-  return detail::guarded([&] {
-    return run(L, BinaryCodes(L, packed), scale, mean, out, xt, xsum, batch, y, threads);
+  return guarded([&] {
+    return run(L, BinaryCodes(L, packed), scale, mean, scale_tiles, out, xt, xsum, batch, y,
+               threads);
   });
 }
 
-Status amx_gemm_ternary(const BlockLayout& L, const uint8_t* trits, const uint32_t* trit_signs,
-                        const uint16_t* scale, const uint16_t* mean, int64_t out, const float* xt,
-                        const float* xsum, int64_t batch, float* y, int threads) noexcept {
+Status amx_gemm_ternary_tiled(const BlockLayout& L, const uint8_t* trits,
+                              const uint32_t* trit_signs, const uint16_t* scale,
+                              const uint16_t* mean, const uint16_t* scale_tiles, int64_t out,
+                              const float* xt, const float* xsum, int64_t batch, float* y,
+                              int threads) noexcept {
   if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
   if (out == 0 || batch == 0) return Status::ok;
   if (!trits || !trit_signs || !scale || !mean || !xt || !xsum || !y) return Status::null_pointer;
   if (!amx_gemm_supported()) return Status::not_built;
-  return detail::guarded([&] {
-    return run(L, Trit5Codes(L, trits, trit_signs), scale, mean, out, xt, xsum, batch, y,
-               threads);
+  return guarded([&] {
+    return run(L, Trit5Codes(L, trits, trit_signs), scale, mean, scale_tiles, out, xt, xsum,
+               batch, y, threads);
   });
 }
+
+}  // namespace detail
 
 }  // namespace sdq
 
@@ -639,18 +661,39 @@ Status amx_gemm_ternary(const BlockLayout& L, const uint8_t* trits, const uint32
 
 namespace sdq {
 bool amx_gemm_supported() noexcept { return false; }
-Status amx_gemm_binary(const BlockLayout& L, const uint8_t*, const uint16_t*, const uint16_t*,
-                       int64_t out, const float*, const float*, int64_t batch, float*,
-                       int) noexcept {
+namespace detail {
+Status amx_gemm_binary_tiled(const BlockLayout& L, const uint8_t*, const uint16_t*,
+                             const uint16_t*, const uint16_t*, int64_t out, const float*,
+                             const float*, int64_t batch, float*, int) noexcept {
   if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
   return out == 0 || batch == 0 ? Status::ok : Status::not_built;
 }
-Status amx_gemm_ternary(const BlockLayout& L, const uint8_t*, const uint32_t*, const uint16_t*,
-                        const uint16_t*, int64_t out, const float*, const float*, int64_t batch,
-                        float*, int) noexcept {
+Status amx_gemm_ternary_tiled(const BlockLayout& L, const uint8_t*, const uint32_t*,
+                              const uint16_t*, const uint16_t*, const uint16_t*, int64_t out,
+                              const float*, const float*, int64_t batch, float*, int) noexcept {
   if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
   return out == 0 || batch == 0 ? Status::ok : Status::not_built;
 }
+}  // namespace detail
 }  // namespace sdq
 
 #endif
+
+namespace sdq {
+
+// The public entries lay the scales out per call (a plan passes its own layout).
+Status amx_gemm_binary(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
+                       const uint16_t* mean, int64_t out, const float* xt, const float* xsum,
+                       int64_t batch, float* y, int threads) noexcept {
+  return detail::amx_gemm_binary_tiled(L, packed, scale, mean, nullptr, out, xt, xsum, batch, y,
+                                       threads);
+}
+
+Status amx_gemm_ternary(const BlockLayout& L, const uint8_t* trits, const uint32_t* trit_signs,
+                        const uint16_t* scale, const uint16_t* mean, int64_t out, const float* xt,
+                        const float* xsum, int64_t batch, float* y, int threads) noexcept {
+  return detail::amx_gemm_ternary_tiled(L, trits, trit_signs, scale, mean, nullptr, out, xt, xsum,
+                                        batch, y, threads);
+}
+
+}  // namespace sdq

@@ -243,14 +243,14 @@ Status LinearPlan::gemm_run(PlanGemm g, const float* xt, const float* xsum, int6
       return detail::lut_gemm_binary_tiled(d.layout, d.lut_codes, d.scale, d.mean,
                                            scale_tiles(), d.out, xt, xsum, batch, y, threads);
     case PlanGemm::amx_binary:
-      return amx_gemm_binary(d.layout, d.lut_codes, d.scale, d.mean, d.out, xt, xsum, batch, y,
-                             threads);
+      return detail::amx_gemm_binary_tiled(d.layout, d.lut_codes, d.scale, d.mean, scale_tiles(),
+                                           d.out, xt, xsum, batch, y, threads);
     case PlanGemm::trit5:
       return detail::trit5_gemm_tiled(d.layout, d.trits, d.trit_signs, d.scale, d.mean,
                                       scale_tiles(), d.out, xt, xsum, batch, y, threads);
     case PlanGemm::amx_ternary:
-      return amx_gemm_ternary(d.layout, d.trits, d.trit_signs, d.scale, d.mean, d.out, xt, xsum,
-                              batch, y, threads);
+      return detail::amx_gemm_ternary_tiled(d.layout, d.trits, d.trit_signs, d.scale, d.mean,
+                                            scale_tiles(), d.out, xt, xsum, batch, y, threads);
     default:
       return Status::bad_value;
   }
