@@ -93,6 +93,36 @@ def test_fwht_matches_reference(rng, rows, n, with_signs):
         assert np.all(np.abs(got - want) <= tol + 1e-30)
 
 
+def _float32_butterflies(x, signs, inverse):
+    """The core's FWHT order in float32: signs, butterflies stage by stage (h = 1, 2, ...: u + v,
+    u - v), then the scale float32(1 / sqrt(n)) (inverse: times sign * scale)."""
+    rows, n = x.shape
+    y = x * signs if signs is not None and not inverse else x.copy()
+    h = 1
+    while h < n:
+        pairs = y.reshape(rows, n // (2 * h), 2, h)
+        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
+        y = np.stack([a + b, a - b], axis=2).reshape(rows, n)
+        h *= 2
+    scale = np.float32(1.0 / np.sqrt(np.float64(n)))
+    return y * (signs * scale if signs is not None and inverse else scale)
+
+
+@pytest.mark.parametrize("n", [8, 16, 32, 64, 128, 256, 1024])
+@pytest.mark.parametrize("with_signs", [False, True])
+def test_fwht_is_bitwise_the_float32_butterflies(rng, n, with_signs):
+    """Whichever path the row takes (in registers up to 128, stage by stage above, portable
+    without AVX2), every value is the same rounding of the same sums."""
+    x = _z(rng, 5, n) * np.float32(1e3)
+    x[1] = 0
+    x[2, ::3] = np.float32(1e-38)  # denormal-range sums
+    signs = (rng.integers(0, 2, n) * 2 - 1).astype(np.float32) if with_signs else None
+    for inverse in (False, True):
+        got = x.copy()
+        C.fwht(got, signs, inverse)
+        np.testing.assert_array_equal(got, _float32_butterflies(x, signs, inverse))
+
+
 @pytest.mark.parametrize("n", [1, 2, 4, 16, 64])
 def test_fwht_reference_is_the_sylvester_matrix(rng, n):
     x = rng.standard_normal((3, n))
