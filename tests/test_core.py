@@ -94,16 +94,10 @@ def test_fwht_matches_reference(rng, rows, n, with_signs):
 
 
 def _float32_butterflies(x, signs, inverse):
-    """The core's FWHT order in float32: signs, butterflies stage by stage (h = 1, 2, ...: u + v,
-    u - v), then the scale float32(1 / sqrt(n)) (inverse: times sign * scale)."""
-    rows, n = x.shape
-    y = x * signs if signs is not None and not inverse else x.copy()
-    h = 1
-    while h < n:
-        pairs = y.reshape(rows, n // (2 * h), 2, h)
-        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
-        y = np.stack([a + b, a - b], axis=2).reshape(rows, n)
-        h *= 2
+    """The core's FWHT order in float32: signs, the reference's butterflies in float32, then the
+    scale float32(1 / sqrt(n)) (inverse: times sign * scale)."""
+    n = x.shape[1]
+    y = ref.sylvester_butterflies(x * signs if signs is not None and not inverse else x)
     scale = np.float32(1.0 / np.sqrt(np.float64(n)))
     return y * (signs * scale if signs is not None and inverse else scale)
 

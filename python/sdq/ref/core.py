@@ -11,7 +11,8 @@ import math
 import numpy as np
 
 __all__ = [
-    "sigma_delta_ref", "sigma_delta_columnwise_ref", "fwht_ref", "hadamard_matrix",
+    "sigma_delta_ref", "sigma_delta_columnwise_ref", "fwht_ref", "sylvester_butterflies",
+    "hadamard_matrix",
     "resample_ref", "pack_ref", "unpack_ref", "block_layout_ref", "quantile_ref",
     "quantize_weight_ref", "quantize_weight_columnwise_ref", "dequantize_ref",
 ]
@@ -74,6 +75,20 @@ def hadamard_matrix(n):
     return h
 
 
+def sylvester_butterflies(y):
+    """Rows of y times the unnormalised Hadamard matrix, stage by stage (h = 1, 2, ...: each pair
+    of half-blocks u, v becomes u + v, u - v), in y's own dtype: float64 for fwht_ref; float32
+    gives the core's roundings exactly (its FWHT adds in this order)."""
+    rows, n = y.shape
+    h = 1
+    while h < n:
+        pairs = y.reshape(rows, n // (2 * h), 2, h)
+        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
+        y = np.stack([a + b, a - b], axis=2).reshape(rows, n)
+        h *= 2
+    return y
+
+
 def fwht_ref(x, signs=None, inverse=False):
     """Rows of x: forward H diag(s) x / sqrt(n); inverse diag(s) H x / sqrt(n), in float64.
 
@@ -81,16 +96,9 @@ def fwht_ref(x, signs=None, inverse=False):
     to hadamard_matrix(n) @ x; tested).
     """
     x = np.asarray(x, dtype=np.float64)
-    rows, n = x.shape
+    n = x.shape[1]
     s = np.ones(n) if signs is None else np.asarray(signs, np.float64)
-    y = x if inverse else x * s
-    h = 1
-    while h < n:
-        pairs = y.reshape(rows, n // (2 * h), 2, h)
-        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
-        y = np.stack([a + b, a - b], axis=2).reshape(rows, n)
-        h *= 2
-    y = y / math.sqrt(n)
+    y = sylvester_butterflies(x if inverse else x * s) / math.sqrt(n)
     return y * s if inverse else y
 
 
