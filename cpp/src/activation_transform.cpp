@@ -49,37 +49,48 @@ struct Group {
   int64_t token(int64_t v) const noexcept { return last ? v : v / nfull; }
 };
 
-// Vectors [v0, v1) of one group: pad, rotate, project; writes their slices of xt and xsum.
-// Every vector of a group has the same padded width and code count (the full blocks are alike).
+// Vectors [v0, v1) of one group: pad, rotate, project; writes their slices of xt and xsum (and
+// of x_copy, when not null). Every vector of a group has the same padded width and code count
+// (the full blocks are alike).
 Status transform_vectors(const BlockLayout& L, const Group& g, int64_t v0, int64_t v1,
                          bool hadamard, const float* signs, detail::Projection proj,
-                         const float* x, float* xt, float* xsum, float* buf) noexcept {
+                         const float* x, float* xt, float* xsum, float* x_copy,
+                         float* buf) noexcept {
   const int64_t nb = L.num_blocks(), cols = L.total_code_cols(), n = v1 - v0;
   const int64_t b0 = g.block(v0, nb), padded = L.padded(b0), m = L.m(b0);
+  // where vector k's codes start in xt
+  auto dst = [&](int64_t k) {
+    const int64_t b = g.block(v0 + k, nb), t = g.token(v0 + k);
+    return xt + t * cols + L.code_offset(b);
+  };
   for (int64_t k = 0; k < n; ++k) {
     const int64_t b = g.block(v0 + k, nb), t = g.token(v0 + k), width = L.width(b);
+    const float* src = x + t * L.in_features + L.start(b);
     float* v = buf + k * padded;
-    std::memcpy(v, x + t * L.in_features + L.start(b), sizeof(float) * width);
+    std::memcpy(v, src, sizeof(float) * width);
+    if (x_copy) std::memcpy(x_copy + (src - x), src, sizeof(float) * width);
     std::fill(v + width, v + padded, 0.0f);
   }
   if (hadamard) {
     const Status s = fwht(buf, n, padded, signs, /*inverse=*/false, /*threads=*/1);
     if (s != Status::ok) return s;
   }
-  // Project into a dense scratch: rows of xt lie a multiple of 4 KiB apart, so accumulating in
-  // place would put every token's output in the same L1 sets.
   float* acc = buf + n * padded;
-  static const detail::ProjectFn project = detail::project_kernel();
-  if (proj.down_bf16)  // its bf16 copy of the vectors after acc (transform_checked sized buf)
-    detail::project_amx(proj.down_bf16, padded, m, buf, n, acc, m,
+  if (proj.down_bf16) {  // straight into xt (its bf16 copy of the vectors after acc)
+    float* rows[kTokensAmx];
+    for (int64_t k = 0; k < n; ++k) rows[k] = dst(k);
+    detail::project_amx(proj.down_bf16, padded, m, buf, n, rows,
                         reinterpret_cast<uint16_t*>(acc + n * m));
-  else
+  } else {
+    // Into a dense scratch, then xt: rows of xt lie a multiple of 4 KiB apart, so accumulating
+    // in place would put every token's output in the same L1 sets.
+    static const detail::ProjectFn project = detail::project_kernel();
     project(proj.down, padded, m, buf, n, acc, m);
+    for (int64_t k = 0; k < n; ++k) std::memcpy(dst(k), acc + k * m, sizeof(float) * m);
+  }
   for (int64_t k = 0; k < n; ++k) {
     const int64_t b = g.block(v0 + k, nb), t = g.token(v0 + k);
-    float* dst = xt + t * cols + L.code_offset(b);
-    std::memcpy(dst, acc + k * m, sizeof(float) * m);
-    std::fill(dst + m, dst + L.code_cols(b), 0.0f);  // padding codes must meet zeros
+    std::fill(dst(k) + m, dst(k) + L.code_cols(b), 0.0f);  // padding codes must meet zeros
     xsum[t * nb + b] = block_sum(buf + k * padded, padded);
   }
   return Status::ok;
@@ -87,7 +98,8 @@ Status transform_vectors(const BlockLayout& L, const Group& g, int64_t v0, int64
 
 Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs,
                          detail::Projection full_proj, detail::Projection last_proj,
-                         const float* x, int64_t batch, float* xt, float* xsum, int threads) {
+                         const float* x, int64_t batch, float* xt, float* xsum, int threads,
+                         float* x_copy) {
   if (!L.valid() || batch < 0) return Status::bad_size;
   if (batch == 0) return Status::ok;
   if (!x || !xt || !xsum || !last_proj.down) return Status::null_pointer;
@@ -121,7 +133,8 @@ Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs
       const int64_t v1 = std::min(group_end, v + chunk);
       const int64_t base = in_full ? 0 : full_vectors;  // the group's first vector
       const Status s = transform_vectors(L, in_full ? full : last, v - base, v1 - base, hadamard,
-                                         signs, in_full ? full_proj : last_proj, x, xt, xsum, buf);
+                                         signs, in_full ? full_proj : last_proj, x, xt, xsum,
+                                         x_copy, buf);
       if (s != Status::ok) {
         result.store(s);
         return;
@@ -157,7 +170,7 @@ Status activation_transform_bf16(const BlockLayout& L, bool hadamard, const floa
         detail::project_amx_packed(down_last, L.padded(last), L.m(last));
     const auto data = [](const std::vector<uint16_t>& p) { return p.empty() ? nullptr : p.data(); };
     return transform_checked(L, hadamard, signs, {down_full, data(full)}, {down_last, data(tail)},
-                             x, batch, xt, xsum, threads);
+                             x, batch, xt, xsum, threads, nullptr);
   });
 }
 
@@ -165,9 +178,10 @@ namespace detail {
 
 Status activation_transform_projected(const BlockLayout& L, bool hadamard, const float* signs,
                                       Projection full, Projection last, const float* x,
-                                      int64_t batch, float* xt, float* xsum, int threads) noexcept {
+                                      int64_t batch, float* xt, float* xsum, int threads,
+                                      float* x_copy) noexcept {
   return guarded([&] {
-    return transform_checked(L, hadamard, signs, full, last, x, batch, xt, xsum, threads);
+    return transform_checked(L, hadamard, signs, full, last, x, batch, xt, xsum, threads, x_copy);
   });
 }
 

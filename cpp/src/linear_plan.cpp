@@ -225,9 +225,8 @@ Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, int threa
   const Status s = detail::activation_transform_projected(
       L, c.hadamard, c.signs.empty() ? nullptr : c.signs.data(),
       form(c.down_full, c.down_full_bf16), form(c.down_last, c.down_last_bf16), x, batch, out_xt,
-      out_xsum, threads);
+      out_xsum, threads, saved);
   if (s != Status::ok) return s;
-  std::memcpy(saved, x, static_cast<size_t>(n) * sizeof(float));
   t_last = LastTransform{c.id, batch, bf16};
   return Status::ok;
 }

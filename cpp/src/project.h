@@ -34,7 +34,8 @@ ProjectFn project_kernel(ProjectKernel kernel = ProjectKernel::automatic) noexce
 // bf16 on Intel AMX (project_amx.cpp), for transforms that an int8 GEMM reads: the same sum with
 // v and down rounded to bf16 (half to even) and float32 accumulation, in an order of its own.
 // down comes packed once (project_amx_pack: project_amx_packed_size elements, bf16 bits); a is
-// the caller's scratch of project_amx_scratch_size(padded, tokens) elements.
+// the caller's scratch of project_amx_scratch_size(padded, tokens) elements. Vector t's m
+// outputs go to out_rows[t] (anywhere: a transform writes each straight to its place in xt).
 // project_amx_supported: AMX-BF16, AVX512-BF16 and the OS's tile permission (amx_gemm.h).
 bool project_amx_supported() noexcept;
 int64_t project_amx_packed_size(int64_t padded, int64_t m) noexcept;
@@ -44,7 +45,7 @@ void project_amx_pack(const float* down, int64_t padded, int64_t m, uint16_t* pa
 // AMX-BF16.
 std::vector<uint16_t> project_amx_packed(const float* down, int64_t padded, int64_t m);
 void project_amx(const uint16_t* packed, int64_t padded, int64_t m, const float* v,
-                 int64_t tokens, float* out, int64_t out_stride, uint16_t* a);
+                 int64_t tokens, float* const* out_rows, uint16_t* a);
 
 // One block group's down-sampler in the forms a projection reads: down [padded, m] float32, and
 // its project_amx_pack form or null (then the float32 projection runs).
@@ -54,9 +55,12 @@ struct Projection {
 };
 
 // activation_transform (gemv.h) with each group's projection as its Projection says (not_built:
-// a bf16 form where project_amx_supported is false).
+// a bf16 form where project_amx_supported is false). x_copy: null, or batch x in_features
+// floats that receive a copy of x (read once for both; LinearPlan keeps it to recognise a
+// repeated input).
 Status activation_transform_projected(const BlockLayout& L, bool hadamard, const float* signs,
                                       Projection full, Projection last, const float* x,
-                                      int64_t batch, float* xt, float* xsum, int threads) noexcept;
+                                      int64_t batch, float* xt, float* xsum, int threads,
+                                      float* x_copy = nullptr) noexcept;
 
 }  // namespace sdq::detail

@@ -133,7 +133,7 @@ bool project_amx_supported() noexcept {
 }
 
 SDQ_AMX_BF16 void project_amx(const uint16_t* packed, int64_t padded, int64_t m, const float* v,
-                              int64_t tokens, float* out, int64_t out_stride, uint16_t* a) {
+                              int64_t tokens, float* const* out_rows, uint16_t* a) {
   const int64_t k_pad = round_up(padded, kK), k_pairs = k_pad / 2, k_steps = k_pad / kK;
   const int64_t tiles = round_up(m, kCols) / kCols, rows = round_up(tokens, kRows);
   const int64_t a_stride = k_pad * static_cast<int64_t>(sizeof(uint16_t));
@@ -171,8 +171,7 @@ SDQ_AMX_BF16 void project_amx(const uint16_t* packed, int64_t padded, int64_t m,
       }
       const int64_t n = std::min<int64_t>(kRows, tokens - t0);
       for (int64_t t = 0; t < n; ++t)
-        std::memcpy(out + (t0 + t) * out_stride + j0 * kCols, c + t * 4 * kCols,
-                    sizeof(float) * cols);
+        std::memcpy(out_rows[t0 + t] + j0 * kCols, c + t * 4 * kCols, sizeof(float) * cols);
     }
   }
   _tile_release();
@@ -184,7 +183,7 @@ SDQ_AMX_BF16 void project_amx(const uint16_t* packed, int64_t padded, int64_t m,
 
 namespace sdq::detail {
 bool project_amx_supported() noexcept { return false; }
-void project_amx(const uint16_t*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+void project_amx(const uint16_t*, int64_t, int64_t, const float*, int64_t, float* const*,
                  uint16_t*) {}
 }  // namespace sdq::detail
 

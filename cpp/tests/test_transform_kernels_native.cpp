@@ -114,8 +114,9 @@ bool projection_amx_ok(int64_t padded, int64_t m, int64_t tokens, float scale, R
   std::vector<uint16_t> packed(sdq::detail::project_amx_packed_size(padded, m));
   sdq::detail::project_amx_pack(p.down.data(), padded, m, packed.data());
   std::vector<uint16_t> a(sdq::detail::project_amx_scratch_size(padded, tokens));
-  sdq::detail::project_amx(packed.data(), padded, m, p.v.data(), tokens, p.out.data(), p.stride,
-                           a.data());
+  std::vector<float*> rows(tokens);
+  for (int64_t t = 0; t < tokens; ++t) rows[t] = p.out.data() + t * p.stride;
+  sdq::detail::project_amx(packed.data(), padded, m, p.v.data(), tokens, rows.data(), a.data());
   return p.check((padded + 1) * 0x1p-24, bf16_round);
 }
 
