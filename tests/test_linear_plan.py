@@ -39,14 +39,14 @@ def _auto_gemm(levels, batch):
 
 def _two_ops(mod, x, threads=0, gemm="auto"):
     """The unprepared path: the NumPy bindings of the transform (its projection in bf16 before an
-    AMX GEMM) and of the GEMM `gemm` names ("auto": the int8 kernel of the layer's levels and the
-    batch; "tables": the int8-table one of its levels; "addonly": the exact one)."""
+    int8 GEMM, where the CPU has AMX-BF16) and of the GEMM `gemm` names ("auto": the int8 kernel
+    of the layer's levels and the batch; "tables": the int8-table one of its levels; "addonly":
+    the exact one)."""
     cfg, c = mod.config, core()
     signs, down_full, down_last = (None if t is None else t.numpy() for t in
                                    mod.transform_constants())
-    # an AMX GEMM's plan projects in bf16 where the CPU can (sdq/amx_gemm.h)
-    amx = gemm == "auto" and _auto_gemm(mod.config.levels, x.shape[0]).startswith("amx")
-    bf16 = amx and c.activation_transform_bf16_supported()
+    # before an int8 GEMM a plan projects in bf16 where the CPU can (sdq/linear_plan.h)
+    bf16 = gemm != "addonly" and c.activation_transform_bf16_supported()
     xt, xsum = c.activation_transform(x.numpy(), cfg.block_size, cfg.osr, signs, down_full,
                                       down_last, threads, projection="bf16" if bf16 else "float32")
     geometry = (mod.in_features, cfg.block_size, cfg.osr)
@@ -150,8 +150,8 @@ def test_module_call_equals_the_ops(levels):
                                                   *geometry)
     y = torch.ops.sdq.addonly_gemm(*mod.bitplanes(), mod.scale, mod.mean, xt, xsum, *geometry)
     assert torch.equal(exact, y.reshape(2, 3, 24))
-    if _auto_gemm(levels, 6).startswith("amx") and core().activation_transform_bf16_supported():
-        # 6 tokens: prefill on an AMX CPU, whose plans project in bf16 (sdq/amx_gemm.h)
+    if core().activation_transform_bf16_supported():
+        # the int8 GEMMs' plans project in bf16 where the CPU can (sdq/linear_plan.h)
         xt, xsum = map(torch.from_numpy, core().activation_transform(
             x.reshape(6, 300).numpy(), cfg.block_size, cfg.osr,
             *(None if t is None else t.numpy() for t in mod.transform_constants()),
@@ -249,11 +249,12 @@ def test_shared_transform_is_reused_only_for_the_same_input():
 
 @torch.no_grad()
 def test_a_bf16_transform_serves_only_bf16_calls():
-    """Before an AMX GEMM the plan projects in bf16 (sdq/amx_gemm.h); an exact-kernel call on the
-    same input and constants must not take that transform, nor the reverse."""
+    """Before an int8 GEMM the plan projects in bf16 where the CPU can (sdq/linear_plan.h); an
+    exact-kernel call on the same input and constants must not take that transform, nor the
+    reverse."""
     q, k = _module(32, 300, "binary"), _module(16, 300, "binary")
-    x = torch.randn(8, 300)  # an AMX batch for binary where the CPU has AMX
-    bf16 = _auto_gemm("binary", 8) == "amx_binary" and core().activation_transform_bf16_supported()
+    x = torch.randn(8, 300)
+    bf16 = core().activation_transform_bf16_supported()
     q(x)
     before = _hits()
     with _cpu_gemm("addonly"):

@@ -198,7 +198,7 @@ Status LinearPlan::create(const LinearPlanDesc& desc, std::unique_ptr<LinearPlan
 
 // Points *xt, *xsum at the transform of x: this thread's last one when it is the same (see the
 // header), else computed into this thread's plan_* slots. bf16: the AMX projection (project.h),
-// for the AMX GEMMs, which round its output to int8 next; the constants have its form then.
+// for the int8 GEMMs, which round its output to int8 next, where the constants have its form.
 Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, int threads,
                              const float** xt, const float** xsum) const {
   const TransformConstants& c = *transform_;
@@ -264,7 +264,7 @@ Status LinearPlan::run(const float* x, int64_t batch, float* y, int threads) con
     const float* xt = nullptr;
     const float* xsum = nullptr;
     const PlanGemm g = gemm(batch);
-    const bool bf16 = g == PlanGemm::amx_binary || g == PlanGemm::amx_ternary;
+    const bool bf16 = g != PlanGemm::addonly;  // int8 GEMMs next (header: transform precision)
     const Status s = transform(x, batch, bf16, threads, &xt, &xsum);
     return s != Status::ok ? s : gemm_run(g, xt, xsum, batch, y, threads);
   });

@@ -306,8 +306,8 @@ _cpu_gemm = "auto"
 def set_cpu_gemm(name: str) -> str:
     """Choose the GEMM of CPU inference layer calls: "auto" (default; int8 activation tables,
     about 0.1-1% relative output error, cpp/include/sdq/lut_gemm.h and trit5.h; on AMX CPUs
-    prefill batches of 6 tokens or more (binary) or 8 (ternary) run an int8 AMX GEMM, after a
-    transform that projects in bf16 on AMX, amx_gemm.h), "tables" (the int8 tables at every
+    prefill batches of 6 tokens or more (binary) or 8 (ternary) run an int8 AMX GEMM, and the
+    transform before any int8 GEMM projects in bf16, amx_gemm.h), "tables" (the int8 tables at every
     batch: a token's output then does not depend on the batch it came in) or "addonly" (exact
     float tables, slower). Returns the previous choice; plans rebuild on their next call."""
     global _cpu_gemm

@@ -17,6 +17,11 @@
 // the shared constants' id and the batch; run reuses it when both match and x's contents are
 // bitwise equal to the copy, wherever x lives: a compiled graph (torch.compile) hands q, k and v
 // equal inputs in three buffers. A differing input costs a memcmp to its first difference.
+//
+// Transform precision: before the int8 GEMMs (tables and AMX), which round its output to int8
+// next, the projection runs in bf16 on CPUs with AMX-BF16 (activation_transform_bf16,
+// amx_gemm.h); before the exact kernel (addonly) it stays float32. A kept transform serves only
+// calls that want the same form.
 #pragma once
 #include <cstdint>
 #include <memory>
