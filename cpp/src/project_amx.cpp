@@ -82,8 +82,10 @@ std::vector<uint16_t> project_amx_packed(const float* down, int64_t padded, int6
 namespace sdq::detail {
 namespace {
 
-// Tiles (amx_tiles.h): C 0-3 (four column tiles), A 4, B 6 and 7 (alternate, so a load overlaps
-// the previous product).
+// Tiles (amx_tiles.h): C 0-3 (2 vector tiles x 2 column tiles), A 4-5 (16 vectors each), B 6-7
+// (16 columns each): every operand loaded once per K step serves two products, and no tile is
+// reloaded while a product of the same step may still read it (one B tile reused within a step
+// held each product behind the previous one: 4x slower).
 static_assert(kRows == 16 && kK * 2 == 64, "every tile is 16 rows of 64 bytes (amx_tiles.h)");
 
 bool cpu_support() noexcept {
@@ -93,36 +95,33 @@ bool cpu_support() noexcept {
   return amx_gemm_supported();  // AMX-TILE, AVX-512 and the OS's tile-state permission
 }
 
-// C tiles 0 .. NJ-1 = A (tile 4) x the column tiles' B, over every K step.
-template <int NJ>
-SDQ_AMX_BF16 void column_tiles(const uint16_t* a, int64_t a_stride, const uint16_t* b,
-                               int64_t k_steps, int64_t k_pairs, float* c) {
+// c [32][2 * kCols] = the MA vector tiles from a x the NB column tiles from b, over every K
+// step: C tile 2m + h is vectors 16m.. x columns 16h.. .
+template <int MA, int NB>
+SDQ_AMX_BF16 void tile_block(const uint16_t* a, int64_t a_stride, const uint16_t* b,
+                             int64_t k_steps, int64_t k_pairs, float* c) {
+  constexpr int64_t kStride = 2 * kCols * sizeof(float);
+  const uint16_t* a1 = a + kRows * a_stride / 2;
+  const uint16_t* b1 = b + k_pairs * kCols * 2;
   _tile_zero(0);
-  if (NJ > 1) _tile_zero(1);
-  if (NJ > 2) _tile_zero(2);
-  if (NJ > 3) _tile_zero(3);
+  if (NB == 2) _tile_zero(1);
+  if (MA == 2) _tile_zero(2);
+  if (MA == 2 && NB == 2) _tile_zero(3);
   for (int64_t s = 0; s < k_steps; ++s) {
+    const int64_t bs = s * kK / 2 * kCols * 2;
     _tile_loadd(4, a + s * kK, a_stride);
-    const uint16_t* bs = b + s * kK / 2 * kCols * 2;
-    _tile_loadd(6, bs, 64);
+    _tile_loadd(6, b + bs, 64);
+    if (NB == 2) _tile_loadd(7, b1 + bs, 64);
+    if (MA == 2) _tile_loadd(5, a1 + s * kK, a_stride);
     _tile_dpbf16ps(0, 4, 6);
-    if (NJ > 1) {
-      _tile_loadd(7, bs + k_pairs * kCols * 2, 64);
-      _tile_dpbf16ps(1, 4, 7);
-    }
-    if (NJ > 2) {
-      _tile_loadd(6, bs + 2 * k_pairs * kCols * 2, 64);
-      _tile_dpbf16ps(2, 4, 6);
-    }
-    if (NJ > 3) {
-      _tile_loadd(7, bs + 3 * k_pairs * kCols * 2, 64);
-      _tile_dpbf16ps(3, 4, 7);
-    }
+    if (NB == 2) _tile_dpbf16ps(1, 4, 7);
+    if (MA == 2) _tile_dpbf16ps(2, 5, 6);
+    if (MA == 2 && NB == 2) _tile_dpbf16ps(3, 5, 7);
   }
-  _tile_stored(0, c, 4 * kCols * sizeof(float));
-  if (NJ > 1) _tile_stored(1, c + kCols, 4 * kCols * sizeof(float));
-  if (NJ > 2) _tile_stored(2, c + 2 * kCols, 4 * kCols * sizeof(float));
-  if (NJ > 3) _tile_stored(3, c + 3 * kCols, 4 * kCols * sizeof(float));
+  _tile_stored(0, c, kStride);
+  if (NB == 2) _tile_stored(1, c + kCols, kStride);
+  if (MA == 2) _tile_stored(2, c + kRows * 2 * kCols, kStride);
+  if (MA == 2 && NB == 2) _tile_stored(3, c + kRows * 2 * kCols + kCols, kStride);
 }
 
 }  // namespace
@@ -153,25 +152,34 @@ SDQ_AMX_BF16 void project_amx(const uint16_t* packed, int64_t padded, int64_t m,
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k), reinterpret_cast<const __m256i&>(h));
     }
   }
-  alignas(64) float c[kRows * 4 * kCols];
+  alignas(64) float c[2 * kRows * 2 * kCols];
   const AmxTileConfig cfg;
   _tile_loadconfig(&cfg);
-  // Column groups outermost: a group's B tiles (16 KB at 128 rows) stay in L1 for every vector.
-  for (int64_t j0 = 0; j0 < tiles; j0 += 4) {
+  // Column pairs outermost: a pair's B tiles (8 KB at 128 rows) stay in L1 for every vector.
+  for (int64_t j0 = 0; j0 < tiles; j0 += 2) {
     const uint16_t* b = packed + j0 * k_pairs * kCols * 2;
-    const int64_t nj = std::min<int64_t>(4, tiles - j0);
-    const int64_t cols = std::min<int64_t>(4 * kCols, m - j0 * kCols);
-    for (int64_t t0 = 0; t0 < tokens; t0 += kRows) {
+    const bool two_cols = j0 + 1 < tiles;
+    const int64_t cols = std::min<int64_t>(2 * kCols, m - j0 * kCols);
+    const __mmask16 lo = cols >= kCols ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+    const __mmask16 hi = cols <= kCols ? __mmask16(0)
+                         : cols >= 2 * kCols ? __mmask16(0xFFFF)
+                                             : __mmask16((1u << (cols - kCols)) - 1);
+    for (int64_t t0 = 0; t0 < tokens; t0 += 2 * kRows) {
       const uint16_t* at = a + t0 * k_pad;
-      switch (nj) {
-        case 1: column_tiles<1>(at, a_stride, b, k_steps, k_pairs, c); break;
-        case 2: column_tiles<2>(at, a_stride, b, k_steps, k_pairs, c); break;
-        case 3: column_tiles<3>(at, a_stride, b, k_steps, k_pairs, c); break;
-        default: column_tiles<4>(at, a_stride, b, k_steps, k_pairs, c); break;
+      const bool two_rows = t0 + kRows < tokens;
+      if (two_rows && two_cols) tile_block<2, 2>(at, a_stride, b, k_steps, k_pairs, c);
+      else if (two_rows) tile_block<2, 1>(at, a_stride, b, k_steps, k_pairs, c);
+      else if (two_cols) tile_block<1, 2>(at, a_stride, b, k_steps, k_pairs, c);
+      else tile_block<1, 1>(at, a_stride, b, k_steps, k_pairs, c);
+      // each vector's (up to) 32 outputs to its row: two masked moves (a memcpy call per
+      // 128 bytes took a third of the projection)
+      const int64_t n = std::min<int64_t>(2 * kRows, tokens - t0);
+      for (int64_t t = 0; t < n; ++t) {
+        float* dst = out_rows[t0 + t] + j0 * kCols;
+        const float* src = c + t * 2 * kCols;
+        _mm512_mask_storeu_ps(dst, lo, _mm512_maskz_loadu_ps(lo, src));
+        if (hi) _mm512_mask_storeu_ps(dst + kCols, hi, _mm512_maskz_loadu_ps(hi, src + kCols));
       }
-      const int64_t n = std::min<int64_t>(kRows, tokens - t0);
-      for (int64_t t = 0; t < n; ++t)
-        std::memcpy(out_rows[t0 + t] + j0 * kCols, c + t * 4 * kCols, sizeof(float) * cols);
     }
   }
   _tile_release();
