@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "guard.h"
-#include "isa.h"
 #include "parallel.h"
 #include "project.h"
 #include "scratch.h"
@@ -28,10 +27,8 @@ constexpr int64_t kTokensAmx = 64;
 constexpr double kMinChunkMacs = 1 << 16;
 
 // In double (a few hundred terms: xsum at least as exact as the reference), in 8 running sums:
-// one chain of dependent additions took as long as the rest of a prefill's transform. Cloned for
-// AVX-512 and AVX2: the 8 sums are then one or two vectors (each sum's additions unchanged); the
-// baseline build's SSE2 pairs took 15% of a prefill's transform.
-SDQ_CLONES_X86 float block_sum(const float* v, int64_t n) noexcept {
+// one chain of dependent additions took as long as the rest of a prefill's transform.
+float block_sum(const float* v, int64_t n) noexcept {
   double s[8] = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
