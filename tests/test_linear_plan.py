@@ -248,12 +248,14 @@ def test_shared_transform_is_reused_only_for_the_same_input():
 
 
 @torch.no_grad()
-def test_a_bf16_transform_serves_only_bf16_calls():
+@pytest.mark.parametrize("batch", [2, 8])  # the table GEMM; AMX's where the CPU has it
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+def test_a_bf16_transform_serves_only_bf16_calls(levels, batch):
     """Before an int8 GEMM the plan projects in bf16 where the CPU can (sdq/linear_plan.h); an
     exact-kernel call on the same input and constants must not take that transform, nor the
-    reverse."""
-    q, k = _module(32, 300, "binary"), _module(16, 300, "binary")
-    x = torch.randn(8, 300)
+    reverse. Where the CPU cannot, both run the float32 projection and share it."""
+    q, k = _module(32, 300, levels), _module(16, 300, levels)
+    x = torch.randn(batch, 300)
     bf16 = core().activation_transform_bf16_supported()
     q(x)
     before = _hits()

@@ -198,11 +198,14 @@ Status LinearPlan::create(const LinearPlanDesc& desc, std::unique_ptr<LinearPlan
 
 // Points *xt, *xsum at the transform of x: this thread's last one when it is the same (see the
 // header), else computed into this thread's plan_* slots. bf16: the AMX projection (project.h),
-// for the int8 GEMMs, which round its output to int8 next, where the constants have its form.
+// for the int8 GEMMs, which round its output to int8 next, where the constants have its form
+// (elsewhere the float32 one runs, and the kept transform is keyed as what ran: an exact-kernel
+// call on a CPU without AMX-BF16 reuses an int8 call's transform).
 Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, int threads,
                              const float** xt, const float** xsum) const {
   const TransformConstants& c = *transform_;
   const BlockLayout& L = c.layout;
+  bf16 = bf16 && !c.down_last_bf16.empty();  // the last group always has one where any has
   const int64_t n = batch * L.in_features;
   const bool same_key = t_last.id == c.id && t_last.batch == batch && t_last.bf16 == bf16;
   // Same key: the slots already have these sizes, so scratch() hands back the same buffers.
