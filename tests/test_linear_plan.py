@@ -267,6 +267,23 @@ def test_a_bf16_transform_serves_only_bf16_calls(levels, batch):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("batch", [1, 5])
+def test_tables_built_with_the_transform(batch):
+    """The binary table GEMM's int8 tables are built with the transform (linear_plan.cpp,
+    TableSink) and kept with it: the next layer on the same input takes both, and a kept
+    transform without them (an exact-kernel call's) does not serve a table call."""
+    q, k, v = _module(32, 300, "binary"), _module(16, 300, "binary"), _module(8, 300, "binary")
+    x = torch.randn(batch, 300)
+    with _cpu_gemm("addonly"):
+        v(x)
+    before = _hits()
+    assert torch.equal(q(x), _two_ops(q, x))
+    assert _hits() == before
+    assert torch.equal(k(x), _two_ops(k, x)) and _hits() == before + 1
+    assert torch.equal(v(x), _two_ops(v, x)) and _hits() == before + 2
+
+
+@torch.no_grad()
 def test_plans_with_other_constants_do_not_reuse():
     a, b = _module(16, 200, "binary"), _module(16, 200, "binary", hadamard=False)
     x = torch.randn(2, 200)

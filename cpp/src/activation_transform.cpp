@@ -50,12 +50,12 @@ struct Group {
 };
 
 // Vectors [v0, v1) of one group: pad, rotate, project; writes their slices of xt and xsum (and
-// of x_copy, when not null). Every vector of a group has the same padded width and code count
-// (the full blocks are alike).
+// of x_copy, when not null), then hands each to the sink (when not null). Every vector of a
+// group has the same padded width and code count (the full blocks are alike).
 Status transform_vectors(const BlockLayout& L, const Group& g, int64_t v0, int64_t v1,
                          bool hadamard, const float* signs, detail::Projection proj,
                          const float* x, float* xt, float* xsum, float* x_copy,
-                         float* buf) noexcept {
+                         const detail::VectorSink* sink, float* buf) noexcept {
   const int64_t nb = L.num_blocks(), cols = L.total_code_cols(), n = v1 - v0;
   const int64_t b0 = g.block(v0, nb), padded = L.padded(b0), m = L.m(b0);
   // where vector k's codes start in xt
@@ -92,6 +92,7 @@ Status transform_vectors(const BlockLayout& L, const Group& g, int64_t v0, int64
     const int64_t b = g.block(v0 + k, nb), t = g.token(v0 + k);
     std::fill(dst(k) + m, dst(k) + L.code_cols(b), 0.0f);  // padding codes must meet zeros
     xsum[t * nb + b] = block_sum(buf + k * padded, padded);
+    if (sink) sink->fn(sink->ctx, xt + t * cols, t, b);
   }
   return Status::ok;
 }
@@ -99,7 +100,7 @@ Status transform_vectors(const BlockLayout& L, const Group& g, int64_t v0, int64
 Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs,
                          detail::Projection full_proj, detail::Projection last_proj,
                          const float* x, int64_t batch, float* xt, float* xsum, int threads,
-                         float* x_copy) {
+                         float* x_copy, const detail::VectorSink* sink) {
   if (!L.valid() || batch < 0) return Status::bad_size;
   if (batch == 0) return Status::ok;
   if (!x || !xt || !xsum || !last_proj.down) return Status::null_pointer;
@@ -134,7 +135,7 @@ Status transform_checked(const BlockLayout& L, bool hadamard, const float* signs
       const int64_t base = in_full ? 0 : full_vectors;  // the group's first vector
       const Status s = transform_vectors(L, in_full ? full : last, v - base, v1 - base, hadamard,
                                          signs, in_full ? full_proj : last_proj, x, xt, xsum,
-                                         x_copy, buf);
+                                         x_copy, sink, buf);
       if (s != Status::ok) {
         result.store(s);
         return;
@@ -170,7 +171,7 @@ Status activation_transform_bf16(const BlockLayout& L, bool hadamard, const floa
         detail::project_amx_packed(down_last, L.padded(last), L.m(last));
     const auto data = [](const std::vector<uint16_t>& p) { return p.empty() ? nullptr : p.data(); };
     return transform_checked(L, hadamard, signs, {down_full, data(full)}, {down_last, data(tail)},
-                             x, batch, xt, xsum, threads, nullptr);
+                             x, batch, xt, xsum, threads, nullptr, nullptr);
   });
 }
 
@@ -179,9 +180,10 @@ namespace detail {
 Status activation_transform_projected(const BlockLayout& L, bool hadamard, const float* signs,
                                       Projection full, Projection last, const float* x,
                                       int64_t batch, float* xt, float* xsum, int threads,
-                                      float* x_copy) noexcept {
+                                      float* x_copy, const VectorSink* sink) noexcept {
   return guarded([&] {
-    return transform_checked(L, hadamard, signs, full, last, x, batch, xt, xsum, threads, x_copy);
+    return transform_checked(L, hadamard, signs, full, last, x, batch, xt, xsum, threads, x_copy,
+                             sink);
   });
 }
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "guard.h"
+#include "lut_gemm.h"
 #include "project.h"
 #include "scale_tiles.h"
 #include "scratch.h"
@@ -76,11 +77,13 @@ std::shared_ptr<const TransformConstants> shared_constants(const LinearPlanDesc&
 }
 
 // What this thread's plan_* scratch slots hold: the transform of `batch` rows (copied to the
-// plan_input slot) by the constants with id `id`, projected in bf16 or not; id 0: nothing valid.
+// plan_input slot) by the constants with id `id`, projected in bf16 or not, with the binary
+// int8 tables or not; id 0: nothing valid.
 struct LastTransform {
   uint64_t id = 0;
   int64_t batch = 0;
   bool bf16 = false;
+  bool tables = false;
 };
 thread_local LastTransform t_last;
 thread_local uint64_t t_hits = 0;
@@ -196,26 +199,64 @@ Status LinearPlan::create(const LinearPlanDesc& desc, std::unique_ptr<LinearPlan
   });
 }
 
-// Points *xt, *xsum at the transform of x: this thread's last one when it is the same (see the
+struct LinearPlan::Transformed {
+  const float* xt = nullptr;
+  const float* xsum = nullptr;
+  const int8_t* q = nullptr;       // the binary int8 tables (lut_table_form), when built
+  const float* tscale = nullptr;
+};
+
+namespace {
+
+// Where a transform builds the binary int8-table GEMM's tables, block by block as each block's
+// codes land in xt (detail::VectorSink): on both threads, from codes still in L1, instead of
+// on one thread after the transform; and layers that share the transform share them.
+struct TableSink {
+  detail::LutTableForm form;
+  int8_t* q;
+  float* tscale;
+  int64_t nb;
+  static void build(void* ctx, const float* xt_token, int64_t token, int64_t block) {
+    const auto& s = *static_cast<const TableSink*>(ctx);
+    s.form.build(s.form.shape, xt_token, block, s.q + token * s.form.groups * detail::kLutEntries,
+                 s.tscale + token * s.nb);
+  }
+};
+
+}  // namespace
+
+// Points *out at the transform of x: this thread's last one when it is the same (see the
 // header), else computed into this thread's plan_* slots. bf16: the AMX projection (project.h),
 // for the int8 GEMMs, which round its output to int8 next, where the constants have its form
 // (elsewhere the float32 one runs, and the kept transform is keyed as what ran: an exact-kernel
-// call on a CPU without AMX-BF16 reuses an int8 call's transform).
-Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, int threads,
-                             const float** xt, const float** xsum) const {
+// call on a CPU without AMX-BF16 reuses an int8 call's transform). tables: build the binary
+// int8-table GEMM's tables too (a kept transform without them is computed again).
+Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, bool tables, int threads,
+                             Transformed* out) const {
   const TransformConstants& c = *transform_;
   const BlockLayout& L = c.layout;
   bf16 = bf16 && !c.down_last_bf16.empty();  // the last group always has one where any has
-  const int64_t n = batch * L.in_features;
-  const bool same_key = t_last.id == c.id && t_last.batch == batch && t_last.bf16 == bf16;
+  const int64_t n = batch * L.in_features, nb = L.num_blocks();
+  const bool same_key = t_last.id == c.id && t_last.batch == batch && t_last.bf16 == bf16 &&
+                        (t_last.tables || !tables);
   // Same key: the slots already have these sizes, so scratch() hands back the same buffers.
   // Otherwise they may be reallocated (or fail to be): forget what they held first.
   if (!same_key) t_last = LastTransform{};
   float* saved = detail::scratch<float>(detail::ScratchSlot::plan_input, n);
   float* out_xt = detail::scratch<float>(detail::ScratchSlot::plan_xt, batch * L.total_code_cols());
-  float* out_xsum = detail::scratch<float>(detail::ScratchSlot::plan_xsum, batch * L.num_blocks());
-  *xt = out_xt;
-  *xsum = out_xsum;
+  float* out_xsum = detail::scratch<float>(detail::ScratchSlot::plan_xsum, batch * nb);
+  *out = Transformed{out_xt, out_xsum, nullptr, nullptr};
+  TableSink sink{};
+  if (tables) {
+    sink.form = detail::lut_table_form(L);
+    const int64_t q_bytes = (batch * sink.form.groups * detail::kLutEntries + 63) / 64 * 64;
+    auto* buf = detail::scratch<uint8_t>(detail::ScratchSlot::plan_tables,
+                                         q_bytes + batch * nb * int64_t{sizeof(float)});
+    sink = TableSink{sink.form, reinterpret_cast<int8_t*>(buf),
+                     reinterpret_cast<float*>(buf + q_bytes), nb};
+    out->q = sink.q;
+    out->tscale = sink.tscale;
+  }
   if (same_key && std::memcmp(saved, x, static_cast<size_t>(n) * sizeof(float)) == 0) {
     ++t_hits;
     return Status::ok;
@@ -225,23 +266,29 @@ Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, int threa
     return detail::Projection{down.empty() ? nullptr : down.data(),
                               bf16 && !packed.empty() ? packed.data() : nullptr};
   };
+  const detail::VectorSink vs{TableSink::build, &sink};
   const Status s = detail::activation_transform_projected(
       L, c.hadamard, c.signs.empty() ? nullptr : c.signs.data(),
       form(c.down_full, c.down_full_bf16), form(c.down_last, c.down_last_bf16), x, batch, out_xt,
-      out_xsum, threads, saved);
+      out_xsum, threads, saved, tables ? &vs : nullptr);
   if (s != Status::ok) return s;
-  t_last = LastTransform{c.id, batch, bf16};
+  t_last = LastTransform{c.id, batch, bf16, tables};
   return Status::ok;
 }
 
-Status LinearPlan::gemm_run(PlanGemm g, const float* xt, const float* xsum, int64_t batch,
-                            float* y, int threads) const noexcept {
+Status LinearPlan::gemm_run(PlanGemm g, const Transformed& t, int64_t batch, float* y,
+                            int threads) const noexcept {
   const LinearPlanDesc& d = desc_;
+  const float *xt = t.xt, *xsum = t.xsum;
   switch (g) {
     case PlanGemm::addonly:
       return addonly_gemm(d.layout, d.levels, d.sign, d.nonzero, d.scale, d.mean, d.out, xt,
                           xsum, batch, y, threads);
     case PlanGemm::lut_binary:
+      if (t.q)
+        return detail::lut_gemm_binary_prebuilt(d.layout, d.lut_codes, d.scale, d.mean,
+                                                scale_tiles(), d.out, t.q, t.tscale, xsum, batch,
+                                                y, threads);
       return detail::lut_gemm_binary_tiled(d.layout, d.lut_codes, d.scale, d.mean,
                                            scale_tiles(), d.out, xt, xsum, batch, y, threads);
     case PlanGemm::amx_binary:
@@ -264,12 +311,13 @@ Status LinearPlan::run(const float* x, int64_t batch, float* y, int threads) con
   if (!x || !y) return Status::null_pointer;
   threads = call_threads(desc_, batch, threads);
   return detail::guarded([&] {
-    const float* xt = nullptr;
-    const float* xsum = nullptr;
     const PlanGemm g = gemm(batch);
     const bool bf16 = g != PlanGemm::addonly;  // int8 GEMMs next (header: transform precision)
-    const Status s = transform(x, batch, bf16, threads, &xt, &xsum);
-    return s != Status::ok ? s : gemm_run(g, xt, xsum, batch, y, threads);
+    // the binary tables built with the transform (TableSink), one token chunk's worth
+    const bool tables = g == PlanGemm::lut_binary && batch <= detail::kLutTokenChunk;
+    Transformed t;
+    const Status s = transform(x, batch, bf16, tables, threads, &t);
+    return s != Status::ok ? s : gemm_run(g, t, batch, y, threads);
   });
 }
 

@@ -18,8 +18,7 @@ using detail::kLutEntries;
 using detail::kLutGroup;
 using detail::LutCtx;
 
-constexpr int64_t kTokenChunk = 16;  // tokens whose tables are built together (L2: 16 x 32 KB
-                                     // for a 4096-wide OSR-2 layer)
+constexpr int64_t kTokenChunk = detail::kLutTokenChunk;
 // The least work worth a chunk of its own: a few microseconds (a spinning worker joins within
 // ~1-3 us, thread_pool.cpp; see trit5_gemm.cpp).
 constexpr double kMinChunkBytes = 1 << 14;   // packed code bytes looked up (x tokens)
@@ -70,13 +69,56 @@ Status check_args(const BlockLayout& L, const uint8_t* packed, const uint16_t* s
   return Status::ok;
 }
 
+detail::LutTableShape table_shape(LutKernel kernel, const BlockLayout& L) noexcept {
+  const int64_t nb = L.num_blocks();
+  return {nb, L.code_cols(0) / kLutGroup, L.code_cols(nb - 1) / kLutGroup,
+          kernel == LutKernel::avx512_vnni};
+}
+
+bool is_x86(LutKernel kernel) noexcept {
+  return kernel == LutKernel::avx2 || kernel == LutKernel::avx512 ||
+         kernel == LutKernel::avx512_vnni;
+}
+
+detail::LutBlockTablesFn block_tables_fn(LutKernel kernel) noexcept {
+  return is_x86(kernel) ? detail::lut_block_tables_avx2 : detail::lut_block_tables_portable;
+}
+
+// The rows of every tile for the tokens of c (tables in c.q, c.tscale). fill: scale tiles to lay
+// out first (each worker its own), or null.
+void rows_phase(LutKernel kernel, LutCtx& c, int threads, uint16_t* fill) {
+  const detail::LutRows fn = rows_fn(kernel);
+  const int64_t tiles = (c.out + kLutTileRows - 1) / kLutTileRows;
+  const double tile_cost = static_cast<double>(c.tile_bytes) * static_cast<double>(c.tokens);
+  detail::parallel_for(tiles, threads, grain_for(kMinChunkBytes, tile_cost),
+                       [&](int64_t b, int64_t e) {
+    if (fill) detail::scale_tiles_fill(c.scale, c.mean, c.out, c.nb, b, e, fill);
+    fn(c, b, e);
+  });
+}
+
+LutCtx make_ctx(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
+                const uint16_t* mean, const uint16_t* scale_tiles, int64_t out) noexcept {
+  LutCtx c{};
+  c.packed = packed;
+  c.scale = scale;
+  c.mean = mean;
+  c.scale_tiles = scale_tiles;
+  c.out = out;
+  c.nb = L.num_blocks();
+  c.tile_bytes = lut_tile_bytes(L);
+  c.pairs_per_block = L.code_cols(0) / 8;
+  c.last_pairs = L.code_cols(c.nb - 1) / 8;
+  c.groups = L.total_code_cols() / kLutGroup;
+  return c;
+}
+
 Status run(LutKernel kernel, const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
            const uint16_t* mean, const uint16_t* scale_tiles, int64_t out, const float* xt,
            const float* xsum, int64_t batch, float* y, int threads) {
   const int64_t nb = L.num_blocks(), cols = L.total_code_cols(), groups = cols / kLutGroup;
   const int64_t chunk = std::min(batch, kTokenChunk);
-  const detail::LutTableShape shape{nb, L.code_cols(0) / kLutGroup, L.code_cols(nb - 1) / kLutGroup,
-                                    kernel == LutKernel::avx512_vnni};
+  const detail::LutTableShape shape = table_shape(kernel, L);
   // One buffer: the int8 tables, then (64-byte aligned) the table scales. Every entry read is
   // written first by the table builder.
   const int64_t q_bytes = (chunk * groups * kLutEntries + 63) / 64 * 64;
@@ -84,31 +126,16 @@ Status run(LutKernel kernel, const BlockLayout& L, const uint8_t* packed, const 
                                        q_bytes + chunk * nb * static_cast<int64_t>(sizeof(float)));
   auto* q = reinterpret_cast<int8_t*>(buf);
   auto* tscale = reinterpret_cast<float*>(buf + q_bytes);
-  const bool x86 = kernel == LutKernel::avx2 || kernel == LutKernel::avx512 ||
-                   kernel == LutKernel::avx512_vnni;
-  const auto tables_fn = x86 ? detail::lut_tables_avx2 : detail::lut_tables_portable;
+  const detail::LutBlockTablesFn tables_fn = block_tables_fn(kernel);
   // The x86 variants read the scales laid out per tile (scale_tiles.h): a plan's, else laid out
   // here, each worker its own tiles in the first token chunk (every tile before any is read).
-  uint16_t* own_tiles = x86 && !scale_tiles
+  uint16_t* own_tiles = is_x86(kernel) && !scale_tiles
                            ? detail::scratch<uint16_t>(detail::ScratchSlot::scale_tiles,
                                                        detail::scale_tiles_size(out, nb))
                            : nullptr;
-  if (own_tiles) scale_tiles = own_tiles;
-  LutCtx c{};
-  c.packed = packed;
-  c.scale = scale;
-  c.mean = mean;
-  c.scale_tiles = scale_tiles;
-  c.out = out;
-  c.nb = nb;
-  c.tile_bytes = lut_tile_bytes(L);
-  c.pairs_per_block = L.code_cols(0) / 8;
-  c.last_pairs = L.code_cols(nb - 1) / 8;
-  c.groups = groups;
+  LutCtx c = make_ctx(L, packed, scale, mean, own_tiles ? own_tiles : scale_tiles, out);
   c.q = q;
   c.tscale = tscale;
-  const detail::LutRows fn = rows_fn(kernel);
-  const int64_t tiles = (out + kLutTileRows - 1) / kLutTileRows;
   const int64_t token_grain = grain_for(kMinChunkGroups, static_cast<double>(groups));
   for (int64_t t0 = 0; t0 < batch; t0 += chunk) {
     c.tokens = std::min(chunk, batch - t0);
@@ -116,15 +143,10 @@ Status run(LutKernel kernel, const BlockLayout& L, const uint8_t* packed, const 
     c.y = y + t0 * out;
     detail::parallel_for(c.tokens, threads, token_grain, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t)
-        tables_fn(shape, xt + (t0 + t) * cols, q + t * groups * kLutEntries, tscale + t * nb);
+        for (int64_t k = 0; k < nb; ++k)
+          tables_fn(shape, xt + (t0 + t) * cols, k, q + t * groups * kLutEntries, tscale + t * nb);
     });
-    const double tile_cost = static_cast<double>(c.tile_bytes) * static_cast<double>(c.tokens);
-    uint16_t* fill = t0 == 0 ? own_tiles : nullptr;
-    detail::parallel_for(tiles, threads, grain_for(kMinChunkBytes, tile_cost),
-                         [&](int64_t b, int64_t e) {
-      if (fill) detail::scale_tiles_fill(scale, mean, out, nb, b, e, fill);
-      fn(c, b, e);
-    });
+    rows_phase(kernel, c, threads, t0 == 0 ? own_tiles : nullptr);
   }
   return Status::ok;
 }
@@ -190,6 +212,31 @@ Status lut_gemm_binary_tiled(const BlockLayout& L, const uint8_t* packed, const 
   return guarded([&] {
     return run(best_kernel(), L, packed, scale, mean, scale_tiles, out, xt, xsum, batch, y,
                threads);
+  });
+}
+
+LutTableForm lut_table_form(const BlockLayout& L) noexcept {
+  return {table_shape(best_kernel(), L), block_tables_fn(best_kernel()),
+          L.total_code_cols() / kLutGroup};
+}
+
+Status lut_gemm_binary_prebuilt(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
+                                const uint16_t* mean, const uint16_t* scale_tiles, int64_t out,
+                                const int8_t* q, const float* tscale, const float* xsum,
+                                int64_t batch, float* y, int threads) noexcept {
+  if (!L.valid() || out < 0 || batch < 0 || batch > kTokenChunk) return Status::bad_size;
+  if (out == 0 || batch == 0) return Status::ok;
+  if (!packed || !scale || !mean || !scale_tiles || !q || !tscale || !xsum || !y)
+    return Status::null_pointer;
+  return guarded([&] {
+    LutCtx c = make_ctx(L, packed, scale, mean, scale_tiles, out);
+    c.q = q;
+    c.tscale = tscale;
+    c.tokens = batch;
+    c.xsum = xsum;
+    c.y = y;
+    rows_phase(best_kernel(), c, threads, nullptr);
+    return Status::ok;
   });
 }
 

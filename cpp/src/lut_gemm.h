@@ -52,8 +52,8 @@ void lut_rows_avx512(const LutCtx& c, int64_t tile_begin, int64_t tile_end);  //
 void lut_rows_avx512_vnni(const LutCtx& c, int64_t tile_begin, int64_t tile_end);  // + vbmi, vnni
 void lut_rows_neon(const LutCtx& c, int64_t tile_begin, int64_t tile_end);    // AArch64
 
-// Tables of one token (sdq/lut_gemm.h): q [groups, 16] and tscale [nb] from xt [total_code_cols].
-// Every variant's builder gives bit-identical tables.
+// Tables of one token (sdq/lut_gemm.h): q [groups, 16] and tscale [nb] from xt [total_code_cols],
+// block by block. Every variant's builder gives bit-identical tables.
 struct LutTableShape {
   int64_t nb, groups_per_block, last_groups;
   bool word_order;  // tables in lut_table_slot's word order (avx512-vnni), else group order
@@ -67,12 +67,40 @@ inline int64_t lut_table_slot(int64_t g, bool word_order) noexcept {
   const int64_t k = g % 8;
   return g - k + (k % 2) * 4 + k / 2;
 }
-void lut_tables_portable(const LutTableShape& s, const float* xt, int8_t* q, float* tscale);
-void lut_tables_avx2(const LutTableShape& s, const float* xt, int8_t* q, float* tscale);
+
+// Tables of block b of one token: xt is the token's [total_code_cols], q its [groups, 16]
+// tables (block b's groups written), tscale its [nb] scales (tscale[b] written).
+using LutBlockTablesFn = void (*)(const LutTableShape& s, const float* xt, int64_t b, int8_t* q,
+                                  float* tscale);
+void lut_block_tables_portable(const LutTableShape& s, const float* xt, int64_t b, int8_t* q,
+                               float* tscale);
+void lut_block_tables_avx2(const LutTableShape& s, const float* xt, int64_t b, int8_t* q,
+                           float* tscale);
 
 // Scales and means of the rows [r0, r0 + width) as fp16, transposed to [nb, width] (rows past
 // c.out read as 0): a block's scales of a tile are then one contiguous vector. width % 8 == 0.
 void lut_transpose_scales_avx2(const LutCtx& c, int64_t r0, int64_t width, uint16_t* s,
                                uint16_t* mu);
+
+// Tokens whose tables are built together (L2: 16 x 32 KB for a 4096-wide OSR-2 layer).
+constexpr int64_t kLutTokenChunk = 16;
+
+// The tables as lut_gemm_binary_tiled's kernel for this CPU reads them (scale_tiles.h), for a
+// caller that builds them itself: a plan, inside its transform, block by block as each block's
+// codes are projected (linear_plan.cpp). groups: tables per token (q holds groups x 16 bytes
+// per token, tscale nb floats).
+struct LutTableForm {
+  LutTableShape shape;
+  LutBlockTablesFn build;
+  int64_t groups;
+};
+LutTableForm lut_table_form(const BlockLayout& L) noexcept;
+
+// lut_gemm_binary_tiled with the tables already built in lut_table_form(L) (q [batch, groups,
+// 16], tscale [batch, nb]); scale_tiles required; batch <= kLutTokenChunk (else bad_size).
+Status lut_gemm_binary_prebuilt(const BlockLayout& L, const uint8_t* packed, const uint16_t* scale,
+                                const uint16_t* mean, const uint16_t* scale_tiles, int64_t out,
+                                const int8_t* q, const float* tscale, const float* xsum,
+                                int64_t batch, float* y, int threads) noexcept;
 
 }  // namespace sdq::detail

@@ -138,41 +138,39 @@ SDQ_AVX2 void tiles(const LutCtx& c, int64_t k0, float* ybuf) {
 
 }  // namespace
 
-SDQ_AVX2 void lut_tables_avx2(const LutTableShape& s, const float* xt, int8_t* q, float* tscale) {
+SDQ_AVX2 void lut_block_tables_avx2(const LutTableShape& s, const float* xt, int64_t b, int8_t* q,
+                                    float* tscale) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  int64_t g0 = 0;
-  for (int64_t b = 0; b < s.nb; ++b) {
-    const int64_t n = b == s.nb - 1 ? s.last_groups : s.groups_per_block;  // a multiple of 8
-    __m256 m = _mm256_setzero_ps();
-    for (int64_t g = g0; g < g0 + n; ++g) {  // max |e| = max of the hi half's |e| (e[15-i] = -e[i])
-      __m256 lo, hi;
-      group_entries(xt + g * kLutGroup, lo, hi);
-      m = _mm256_max_ps(m, _mm256_and_ps(hi, abs_mask));
+  const int64_t g0 = b * s.groups_per_block;
+  const int64_t n = b == s.nb - 1 ? s.last_groups : s.groups_per_block;  // a multiple of 8
+  __m256 m = _mm256_setzero_ps();
+  for (int64_t g = g0; g < g0 + n; ++g) {  // max |e| = max of the hi half's |e| (e[15-i] = -e[i])
+    __m256 lo, hi;
+    group_entries(xt + g * kLutGroup, lo, hi);
+    m = _mm256_max_ps(m, _mm256_and_ps(hi, abs_mask));
+  }
+  const float amax = hmax(m);
+  const bool tiny = !(amax >= kLutTinyAmax);
+  const __m256 inv = _mm256_set1_ps(tiny ? 0.0f : static_cast<float>(kLutQMax) / amax);
+  tscale[b] = tiny ? 0.0f : amax / static_cast<float>(kLutQMax);
+  for (int64_t g = g0; g < g0 + n; g += 2) {  // two groups: 32 entries, one 32-byte store
+    __m256 e[4];
+    group_entries(xt + g * kLutGroup, e[0], e[1]);
+    group_entries(xt + (g + 1) * kLutGroup, e[2], e[3]);
+    __m256i v[4];
+    for (int k = 0; k < 4; ++k) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(e[k], inv));  // rint
+    // packs work per 128-bit lane: [g: 0-3 8-11, g+1: 0-3 8-11 | g: 4-7 12-15, g+1: 4-7 12-15]
+    const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    const __m256i bounded = _mm256_max_epi8(w, _mm256_set1_epi8(-kLutQMax));
+    const __m256i both = _mm256_permutevar8x32_epi32(bounded, order);  // [table g | table g+1]
+    if (s.word_order) {
+      _mm_storeu_si128((__m128i*)(q + lut_table_slot(g, true) * kLutEntries), _mm256_castsi256_si128(both));
+      _mm_storeu_si128((__m128i*)(q + lut_table_slot(g + 1, true) * kLutEntries),
+                       _mm256_extracti128_si256(both, 1));
+    } else {
+      _mm256_storeu_si256((__m256i*)(q + g * kLutEntries), both);
     }
-    const float amax = hmax(m);
-    const bool tiny = !(amax >= kLutTinyAmax);
-    const __m256 inv = _mm256_set1_ps(tiny ? 0.0f : static_cast<float>(kLutQMax) / amax);
-    tscale[b] = tiny ? 0.0f : amax / static_cast<float>(kLutQMax);
-    for (int64_t g = g0; g < g0 + n; g += 2) {  // two groups: 32 entries, one 32-byte store
-      __m256 e[4];
-      group_entries(xt + g * kLutGroup, e[0], e[1]);
-      group_entries(xt + (g + 1) * kLutGroup, e[2], e[3]);
-      __m256i v[4];
-      for (int k = 0; k < 4; ++k) v[k] = _mm256_cvtps_epi32(_mm256_mul_ps(e[k], inv));  // rint
-      // packs work per 128-bit lane: [g: 0-3 8-11, g+1: 0-3 8-11 | g: 4-7 12-15, g+1: 4-7 12-15]
-      const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-      const __m256i bounded = _mm256_max_epi8(w, _mm256_set1_epi8(-kLutQMax));
-      const __m256i both = _mm256_permutevar8x32_epi32(bounded, order);  // [table g | table g+1]
-      if (s.word_order) {
-        _mm_storeu_si128((__m128i*)(q + lut_table_slot(g, true) * kLutEntries), _mm256_castsi256_si128(both));
-        _mm_storeu_si128((__m128i*)(q + lut_table_slot(g + 1, true) * kLutEntries),
-                         _mm256_extracti128_si256(both, 1));
-      } else {
-        _mm256_storeu_si256((__m256i*)(q + g * kLutEntries), both);
-      }
-    }
-    g0 += n;
   }
 }
 
@@ -213,8 +211,9 @@ SDQ_AVX2 void lut_rows_avx2(const LutCtx& c, int64_t tile_begin, int64_t tile_en
 #else  // not x86-64: never selected (cpu_has is false), defined so the build links
 
 namespace sdq::detail {
-void lut_tables_avx2(const LutTableShape& s, const float* xt, int8_t* q, float* tscale) {
-  lut_tables_portable(s, xt, q, tscale);
+void lut_block_tables_avx2(const LutTableShape& s, const float* xt, int64_t b, int8_t* q,
+                           float* tscale) {
+  lut_block_tables_portable(s, xt, b, q, tscale);
 }
 void lut_transpose_scales_avx2(const LutCtx&, int64_t, int64_t, uint16_t*, uint16_t*) {}
 void lut_rows_avx2(const LutCtx& c, int64_t tile_begin, int64_t tile_end) {

@@ -8,30 +8,28 @@
 
 namespace sdq::detail {
 
-// Scalar tables: the definition the SIMD builder reproduces bit for bit.
-void lut_tables_portable(const LutTableShape& s, const float* xt, int8_t* q, float* tscale) {
-  int64_t g0 = 0;
-  for (int64_t b = 0; b < s.nb; ++b) {
-    const int64_t n = b == s.nb - 1 ? s.last_groups : s.groups_per_block;
-    float amax = 0.0f;  // |e| of the entry whose signs match x: the largest of its group
-    for (int64_t g = g0; g < g0 + n; ++g) {
-      const float* x = xt + g * kLutGroup;
-      amax = std::max(amax, ((std::fabs(x[0]) + std::fabs(x[1])) + std::fabs(x[2])) + std::fabs(x[3]));
+// Scalar tables of block b: the definition the SIMD builder reproduces bit for bit.
+void lut_block_tables_portable(const LutTableShape& s, const float* xt, int64_t b, int8_t* q,
+                               float* tscale) {
+  const int64_t g0 = b * s.groups_per_block;
+  const int64_t n = b == s.nb - 1 ? s.last_groups : s.groups_per_block;
+  float amax = 0.0f;  // |e| of the entry whose signs match x: the largest of its group
+  for (int64_t g = g0; g < g0 + n; ++g) {
+    const float* x = xt + g * kLutGroup;
+    amax = std::max(amax, ((std::fabs(x[0]) + std::fabs(x[1])) + std::fabs(x[2])) + std::fabs(x[3]));
+  }
+  const bool tiny = !(amax >= kLutTinyAmax);
+  const float inv = tiny ? 0.0f : static_cast<float>(kLutQMax) / amax;
+  tscale[b] = tiny ? 0.0f : amax / static_cast<float>(kLutQMax);
+  for (int64_t g = g0; g < g0 + n; ++g) {
+    const float* x = xt + g * kLutGroup;
+    int8_t* out = q + lut_table_slot(g, s.word_order) * kLutEntries;
+    for (int i = 0; i < kLutEntries; ++i) {
+      const float e = (((i & 1 ? x[0] : -x[0]) + (i & 2 ? x[1] : -x[1])) + (i & 4 ? x[2] : -x[2])) +
+                      (i & 8 ? x[3] : -x[3]);
+      const float r = std::nearbyint(e * inv);
+      out[i] = static_cast<int8_t>(std::min<float>(kLutQMax, std::max<float>(-kLutQMax, r)));
     }
-    const bool tiny = !(amax >= kLutTinyAmax);
-    const float inv = tiny ? 0.0f : static_cast<float>(kLutQMax) / amax;
-    tscale[b] = tiny ? 0.0f : amax / static_cast<float>(kLutQMax);
-    for (int64_t g = g0; g < g0 + n; ++g) {
-      const float* x = xt + g * kLutGroup;
-      int8_t* out = q + lut_table_slot(g, s.word_order) * kLutEntries;
-      for (int i = 0; i < kLutEntries; ++i) {
-        const float e = (((i & 1 ? x[0] : -x[0]) + (i & 2 ? x[1] : -x[1])) + (i & 4 ? x[2] : -x[2])) +
-                        (i & 8 ? x[3] : -x[3]);
-        const float r = std::nearbyint(e * inv);
-        out[i] = static_cast<int8_t>(std::min<float>(kLutQMax, std::max<float>(-kLutQMax, r)));
-      }
-    }
-    g0 += n;
   }
 }
 

@@ -54,13 +54,22 @@ struct Projection {
   const uint16_t* down_bf16;
 };
 
+// Called once per (token, block) vector as soon as its codes are in xt (padding zeroed), on the
+// thread that projected it: xt_token is the token's row of xt. For per-block work on the fresh
+// codes (a plan's int8 tables); it must not throw.
+struct VectorSink {
+  void (*fn)(void* ctx, const float* xt_token, int64_t token, int64_t block);
+  void* ctx;
+};
+
 // activation_transform (gemv.h) with each group's projection as its Projection says (not_built:
 // a bf16 form where project_amx_supported is false). x_copy: null, or batch x in_features
 // floats that receive a copy of x (read once for both; LinearPlan keeps it to recognise a
-// repeated input).
+// repeated input). sink: null, or called per vector as VectorSink says.
 Status activation_transform_projected(const BlockLayout& L, bool hadamard, const float* signs,
                                       Projection full, Projection last, const float* x,
                                       int64_t batch, float* xt, float* xsum, int threads,
-                                      float* x_copy = nullptr) noexcept;
+                                      float* x_copy = nullptr,
+                                      const VectorSink* sink = nullptr) noexcept;
 
 }  // namespace sdq::detail

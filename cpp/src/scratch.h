@@ -22,10 +22,10 @@ enum class ScratchSlot : int {
   amx_acts,      // amx_gemm.cpp: the int8 activations and their scales (calling thread)
   amx_rows,      // amx_gemm.cpp: a row tile's scales, B tiles, C tiles and sums (workers)
   scale_tiles,   // lut_gemm.cpp, trit5_gemm.cpp: a one-off call's scale_tiles.h layout (caller)
-  // linear_plan.cpp only: the calling thread's last transform (x copy, xt, xsum). Unlike the
-  // other slots their contents are read back by a later call on purpose (the shared-transform
-  // cache), so nothing else may write them.
-  plan_input, plan_xt, plan_xsum,
+  // linear_plan.cpp only: the calling thread's last transform (x copy, xt, xsum; the int8 tables
+  // and their scales when built with it). Unlike the other slots their contents are read back by
+  // a later call on purpose (the shared-transform cache), so nothing else may write them.
+  plan_input, plan_xt, plan_xsum, plan_tables,
   count
 };
 

@@ -102,10 +102,11 @@ class LinearPlan {
   LinearPlan(const LinearPlanDesc& desc, PlanGemm gemm, bool amx_prefill,
              std::shared_ptr<const TransformConstants> transform,
              std::vector<uint16_t> scale_tiles) noexcept;
+  struct Transformed;  // linear_plan.cpp: xt, xsum and (binary tables GEMM) the int8 tables
   const uint16_t* scale_tiles() const noexcept;  // null: none kept (not an int8-table plan)
-  Status transform(const float* x, int64_t batch, bool bf16, int threads,
-                   const float** xt, const float** xsum) const;
-  Status gemm_run(PlanGemm g, const float* xt, const float* xsum, int64_t batch, float* y,
+  Status transform(const float* x, int64_t batch, bool bf16, bool tables, int threads,
+                   Transformed* out) const;
+  Status gemm_run(PlanGemm g, const Transformed& t, int64_t batch, float* y,
                   int threads) const noexcept;  // g: gemm(batch), which run has chosen
 
   LinearPlanDesc desc_;
