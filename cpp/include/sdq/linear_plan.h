@@ -20,8 +20,10 @@
 //
 // Transform precision: before the int8 GEMMs (tables and AMX), which round its output to int8
 // next, the projection runs in bf16 on CPUs with AMX-BF16 (activation_transform_bf16,
-// amx_gemm.h); before the exact kernel (addonly) it stays float32. A kept transform serves only
-// calls that want the same form.
+// amx_gemm.h); before the exact kernel (addonly), and on other CPUs, it stays float32. A kept
+// transform serves only calls that want the projection it ran. Before the binary int8-table GEMM
+// (up to 16 tokens) the transform also builds that GEMM's tables, block by block, and keeps
+// them with it: layers that share the transform share the tables.
 #pragma once
 #include <cstdint>
 #include <memory>
