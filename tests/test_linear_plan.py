@@ -268,11 +268,12 @@ def test_a_bf16_transform_serves_only_bf16_calls(levels, batch):
 
 @torch.no_grad()
 @pytest.mark.parametrize("batch", [1, 5])
-def test_tables_built_with_the_transform(batch):
-    """The binary table GEMM's int8 tables are built with the transform (linear_plan.cpp,
-    TableSink) and kept with it: the next layer on the same input takes both, and a kept
-    transform without them (an exact-kernel call's) does not serve a table call."""
-    q, k, v = _module(32, 300, "binary"), _module(16, 300, "binary"), _module(8, 300, "binary")
+@pytest.mark.parametrize("levels", ["binary", "ternary"])
+def test_tables_built_with_the_transform(levels, batch):
+    """The table GEMMs' int8 tables are built with the transform (linear_plan.cpp, TableSink)
+    and kept with it: the next layer on the same input takes both, and a kept transform without
+    them (an exact-kernel call's) does not serve a table call."""
+    q, k, v = (_module(out, 300, levels) for out in (32, 16, 8))
     x = torch.randn(batch, 300)
     with _cpu_gemm("addonly"):
         v(x)
@@ -281,6 +282,19 @@ def test_tables_built_with_the_transform(batch):
     assert _hits() == before
     assert torch.equal(k(x), _two_ops(k, x)) and _hits() == before + 1
     assert torch.equal(v(x), _two_ops(v, x)) and _hits() == before + 2
+
+
+@torch.no_grad()
+def test_one_levels_tables_do_not_serve_the_other():
+    """Binary and ternary layers with equal constants share a transform, not its tables: a kept
+    transform with the binary table GEMM's tables is computed again for a trit5 call."""
+    b, t = _module(32, 300, "binary"), _module(16, 300, "ternary")
+    assert _plan(b).shares_transform_with(_plan(t))
+    x = torch.randn(2, 300)
+    b(x)
+    before = _hits()
+    assert torch.equal(t(x), _two_ops(t, x)) and _hits() == before
+    assert torch.equal(b(x), _two_ops(b, x)) and _hits() == before
 
 
 @torch.no_grad()

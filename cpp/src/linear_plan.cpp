@@ -14,12 +14,21 @@
 #include "scale_tiles.h"
 #include "scratch.h"
 #include "sdq/amx_gemm.h"
+#include "trit5_tables.h"
 #include "sdq/gemv.h"
 #include "sdq/lut_gemm.h"
 #include "sdq/threads.h"
 #include "sdq/trit5.h"
 
 namespace sdq {
+
+namespace detail {
+// The int8 tables a transform builds with it (TableSink): none, the binary table GEMM's or the
+// ternary (trit5) one's.
+enum class PlanTables : int { none, binary, ternary };
+}  // namespace detail
+
+using Tables = detail::PlanTables;
 
 // The transform's constants, owned (so plans sharing them need not keep each other's arrays
 // alive), with an id that no other set of constants ever had (addresses get reused, ids do not).
@@ -76,14 +85,15 @@ std::shared_ptr<const TransformConstants> shared_constants(const LinearPlanDesc&
   return c;
 }
 
+
 // What this thread's plan_* scratch slots hold: the transform of `batch` rows (copied to the
-// plan_input slot) by the constants with id `id`, projected in bf16 or not, with the binary
-// int8 tables or not; id 0: nothing valid.
+// plan_input slot) by the constants with id `id`, projected in bf16 or not, with which tables;
+// id 0: nothing valid.
 struct LastTransform {
   uint64_t id = 0;
   int64_t batch = 0;
   bool bf16 = false;
-  bool tables = false;
+  Tables tables = Tables::none;
 };
 thread_local LastTransform t_last;
 thread_local uint64_t t_hits = 0;
@@ -202,24 +212,41 @@ Status LinearPlan::create(const LinearPlanDesc& desc, std::unique_ptr<LinearPlan
 struct LinearPlan::Transformed {
   const float* xt = nullptr;
   const float* xsum = nullptr;
-  const int8_t* q = nullptr;       // the binary int8 tables (lut_table_form), when built
-  const float* tscale = nullptr;
+  const int8_t* tables = nullptr;  // the int8 tables of the table GEMM, when built (TableSink)
+  const float* scales = nullptr;   // their scales (binary) or steps (ternary), [batch, nb]
 };
 
 namespace {
 
-// Where a transform builds the binary int8-table GEMM's tables, block by block as each block's
-// codes land in xt (detail::VectorSink): on both threads, from codes still in L1, instead of
-// on one thread after the transform; and layers that share the transform share them.
+// Where a transform builds the int8-table GEMMs' tables, block by block as each block's codes
+// land in xt (detail::VectorSink): on both threads, from codes still in L1, instead of on one
+// thread after the transform; and layers that share the transform share them.
 struct TableSink {
-  detail::LutTableForm form;
-  int8_t* q;
-  float* tscale;
-  int64_t nb;
+  Tables kind = Tables::none;
+  const BlockLayout* layout = nullptr;
+  detail::LutTableForm binary{};
+  detail::Trit5TableForm ternary{};
+  int8_t* tables = nullptr;
+  float* scales = nullptr;
+  int64_t token_bytes = 0, nb = 0;
+
+  TableSink(Tables k, const BlockLayout& L) : kind(k), layout(&L), nb(L.num_blocks()) {
+    if (k == Tables::binary) {
+      binary = detail::lut_table_form(L);
+      token_bytes = binary.groups * detail::kLutEntries;
+    } else if (k == Tables::ternary) {
+      ternary = detail::trit5_table_form(L);
+      token_bytes = ternary.token_bytes;
+    }
+  }
   static void build(void* ctx, const float* xt_token, int64_t token, int64_t block) {
     const auto& s = *static_cast<const TableSink*>(ctx);
-    s.form.build(s.form.shape, xt_token, block, s.q + token * s.form.groups * detail::kLutEntries,
-                 s.tscale + token * s.nb);
+    int8_t* q = s.tables + token * s.token_bytes;
+    float* scale = s.scales + token * s.nb;
+    if (s.kind == Tables::binary)
+      s.binary.build(s.binary.shape, xt_token, block, q, scale);
+    else
+      s.ternary.build(*s.layout, xt_token, s.ternary.stride, block, q, scale);
   }
 };
 
@@ -229,16 +256,16 @@ struct TableSink {
 // header), else computed into this thread's plan_* slots. bf16: the AMX projection (project.h),
 // for the int8 GEMMs, which round its output to int8 next, where the constants have its form
 // (elsewhere the float32 one runs, and the kept transform is keyed as what ran: an exact-kernel
-// call on a CPU without AMX-BF16 reuses an int8 call's transform). tables: build the binary
-// int8-table GEMM's tables too (a kept transform without them is computed again).
-Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, bool tables, int threads,
-                             Transformed* out) const {
+// call on a CPU without AMX-BF16 reuses an int8 call's transform). tables: build that table
+// GEMM's tables too (a kept transform without them is computed again).
+Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, Tables tables,
+                             int threads, Transformed* out) const {
   const TransformConstants& c = *transform_;
   const BlockLayout& L = c.layout;
   bf16 = bf16 && !c.down_last_bf16.empty();  // the last group always has one where any has
   const int64_t n = batch * L.in_features, nb = L.num_blocks();
   const bool same_key = t_last.id == c.id && t_last.batch == batch && t_last.bf16 == bf16 &&
-                        (t_last.tables || !tables);
+                        (tables == Tables::none || t_last.tables == tables);
   // Same key: the slots already have these sizes, so scratch() hands back the same buffers.
   // Otherwise they may be reallocated (or fail to be): forget what they held first.
   if (!same_key) t_last = LastTransform{};
@@ -246,16 +273,15 @@ Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, bool tabl
   float* out_xt = detail::scratch<float>(detail::ScratchSlot::plan_xt, batch * L.total_code_cols());
   float* out_xsum = detail::scratch<float>(detail::ScratchSlot::plan_xsum, batch * nb);
   *out = Transformed{out_xt, out_xsum, nullptr, nullptr};
-  TableSink sink{};
-  if (tables) {
-    sink.form = detail::lut_table_form(L);
-    const int64_t q_bytes = (batch * sink.form.groups * detail::kLutEntries + 63) / 64 * 64;
+  TableSink sink(tables, L);
+  if (tables != Tables::none) {
+    const int64_t q_bytes = (batch * sink.token_bytes + 63) / 64 * 64;
     auto* buf = detail::scratch<uint8_t>(detail::ScratchSlot::plan_tables,
                                          q_bytes + batch * nb * int64_t{sizeof(float)});
-    sink = TableSink{sink.form, reinterpret_cast<int8_t*>(buf),
-                     reinterpret_cast<float*>(buf + q_bytes), nb};
-    out->q = sink.q;
-    out->tscale = sink.tscale;
+    sink.tables = reinterpret_cast<int8_t*>(buf);
+    sink.scales = reinterpret_cast<float*>(buf + q_bytes);
+    out->tables = sink.tables;
+    out->scales = sink.scales;
   }
   if (same_key && std::memcmp(saved, x, static_cast<size_t>(n) * sizeof(float)) == 0) {
     ++t_hits;
@@ -270,7 +296,7 @@ Status LinearPlan::transform(const float* x, int64_t batch, bool bf16, bool tabl
   const Status s = detail::activation_transform_projected(
       L, c.hadamard, c.signs.empty() ? nullptr : c.signs.data(),
       form(c.down_full, c.down_full_bf16), form(c.down_last, c.down_last_bf16), x, batch, out_xt,
-      out_xsum, threads, saved, tables ? &vs : nullptr);
+      out_xsum, threads, saved, tables != Tables::none ? &vs : nullptr);
   if (s != Status::ok) return s;
   t_last = LastTransform{c.id, batch, bf16, tables};
   return Status::ok;
@@ -285,16 +311,20 @@ Status LinearPlan::gemm_run(PlanGemm g, const Transformed& t, int64_t batch, flo
       return addonly_gemm(d.layout, d.levels, d.sign, d.nonzero, d.scale, d.mean, d.out, xt,
                           xsum, batch, y, threads);
     case PlanGemm::lut_binary:
-      if (t.q)
+      if (t.tables)
         return detail::lut_gemm_binary_prebuilt(d.layout, d.lut_codes, d.scale, d.mean,
-                                                scale_tiles(), d.out, t.q, t.tscale, xsum, batch,
-                                                y, threads);
+                                                scale_tiles(), d.out, t.tables, t.scales, xsum,
+                                                batch, y, threads);
       return detail::lut_gemm_binary_tiled(d.layout, d.lut_codes, d.scale, d.mean,
                                            scale_tiles(), d.out, xt, xsum, batch, y, threads);
     case PlanGemm::amx_binary:
       return detail::amx_gemm_binary_tiled(d.layout, d.lut_codes, d.scale, d.mean, scale_tiles(),
                                            d.out, xt, xsum, batch, y, threads);
     case PlanGemm::trit5:
+      if (t.tables)
+        return detail::trit5_gemm_prebuilt(d.layout, d.trits, d.trit_signs, d.scale, d.mean,
+                                           scale_tiles(), d.out, t.tables, t.scales, xsum, batch,
+                                           y, threads);
       return detail::trit5_gemm_tiled(d.layout, d.trits, d.trit_signs, d.scale, d.mean,
                                       scale_tiles(), d.out, xt, xsum, batch, y, threads);
     case PlanGemm::amx_ternary:
@@ -313,8 +343,12 @@ Status LinearPlan::run(const float* x, int64_t batch, float* y, int threads) con
   return detail::guarded([&] {
     const PlanGemm g = gemm(batch);
     const bool bf16 = g != PlanGemm::addonly;  // int8 GEMMs next (header: transform precision)
-    // the binary tables built with the transform (TableSink), one token chunk's worth
-    const bool tables = g == PlanGemm::lut_binary && batch <= detail::kLutTokenChunk;
+    // the table GEMMs' tables built with the transform (TableSink), one token chunk's worth
+    const Tables tables = g == PlanGemm::lut_binary && batch <= detail::kLutTokenChunk
+                              ? Tables::binary
+                          : g == PlanGemm::trit5 && batch <= detail::kTrit5TokenChunk
+                              ? Tables::ternary
+                              : Tables::none;
     Transformed t;
     const Status s = transform(x, batch, bf16, tables, threads, &t);
     return s != Status::ok ? s : gemm_run(g, t, batch, y, threads);

@@ -14,7 +14,7 @@ namespace {
 
 using detail::Trit5Ctx;
 
-constexpr int64_t kTokenChunk = 16;  // tokens whose tables are built together
+constexpr int64_t kTokenChunk = detail::kTrit5TokenChunk;
 // The least work worth a chunk of its own: a few microseconds, since a worker spinning between
 // jobs joins within ~1-3 us (thread_pool.cpp); a sleeping one costs ~10-50 us, but in a decode
 // loop the layers come faster than the spin ends.
@@ -56,14 +56,14 @@ struct Variant {
 Variant variant(Trit5Kernel k) noexcept {
   switch (k) {
     case Trit5Kernel::avx512:
-      return {detail::trit5_tables_avx512, detail::trit5_rows_avx512, 2 * detail::kTrit5Entries,
+      return {detail::trit5_block_tables_avx512, detail::trit5_rows_avx512, 2 * detail::kTrit5Entries,
               true};
     case Trit5Kernel::avx2:
-      return {detail::trit5_tables_avx2, detail::trit5_rows_avx2, detail::kTrit5Entries, true};
+      return {detail::trit5_block_tables_avx2, detail::trit5_rows_avx2, detail::kTrit5Entries, true};
     case Trit5Kernel::neon:
-      return {detail::trit5_tables_portable, detail::trit5_rows_neon, detail::kTrit5Entries, false};
+      return {detail::trit5_block_tables_portable, detail::trit5_rows_neon, detail::kTrit5Entries, false};
     default:
-      return {detail::trit5_tables_portable, detail::trit5_rows_portable, detail::kTrit5Entries,
+      return {detail::trit5_block_tables_portable, detail::trit5_rows_portable, detail::kTrit5Entries,
               false};
   }
 }
@@ -75,6 +75,35 @@ Status check_args(const BlockLayout& L, const uint8_t* trits, const uint32_t* tr
   if (out == 0 || batch == 0) return Status::ok;
   if (!trits || !trit_signs || !scale || !mean || !xt || !xsum || !y) return Status::null_pointer;
   return Status::ok;
+}
+
+Trit5Ctx make_ctx(const Variant& v, const BlockLayout& L, const uint8_t* trits,
+                  const uint32_t* trit_signs, const uint16_t* scale, const uint16_t* mean,
+                  const uint16_t* scale_tiles, int64_t out) noexcept {
+  Trit5Ctx c{};
+  c.trits = trits;
+  c.signs = trit_signs;
+  c.scale = scale;
+  c.mean = mean;
+  c.scale_tiles = scale_tiles;
+  c.out = out;
+  c.nb = L.num_blocks();
+  c.groups = trit5_total_groups(L);
+  c.gp_full = trit5_padded_groups(L, 0);
+  c.gp_last = trit5_padded_groups(L, c.nb - 1);
+  c.table_stride = v.table_stride;
+  return c;
+}
+
+// The rows of every tile for the tokens of c (tables in c.tables, c.step). fill: scale tiles to
+// lay out first (each worker its own), or null.
+void rows_phase(const Variant& v, const Trit5Ctx& c, int threads, uint16_t* fill) {
+  const double tile_pairs = static_cast<double>(c.groups / 2);
+  detail::parallel_for(trit5_tiles(c.out), threads, grain_for(kMinChunkPairs, tile_pairs * c.tokens),
+                       [&](int64_t b, int64_t e) {
+    if (fill) detail::scale_tiles_fill(c.scale, c.mean, c.out, c.nb, b, e, fill);
+    v.rows(c, b, e);
+  });
 }
 
 Status run(const Variant& v, const BlockLayout& L, const uint8_t* trits,
@@ -89,27 +118,14 @@ Status run(const Variant& v, const BlockLayout& L, const uint8_t* trits,
                            ? detail::scratch<uint16_t>(detail::ScratchSlot::scale_tiles,
                                                        detail::scale_tiles_size(out, nb))
                            : nullptr;
-  if (own_tiles) scale_tiles = own_tiles;
-  Trit5Ctx c{};
-  c.trits = trits;
-  c.signs = trit_signs;
-  c.scale = scale;
-  c.mean = mean;
-  c.scale_tiles = scale_tiles;
-  c.out = out;
-  c.nb = nb;
-  c.groups = trit5_total_groups(L);
-  c.gp_full = trit5_padded_groups(L, 0);
-  c.gp_last = trit5_padded_groups(L, nb - 1);
-  c.table_stride = v.table_stride;
+  Trit5Ctx c = make_ctx(v, L, trits, trit_signs, scale, mean,
+                        own_tiles ? own_tiles : scale_tiles, out);
   // Reused per thread: every byte read is written first (the table builders write all groups).
   int8_t* tables = detail::scratch<int8_t>(detail::ScratchSlot::trit5_tables,
                                            chunk * c.token_table_bytes() + chunk * nb * 4);
   float* step = reinterpret_cast<float*>(tables + chunk * c.token_table_bytes());
   c.tables = tables;
   c.step = step;
-  const int64_t tiles = trit5_tiles(out);
-  const double tile_pairs = static_cast<double>(c.groups / 2);
   for (int64_t t0 = 0; t0 < batch; t0 += chunk) {
     c.tokens = std::min(chunk, batch - t0);
     c.xsum = xsum + t0 * nb;
@@ -117,15 +133,11 @@ Status run(const Variant& v, const BlockLayout& L, const uint8_t* trits,
     detail::parallel_for(c.tokens, threads, grain_for(kMinChunkGroups, static_cast<double>(c.groups)),
                          [&](int64_t b, int64_t e) {
                            for (int64_t t = b; t < e; ++t)
-                             v.tables(L, xt + (t0 + t) * cols, c.table_stride,
-                                      tables + t * c.token_table_bytes(), step + t * nb);
+                             for (int64_t k = 0; k < nb; ++k)
+                               v.tables(L, xt + (t0 + t) * cols, c.table_stride, k,
+                                        tables + t * c.token_table_bytes(), step + t * nb);
                          });
-    uint16_t* fill = t0 == 0 ? own_tiles : nullptr;
-    detail::parallel_for(tiles, threads, grain_for(kMinChunkPairs, tile_pairs * c.tokens),
-                         [&](int64_t b, int64_t e) {
-      if (fill) detail::scale_tiles_fill(scale, mean, out, nb, b, e, fill);
-      v.rows(c, b, e);
-    });
+    rows_phase(v, c, threads, t0 == 0 ? own_tiles : nullptr);
   }
   return Status::ok;
 }
@@ -158,6 +170,34 @@ Status trit5_gemm_tiled(const BlockLayout& L, const uint8_t* trits, const uint32
   return guarded([&] {
     return run(v, L, trits, trit_signs, scale, mean, scale_tiles, out, xt, xsum, batch, y,
                threads);
+  });
+}
+
+Trit5TableForm trit5_table_form(const BlockLayout& L) noexcept {
+  const Variant v = variant(best_kernel());
+  return {v.tables, v.table_stride, trit5_total_groups(L) * v.table_stride};
+}
+
+Status trit5_gemm_prebuilt(const BlockLayout& L, const uint8_t* trits, const uint32_t* trit_signs,
+                           const uint16_t* scale, const uint16_t* mean,
+                           const uint16_t* scale_tiles, int64_t out, const int8_t* tables,
+                           const float* step, const float* xsum, int64_t batch, float* y,
+                           int threads) noexcept {
+  if (!L.valid() || out < 0 || batch < 0 || batch > kTokenChunk) return Status::bad_size;
+  if (out == 0 || batch == 0) return Status::ok;
+  if (!trits || !trit_signs || !scale || !mean || !tables || !step || !xsum || !y)
+    return Status::null_pointer;
+  const Variant v = variant(best_kernel());
+  if (v.x86 && !scale_tiles) return Status::null_pointer;
+  return guarded([&] {
+    Trit5Ctx c = make_ctx(v, L, trits, trit_signs, scale, mean, scale_tiles, out);
+    c.tables = tables;
+    c.step = step;
+    c.tokens = batch;
+    c.xsum = xsum;
+    c.y = y;
+    rows_phase(v, c, threads, nullptr);
+    return Status::ok;
   });
 }
 

@@ -12,6 +12,7 @@
 
 #include "gemm_addonly.h"  // half_to_float
 #include "sdq/trit5.h"
+#include "trit5_tables.h"
 
 namespace sdq::detail {
 
@@ -89,21 +90,19 @@ struct Trit5Ctx {
   int64_t token_table_bytes() const noexcept { return groups * table_stride; }
 };
 
-// Builds one token's tables [groups, stride] and steps [nb] from its xt row.
-using Trit5TableFn = void (*)(const BlockLayout& L, const float* xt, int64_t stride,
-                              int8_t* tables, float* step);
 // Computes y for row tiles [tile_begin, tile_end) and all ctx.tokens tokens.
 using Trit5RowsFn = void (*)(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);
 
-void trit5_tables_portable(const BlockLayout& L, const float* xt, int64_t stride, int8_t* tables,
-                           float* step);
-void trit5_tables_avx2(const BlockLayout& L, const float* xt, int64_t stride, int8_t* tables,
-                       float* step);
-void trit5_tables_avx512(const BlockLayout& L, const float* xt, int64_t stride, int8_t* tables,
-                         float* step);
+void trit5_block_tables_portable(const BlockLayout& L, const float* xt, int64_t stride,
+                                 int64_t b, int8_t* tables, float* step);
+void trit5_block_tables_avx2(const BlockLayout& L, const float* xt, int64_t stride, int64_t b,
+                             int8_t* tables, float* step);
+void trit5_block_tables_avx512(const BlockLayout& L, const float* xt, int64_t stride, int64_t b,
+                               int8_t* tables, float* step);
 void trit5_rows_portable(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);
 void trit5_rows_avx2(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);
 void trit5_rows_avx512(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);
 void trit5_rows_neon(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end);  // AArch64
+
 
 }  // namespace sdq::detail

@@ -156,29 +156,27 @@ SDQ_AVX2 void tile_all_tokens(const Trit5Ctx& c, int64_t tile, int rows, int64_t
 
 }  // namespace
 
-SDQ_AVX2 void trit5_tables_avx2(const BlockLayout& L, const float* xt, int64_t stride,
-                                int8_t* tables, float* step) {
+SDQ_AVX2 void trit5_block_tables_avx2(const BlockLayout& L, const float* xt, int64_t stride,
+                                      int64_t b, int8_t* tables, float* step) {
   const Patterns pat = make_patterns();
-  for (int64_t b = 0; b < L.num_blocks(); ++b) {
-    const Trit5Quant qz = trit5_quant(trit5_block_max(L, b, xt));
-    step[b] = qz.step;
-    const __m256 pre = _mm256_set1_ps(qz.pre), inv = _mm256_set1_ps(qz.inv);
-    const float* x = xt + L.code_offset(b);
-    // Locals: the int8 stores below may alias anything, so nothing read through L is hoisted.
-    const int64_t m = L.m(b), used = trit5_groups(L, b), full = m / 3;
-    const int64_t padded = trit5_padded_groups(L, b);
-    int8_t* tb = tables + trit5_group_offset(L, b) * stride;
-    for (int64_t j = 0; j < padded; ++j) {
-      float v[3] = {0.0f, 0.0f, 0.0f};
-      const float* src = v;
-      if (j < full)
-        src = x + 3 * j;
-      else if (j < used)
-        trit5_group_x(x, m, j, v);
-      const __m128i q = group_table(pat, src, pre, inv);
-      for (int64_t k = 0; k < stride; k += kTrit5Entries)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(tb + j * stride + k), q);
-    }
+  const Trit5Quant qz = trit5_quant(trit5_block_max(L, b, xt));
+  step[b] = qz.step;
+  const __m256 pre = _mm256_set1_ps(qz.pre), inv = _mm256_set1_ps(qz.inv);
+  const float* x = xt + L.code_offset(b);
+  // Locals: the int8 stores below may alias anything, so nothing read through L is hoisted.
+  const int64_t m = L.m(b), used = trit5_groups(L, b), full = m / 3;
+  const int64_t padded = trit5_padded_groups(L, b);
+  int8_t* tb = tables + trit5_group_offset(L, b) * stride;
+  for (int64_t j = 0; j < padded; ++j) {
+    float v[3] = {0.0f, 0.0f, 0.0f};
+    const float* src = v;
+    if (j < full)
+      src = x + 3 * j;
+    else if (j < used)
+      trit5_group_x(x, m, j, v);
+    const __m128i q = group_table(pat, src, pre, inv);
+    for (int64_t k = 0; k < stride; k += kTrit5Entries)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(tb + j * stride + k), q);
   }
 }
 
@@ -201,9 +199,9 @@ SDQ_AVX2 void trit5_rows_avx2(const Trit5Ctx& c, int64_t tile_begin, int64_t til
 #else  // not x86-64: never selected (cpu_has is false), defined so the build links
 
 namespace sdq::detail {
-void trit5_tables_avx2(const BlockLayout& L, const float* xt, int64_t stride, int8_t* tables,
-                       float* step) {
-  trit5_tables_portable(L, xt, stride, tables, step);
+void trit5_block_tables_avx2(const BlockLayout& L, const float* xt, int64_t stride, int64_t b,
+                             int8_t* tables, float* step) {
+  trit5_block_tables_portable(L, xt, stride, b, tables, step);
 }
 void trit5_rows_avx2(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end) {
   trit5_rows_portable(c, tile_begin, tile_end);

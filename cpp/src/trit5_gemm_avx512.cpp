@@ -155,9 +155,9 @@ SDQ_AVX512 void tile_all_tokens(const Trit5Ctx& c, int64_t tile, int rows, int64
 
 // The tables are what the avx2 builder writes (it stores each group's 16 bytes twice when
 // stride is 32); AVX-512 would only widen the 16 entries of one group, which one ymm already holds.
-void trit5_tables_avx512(const BlockLayout& L, const float* xt, int64_t stride, int8_t* tables,
-                         float* step) {
-  trit5_tables_avx2(L, xt, stride, tables, step);
+void trit5_block_tables_avx512(const BlockLayout& L, const float* xt, int64_t stride, int64_t b,
+                               int8_t* tables, float* step) {
+  trit5_block_tables_avx2(L, xt, stride, b, tables, step);
 }
 
 SDQ_AVX512 void trit5_rows_avx512(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end) {
@@ -179,9 +179,9 @@ SDQ_AVX512 void trit5_rows_avx512(const Trit5Ctx& c, int64_t tile_begin, int64_t
 #else  // not x86-64: never selected (cpu_has is false), defined so the build links
 
 namespace sdq::detail {
-void trit5_tables_avx512(const BlockLayout& L, const float* xt, int64_t stride, int8_t* tables,
-                         float* step) {
-  trit5_tables_portable(L, xt, stride, tables, step);
+void trit5_block_tables_avx512(const BlockLayout& L, const float* xt, int64_t stride, int64_t b,
+                               int8_t* tables, float* step) {
+  trit5_block_tables_portable(L, xt, stride, b, tables, step);
 }
 void trit5_rows_avx512(const Trit5Ctx& c, int64_t tile_begin, int64_t tile_end) {
   trit5_rows_portable(c, tile_begin, tile_end);

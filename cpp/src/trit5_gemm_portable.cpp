@@ -8,30 +8,28 @@
 
 namespace sdq::detail {
 
-void trit5_tables_portable(const BlockLayout& L, const float* xt, int64_t stride, int8_t* tables,
-                           float* step) {
+void trit5_block_tables_portable(const BlockLayout& L, const float* xt, int64_t stride,
+                                 int64_t b, int8_t* tables, float* step) {
   int pattern[kTrit5Entries][3];
   for (int i = 0; i < kTrit5Entries; ++i) trit5_pattern(i, pattern[i]);
-  for (int64_t b = 0; b < L.num_blocks(); ++b) {
-    const Trit5Quant qz = trit5_quant(trit5_block_max(L, b, xt));
-    step[b] = qz.step;
-    const float* x = xt + L.code_offset(b);
-    const int64_t m = L.m(b), used = trit5_groups(L, b), padded = trit5_padded_groups(L, b);
-    int8_t* tb = tables + trit5_group_offset(L, b) * stride;
-    for (int64_t j = 0; j < padded; ++j) {
-      int8_t* q = tb + j * stride;
-      float v[3] = {0.0f, 0.0f, 0.0f};
-      if (j < used) trit5_group_x(x, m, j, v);
-      for (int i = 0; i < kTrit5Entries; ++i) {
-        const int* t = pattern[i];
-        const float e = (static_cast<float>(t[0]) * v[0] + static_cast<float>(t[1]) * v[1]) +
-                        static_cast<float>(t[2]) * v[2];
-        const float r = std::nearbyint((e * qz.pre) * qz.inv);
-        // |r| <= 127 for finite input; the clamp keeps a NaN or inf activation from being UB.
-        q[i] = static_cast<int8_t>(r >= 127.0f ? 127 : r <= -127.0f ? -127 : r == r ? r : 0);
-      }
-      for (int64_t k = kTrit5Entries; k < stride; ++k) q[k] = q[k - kTrit5Entries];
+  const Trit5Quant qz = trit5_quant(trit5_block_max(L, b, xt));
+  step[b] = qz.step;
+  const float* x = xt + L.code_offset(b);
+  const int64_t m = L.m(b), used = trit5_groups(L, b), padded = trit5_padded_groups(L, b);
+  int8_t* tb = tables + trit5_group_offset(L, b) * stride;
+  for (int64_t j = 0; j < padded; ++j) {
+    int8_t* q = tb + j * stride;
+    float v[3] = {0.0f, 0.0f, 0.0f};
+    if (j < used) trit5_group_x(x, m, j, v);
+    for (int i = 0; i < kTrit5Entries; ++i) {
+      const int* t = pattern[i];
+      const float e = (static_cast<float>(t[0]) * v[0] + static_cast<float>(t[1]) * v[1]) +
+                      static_cast<float>(t[2]) * v[2];
+      const float r = std::nearbyint((e * qz.pre) * qz.inv);
+      // |r| <= 127 for finite input; the clamp keeps a NaN or inf activation from being UB.
+      q[i] = static_cast<int8_t>(r >= 127.0f ? 127 : r <= -127.0f ? -127 : r == r ? r : 0);
     }
+    for (int64_t k = kTrit5Entries; k < stride; ++k) q[k] = q[k - kTrit5Entries];
   }
 }
 

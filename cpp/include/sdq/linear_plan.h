@@ -21,9 +21,9 @@
 // Transform precision: before the int8 GEMMs (tables and AMX), which round its output to int8
 // next, the projection runs in bf16 on CPUs with AMX-BF16 (activation_transform_bf16,
 // amx_gemm.h); before the exact kernel (addonly), and on other CPUs, it stays float32. A kept
-// transform serves only calls that want the projection it ran. Before the binary int8-table GEMM
-// (up to 16 tokens) the transform also builds that GEMM's tables, block by block, and keeps
-// them with it: layers that share the transform share the tables.
+// transform serves only calls that want the projection it ran. Before an int8-table GEMM (up to
+// 16 tokens) the transform also builds that GEMM's tables, block by block, and keeps them with
+// it: layers that share the transform (and the table GEMM) share the tables.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -35,6 +35,10 @@
 #include "sdq/status.h"
 
 namespace sdq {
+
+namespace detail {
+enum class PlanTables : int;  // linear_plan.cpp: which int8 tables a transform builds
+}  // namespace detail
 
 // Which GEMM a plan runs. `automatic` picks the best one for the codes the desc holds: the
 // int8-table kernel of its levels when the desc has that form of the codes, else addonly
@@ -104,10 +108,10 @@ class LinearPlan {
   LinearPlan(const LinearPlanDesc& desc, PlanGemm gemm, bool amx_prefill,
              std::shared_ptr<const TransformConstants> transform,
              std::vector<uint16_t> scale_tiles) noexcept;
-  struct Transformed;  // linear_plan.cpp: xt, xsum and (binary tables GEMM) the int8 tables
+  struct Transformed;  // linear_plan.cpp: xt, xsum and (table GEMMs) their int8 tables
   const uint16_t* scale_tiles() const noexcept;  // null: none kept (not an int8-table plan)
-  Status transform(const float* x, int64_t batch, bool bf16, bool tables, int threads,
-                   Transformed* out) const;
+  Status transform(const float* x, int64_t batch, bool bf16, detail::PlanTables tables,
+                   int threads, Transformed* out) const;
   Status gemm_run(PlanGemm g, const Transformed& t, int64_t batch, float* y,
                   int threads) const noexcept;  // g: gemm(batch), which run has chosen
 
