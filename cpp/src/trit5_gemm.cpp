@@ -54,17 +54,16 @@ struct Variant {
 };
 
 Variant variant(Trit5Kernel k) noexcept {
+  using namespace detail;
   switch (k) {
     case Trit5Kernel::avx512:
-      return {detail::trit5_block_tables_avx512, detail::trit5_rows_avx512, 2 * detail::kTrit5Entries,
-              true};
+      return {trit5_block_tables_avx512, trit5_rows_avx512, 2 * kTrit5Entries, true};
     case Trit5Kernel::avx2:
-      return {detail::trit5_block_tables_avx2, detail::trit5_rows_avx2, detail::kTrit5Entries, true};
+      return {trit5_block_tables_avx2, trit5_rows_avx2, kTrit5Entries, true};
     case Trit5Kernel::neon:
-      return {detail::trit5_block_tables_portable, detail::trit5_rows_neon, detail::kTrit5Entries, false};
+      return {trit5_block_tables_portable, trit5_rows_neon, kTrit5Entries, false};
     default:
-      return {detail::trit5_block_tables_portable, detail::trit5_rows_portable, detail::kTrit5Entries,
-              false};
+      return {trit5_block_tables_portable, trit5_rows_portable, kTrit5Entries, false};
   }
 }
 
@@ -99,8 +98,8 @@ Trit5Ctx make_ctx(const Variant& v, const BlockLayout& L, const uint8_t* trits,
 // lay out first (each worker its own), or null.
 void rows_phase(const Variant& v, const Trit5Ctx& c, int threads, uint16_t* fill) {
   const double tile_pairs = static_cast<double>(c.groups / 2);
-  detail::parallel_for(trit5_tiles(c.out), threads, grain_for(kMinChunkPairs, tile_pairs * c.tokens),
-                       [&](int64_t b, int64_t e) {
+  const int64_t grain = grain_for(kMinChunkPairs, tile_pairs * static_cast<double>(c.tokens));
+  detail::parallel_for(trit5_tiles(c.out), threads, grain, [&](int64_t b, int64_t e) {
     if (fill) detail::scale_tiles_fill(c.scale, c.mean, c.out, c.nb, b, e, fill);
     v.rows(c, b, e);
   });

@@ -70,8 +70,9 @@ Status amx_gemm_ternary(const BlockLayout& L, const uint8_t* trits, const uint32
 // activation_transform (gemv.h) as the prepared int8-GEMM calls run it (linear_plan.h): the
 // projection onto the code positions in bf16 on AMX (the rotated activations and the
 // down-samplers rounded to bf16, half to even, products summed in float32; xsum as
-// activation_transform's), since the int8 GEMMs (AMX and tables) round its output to int8 next. This entry packs the down-samplers on every call (a
-// plan packs them once). Status::not_built without AMX-BF16 and AVX512-BF16.
+// activation_transform's), since the int8 GEMMs (AMX and tables) round its output to int8
+// next. This entry packs the down-samplers on every call (a plan packs them once).
+// Status::not_built without AMX-BF16 and AVX512-BF16.
 bool activation_transform_bf16_supported() noexcept;
 Status activation_transform_bf16(const BlockLayout& L, bool hadamard, const float* signs,
                                  const float* down_full, const float* down_last, const float* x,
