@@ -30,20 +30,23 @@ void butterflies(float* __restrict x, int64_t n) noexcept {
 #define SDQ_FWHT_AVX2 1
 #include <immintrin.h>
 
-// The same butterflies (same sums, bit for bit) 8 lanes at a time, for n >= 8: the three stages
-// inside a vector as s + x * (+-1), s = x with lanes swapped (exact: each is one rounding of
-// u + v or u - v, as above), then the stages across vectors.
-__attribute__((target("avx2,fma"))) void butterflies_avx2(float* __restrict x, int64_t n) noexcept {
+// The butterflies' first three stages (h = 1, 2, 4) inside one vector of 8 lanes, as
+// s + x * (+-1), s = x with lanes swapped (exact: each is one rounding of u + v or u - v, as
+// above).
+__attribute__((target("avx2,fma"))) inline __m256 stages_in_vector(__m256 v) noexcept {
   const __m256 sign1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
   const __m256 sign2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
   const __m256 sign4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
-  for (int64_t i = 0; i < n; i += 8) {
-    __m256 v = _mm256_loadu_ps(x + i);
-    v = _mm256_fmadd_ps(v, sign1, _mm256_permute_ps(v, 0xB1));  // swap neighbours
-    v = _mm256_fmadd_ps(v, sign2, _mm256_permute_ps(v, 0x4E));  // swap pairs
-    v = _mm256_fmadd_ps(v, sign4, _mm256_permute2f128_ps(v, v, 0x01));  // swap halves
-    _mm256_storeu_ps(x + i, v);
-  }
+  v = _mm256_fmadd_ps(v, sign1, _mm256_permute_ps(v, 0xB1));  // swap neighbours
+  v = _mm256_fmadd_ps(v, sign2, _mm256_permute_ps(v, 0x4E));  // swap pairs
+  return _mm256_fmadd_ps(v, sign4, _mm256_permute2f128_ps(v, v, 0x01));  // swap halves
+}
+
+// The same butterflies (same sums, bit for bit) 8 lanes at a time, for n >= 8: the stages inside
+// each vector, then those across vectors.
+__attribute__((target("avx2,fma"))) void butterflies_avx2(float* __restrict x, int64_t n) noexcept {
+  for (int64_t i = 0; i < n; i += 8)
+    _mm256_storeu_ps(x + i, stages_in_vector(_mm256_loadu_ps(x + i)));
   for (int64_t h = 8; h < n; h <<= 1)
     for (int64_t i = 0; i < n; i += 2 * h)
       for (int64_t j = i; j < i + h; j += 8) {
@@ -60,16 +63,11 @@ template <int R>
 __attribute__((target("avx2,fma"))) void row_in_registers(float* __restrict x,
                                                           const float* __restrict signs,
                                                           bool inverse, float scale) noexcept {
-  const __m256 sign1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
-  const __m256 sign2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
-  const __m256 sign4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
   __m256 v[R];
   for (int r = 0; r < R; ++r) {
     v[r] = _mm256_loadu_ps(x + 8 * r);
     if (signs && !inverse) v[r] = _mm256_mul_ps(v[r], _mm256_loadu_ps(signs + 8 * r));
-    v[r] = _mm256_fmadd_ps(v[r], sign1, _mm256_permute_ps(v[r], 0xB1));
-    v[r] = _mm256_fmadd_ps(v[r], sign2, _mm256_permute_ps(v[r], 0x4E));
-    v[r] = _mm256_fmadd_ps(v[r], sign4, _mm256_permute2f128_ps(v[r], v[r], 0x01));
+    v[r] = stages_in_vector(v[r]);
   }
   for (int h = 1; h < R; h <<= 1)
     for (int i = 0; i < R; i += 2 * h)
