@@ -302,15 +302,16 @@ struct Trit5Codes {
 };
 
 // Byte offsets in a worker's scratch (tile_group), for a full group of kGroupTiles tiles.
+// transposed: the call lays the fp16 scales and means out itself, at the start (no plan tiles).
 struct Layout {
   int64_t q, f, mu, b_tiles, c_tiles, y, bytes;
 };
 
-Layout scratch_layout(const Geometry& g, int64_t batch) {
+Layout scratch_layout(const Geometry& g, int64_t batch, bool transposed) {
   constexpr int64_t W = kGroupTiles * kLutTileRows;
   auto up = [](int64_t v) { return (v + 63) / 64 * 64; };
   Layout l{};
-  l.q = up(2 * g.nb * W * 2);  // after the transposed fp16 scales and means
+  l.q = transposed ? up(2 * g.nb * W * 2) : 0;
   l.f = l.q + up(g.nb * W);
   l.mu = l.f + up(g.spans * W * 4);
   l.b_tiles = l.mu + up(g.nb * W * 4);
@@ -526,8 +527,8 @@ template <typename Codes>
 SDQ_AMX void tile_group(const Call& c, const Codes& codes, int64_t k0, int64_t n, uint8_t* buf) {
   const Geometry& g = c.g;
   const int64_t width = n * kLutTileRows;
-  const Layout at = scratch_layout(g, c.batch);
-  auto* st = reinterpret_cast<uint16_t*>(buf);  // [nb][width] fp16 scales, then means
+  const Layout at = scratch_layout(g, c.batch, !c.tiles);
+  auto* st = reinterpret_cast<uint16_t*>(buf);  // [nb][width] fp16 scales, then means (no tiles)
   uint16_t* mt = st + g.nb * width;
   const TileScales ts{reinterpret_cast<int8_t*>(buf + at.q), reinterpret_cast<float*>(buf + at.f),
                       reinterpret_cast<float*>(buf + at.mu)};
@@ -562,7 +563,7 @@ SDQ_AMX void tile_group(const Call& c, const Codes& codes, int64_t k0, int64_t n
 template <typename Codes>
 SDQ_AMX void groups(const Call& c, const Codes& codes, int64_t group_begin, int64_t group_end) {
   auto* buf = detail::scratch<uint8_t>(detail::ScratchSlot::amx_rows,
-                                       scratch_layout(c.g, c.batch).bytes);
+                                       scratch_layout(c.g, c.batch, !c.tiles).bytes);
   const detail::AmxTileConfig cfg;
   _tile_loadconfig(&cfg);
   const int64_t tiles = (c.scales.out + kLutTileRows - 1) / kLutTileRows;
