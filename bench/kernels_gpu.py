@@ -43,7 +43,7 @@ OSRS = [1.0, 1.5, 2.0]
 LEVELS = ["binary", "ternary"]
 BATCHES = [1, 4, 16]
 BLOCK = 128
-KERNELS = ["table", "warp_rows"]  # cuda_addonly_gemm's kernel families, each timed alone
+KERNELS = ["table", "warp_rows", "tensor"]  # cuda_addonly_gemm's kernel families, each alone
 
 
 def peak_for(name: str):
@@ -145,6 +145,8 @@ def bench_case(core, out, inf, osr, levels, batch):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one shape, OSR 1 and 2")
+    ap.add_argument("--shapes", help="comma-separated OUTxIN shapes (default: all four)")
+    ap.add_argument("--osrs", help="comma-separated OSRs (default: 1, 1.5, 2)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "kernels_gpu.json"))
     args = ap.parse_args()
@@ -156,11 +158,15 @@ def main() -> int:
     copy_bw = copy_bandwidth()
     shapes = SHAPES[:1] if args.quick else SHAPES
     osrs = [1.0, 2.0] if args.quick else OSRS
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.osrs:
+        osrs = [float(v) for v in args.osrs.split(",")]
     rows = []
     print(f"device: {name}; datasheet peak {peak / 1e9 if peak else float('nan'):.0f} GB/s; "
           f"measured copy {copy_bw / 1e9:.0f} GB/s")
     hdr = (f"{'out':>6} {'in':>6} {'osr':>4} {'levels':>7} {'b':>3} {'gemm us':>8} {'table':>7} "
-           f"{'warp':>7} {'eager':>7} {'act us':>7} {'GB/s':>6} {'%peak':>6} {'%copy':>6} "
+           f"{'warp':>7} {'tensor':>7} {'eager':>7} {'act us':>7} {'GB/s':>6} {'%peak':>6} {'%copy':>6} "
            f"{'fp16 us':>8} {'x fp16':>6}")
     print(hdr)
     for (out, inf) in shapes:
@@ -174,7 +180,8 @@ def main() -> int:
                     pk = f"{r['pct_peak']:6.1f}" if peak else "   n/a"
                     ku = r["kernel_us"]
                     print(f"{out:>6} {inf:>6} {osr:>4} {levels:>7} {batch:>3} {r['gemm_us']:8.1f} "
-                          f"{ku['table']:7.1f} {ku['warp_rows']:7.1f} {r['gemm_eager_us']:7.1f} "
+                          f"{ku['table']:7.1f} {ku['warp_rows']:7.1f} {ku['tensor']:7.1f} "
+                          f"{r['gemm_eager_us']:7.1f} "
                           f"{r['act_us']:7.1f} {r['gemm_gbps']:6.0f} {pk} {r['pct_copy']:6.1f} "
                           f"{r['fp16_linear_us']:8.1f} {r['speedup_vs_fp16']:6.2f}", flush=True)
     result = dict(device=name, peak_bytes_per_s=peak, copy_bytes_per_s=copy_bw,

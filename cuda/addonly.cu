@@ -27,6 +27,7 @@
 #include "guard.h"
 #include "sdq/cuda.h"
 #include "sdq/gemv.h"
+#include "tensor_rows.cuh"
 #include "warp_rows.cuh"
 
 namespace sdq::cuda {
@@ -409,7 +410,7 @@ Status gemm_checked(const BlockLayout& L, Levels levels, const word_t* sign, con
                     GemmKernel kernel) {
   if (levels != Levels::binary && levels != Levels::ternary) return Status::bad_levels;
   if (kernel != GemmKernel::automatic && kernel != GemmKernel::table &&
-      kernel != GemmKernel::warp_rows)
+      kernel != GemmKernel::warp_rows && kernel != GemmKernel::tensor)
     return Status::bad_size;
   if (!L.valid() || out < 0 || batch < 0) return Status::bad_size;
   if (out == 0 || batch == 0) return Status::ok;
@@ -429,6 +430,10 @@ Status gemm_checked(const BlockLayout& L, Levels levels, const word_t* sign, con
   detail::DeviceInfo dev{};
   Status st = detail::device_info(&dev);
   if (st != Status::ok) return st;
+  if (kernel == GemmKernel::tensor && dev.cc_major < 8) return Status::bad_value;
+  if (kernel == GemmKernel::tensor || (kernel == GemmKernel::automatic && dev.cc_major >= 8))
+    return detail::tensor_rows_gemm(L, tern, sign, nonzero, scale, mean, out, xt, xsum, batch, y,
+                                    s);
   const GemmPlan plan = plan_addonly_gemm(L, out, batch, dev.sms);
   if (plan.row_tiles > kMaxGridX || plan.splits > kMaxGridYZ) return Status::bad_size;
   GemmArgs a{};

@@ -31,6 +31,7 @@ inline bool aligned(const void* p, uintptr_t bytes) noexcept {
 struct DeviceInfo {
   int sms;           // multiprocessor count
   int smem_optin;    // max dynamic shared memory per block after cudaFuncSetAttribute
+  int cc_major;      // compute capability major version (8: Ampere, 9: Hopper)
 };
 
 // Properties of the current device, queried once per device and cached.

@@ -12,6 +12,7 @@ thread_local char g_last_error[256] = "";
 constexpr int kMaxDevices = 64;
 std::atomic<int> g_sms[kMaxDevices];         // 0: not queried yet
 std::atomic<int> g_smem_optin[kMaxDevices];
+std::atomic<int> g_cc_major[kMaxDevices];
 }  // namespace
 
 bool built() noexcept { return true; }
@@ -65,18 +66,23 @@ Status device_info(DeviceInfo* info) noexcept {
     if (sms > 0) {
       info->sms = sms;
       info->smem_optin = g_smem_optin[dev].load(std::memory_order_relaxed);
+      info->cc_major = g_cc_major[dev].load(std::memory_order_relaxed);
       return Status::ok;
     }
   }
-  int sms = 0, optin = 0;
+  int sms = 0, optin = 0, major = 0;
   e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e != cudaSuccess) return fail(e);
+  e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   if (e != cudaSuccess) return fail(e);
   e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e != cudaSuccess) return fail(e);
   info->sms = sms < 1 ? 1 : sms;
   info->smem_optin = optin;
+  info->cc_major = major;
   if (dev >= 0 && dev < kMaxDevices) {
     g_smem_optin[dev].store(optin, std::memory_order_relaxed);
+    g_cc_major[dev].store(major, std::memory_order_relaxed);
     g_sms[dev].store(info->sms, std::memory_order_release);
   }
   return Status::ok;

@@ -20,7 +20,7 @@ from sdq import ref  # noqa: E402
 
 HAS_CUDA_BUILD = bool(core.has_cuda())
 
-KERNELS = ["auto", "table", "warp_rows"]  # cuda_addonly_gemm's kernel= choices
+KERNELS = ["auto", "table", "warp_rows", "tensor"]  # cuda_addonly_gemm's kernel= choices
 H100_OPTIN = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 (227 KB)
 A100_OPTIN = 166912  # on A100 (163 KB)
 
@@ -224,6 +224,19 @@ def test_fwht_round_trip_odd_rows(n):
     assert _relerr(xd, x) < 1e-5
 
 
+def _rounds_to_bf16(kernel) -> bool:
+    """The tensor kernel (and 'auto', which picks it on sm_80+) multiplies bf16-rounded xt."""
+    return kernel == "tensor" or (kernel == "auto" and torch.cuda.get_device_capability()[0] >= 8)
+
+
+def _kernel_xt(xt, kernel):
+    """xt as the kernel multiplies it: rounded to bf16 (nearest even) for the tensor kernel; its
+    products are exact and its sums fp32, so it must then equal the float reference."""
+    if not _rounds_to_bf16(kernel):
+        return xt
+    return torch.from_numpy(xt).bfloat16().float().numpy()
+
+
 def _require_gpu():
     if not HAS_CUDA_BUILD:
         pytest.skip("sdq._core was built without CUDA kernels (no nvcc or SDQ_CUDA=OFF)")
@@ -303,7 +316,7 @@ def test_addonly_gemm_matches_ref(in_features, osr, levels, batch, out, kernel):
     rng = np.random.default_rng(in_features + 31 * batch + out)
     layer = _random_layer(rng, out, in_features, bs, osr, levels)
     xt, xsum = _layer_inputs(rng, layer[0], layer[1], batch)
-    expect = ref.addonly_gemm_ref(*layer[2:], xt, xsum, in_features, bs, osr)
+    expect = ref.addonly_gemm_ref(*layer[2:], _kernel_xt(xt, kernel), xsum, in_features, bs, osr)
     y = _gemm_on_gpu(layer, xt, xsum, in_features, bs, osr, levels, kernel)
     assert _relerr(y, expect) < 1e-5
 
@@ -320,7 +333,8 @@ def test_addonly_gemm_unaligned_rows(levels, kernel):
         blocks, total, sign, nonzero, scale, mean = _random_layer(rng, out, in_features, bs, osr,
                                                                   levels)
         xt, xsum = _layer_inputs(rng, blocks, total, batch)
-        expect = ref.addonly_gemm_ref(sign, nonzero, scale, mean, xt, xsum, in_features, bs, osr)
+        expect = ref.addonly_gemm_ref(sign, nonzero, scale, mean, _kernel_xt(xt, kernel), xsum,
+                                      in_features, bs, osr)
         # offset every plane by one word inside a larger buffer
         def shifted(a):
             buf = torch.zeros(a.size + 1, dtype=torch.int32, device="cuda")
@@ -371,16 +385,21 @@ def _layer_inputs(rng, blocks, total, batch):
 
 @pytest.mark.parametrize("levels", ["binary", "ternary"])
 @pytest.mark.parametrize("in_features,osr", [(4096, 2.5), (2176, 1.0), (8192, 1.0)])
-@pytest.mark.parametrize("batch,out", [(1, 37), (2, 16), (5, 9), (4, 129)])
-def test_warp_rows_many_segments(levels, in_features, osr, batch, out):
-    """Rows of many 32-word segments (several per warp), a last row tile that is partly past
-    `out`, and batches that take several token tiles."""
+@pytest.mark.parametrize("batch,out", [(1, 37), (2, 16), (5, 9), (4, 129), (8, 17), (9, 16),
+                                       (16, 33), (17, 15), (40, 100)])
+@pytest.mark.parametrize("kernel", ["warp_rows", "tensor"])
+def test_long_rows(levels, in_features, osr, batch, out, kernel):
+    """Rows of many 32-word segments (warp_rows: several per warp) and many blocks (tensor: several
+    per warp, 10-word blocks taking a full and a partial step), a last row tile that is partly past
+    `out`, and batches that take several token tiles (tensor: one or two n tiles per CTA)."""
     _require_gpu()
+    if kernel == "warp_rows" and batch > 5:
+        pytest.skip("warp_rows: token tiles are covered by batch 5")
     rng = np.random.default_rng(in_features + batch * 7 + out)
     layer = _random_layer(rng, out, in_features, 128, osr, levels)
     xt, xsum = _layer_inputs(rng, layer[0], layer[1], batch)
-    expect = ref.addonly_gemm_ref(*layer[2:], xt, xsum, in_features, 128, osr)
-    y = _gemm_on_gpu(layer, xt, xsum, in_features, 128, osr, levels, "warp_rows")
+    expect = ref.addonly_gemm_ref(*layer[2:], _kernel_xt(xt, kernel), xsum, in_features, 128, osr)
+    y = _gemm_on_gpu(layer, xt, xsum, in_features, 128, osr, levels, kernel)
     assert _relerr(y, expect) < 1e-5
 
 
@@ -400,13 +419,46 @@ def test_gemm_adversarial_inputs(levels, kernel):
     xt, xsum = _layer_inputs(rng, layer[0], layer[1], batch)
     xt[0] *= 1e30
     xt[1] *= 1e-39  # denormal
-    expect = ref.addonly_gemm_ref(*layer[2:], xt, xsum, in_features, 128, osr)
+    expect = ref.addonly_gemm_ref(*layer[2:], _kernel_xt(xt, kernel), xsum, in_features, 128, osr)
     y = _gemm_on_gpu(layer, xt, xsum, in_features, 128, osr, levels, kernel, xt_offset=1)
     assert torch.isfinite(y).all()
     for t in range(batch):  # per token: their magnitudes differ by 69 orders
         scale = np.abs(expect[t]).max() + np.abs(xsum[t]).max()
         assert torch.allclose(y[t].cpu().double(), torch.from_numpy(expect[t]).double(),
                               rtol=1e-5, atol=1e-5 * scale), t
+
+
+@pytest.mark.parametrize("out", [1, 15, 16, 17, 4096])
+@pytest.mark.parametrize("batch", [1, 7, 8, 9, 16, 17, 70000])
+def test_tensor_rows_plan_covers_everything(out, batch):
+    p = core.cuda_tensor_rows_plan(out, batch)
+    assert p["tokens"] == (8 if batch <= 8 else 16)
+    assert p["rows_per_cta"] == 16
+    assert p["row_tiles"] * 16 >= out > (p["row_tiles"] - 1) * 16
+    assert p["token_tiles"] * p["tokens"] >= batch > (p["token_tiles"] - 1) * p["tokens"]
+
+
+def test_tensor_kernel_rounds_to_bf16_and_no_further():
+    """Activations that bf16 rounds (1 + 2^-9 down to 1, 1 + 3 * 2^-9 up to 1 + 2^-7) against one
+    all-+1 row: the tensor kernel gives the bf16 sums exactly, the table kernel the float ones."""
+    _require_gpu()
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor kernel needs compute capability 8.0")
+    in_features, bs, osr = 128, 128, 1.0
+    blocks, total = _geometry(in_features, bs, osr)
+    sign = ref.pack_plane_ref(np.ones((1, total), dtype=np.int64))
+    scale = np.ones((1, 1), dtype=np.float16).view(np.uint16)
+    mean = np.zeros((1, 1), dtype=np.float16).view(np.uint16)
+    layer = (blocks, total, sign, None, scale, mean)
+    xt = np.zeros((2, total), dtype=np.float32)
+    xt[0, :] = 1 + 2.0 ** -9
+    xt[1, :] = 1 + 3 * 2.0 ** -9
+    xsum = np.zeros((2, 1), dtype=np.float32)
+    got = _gemm_on_gpu(layer, xt, xsum, in_features, bs, osr, "binary", "tensor").cpu()
+    assert got[0, 0].item() == total * 1.0
+    assert got[1, 0].item() == total * (1 + 2.0 ** -7)
+    exact = _gemm_on_gpu(layer, xt, xsum, in_features, bs, osr, "binary", "table").cpu()
+    assert abs(exact[0, 0].item() - total * (1 + 2.0 ** -9)) < 1e-3
 
 
 def test_kernel_name_is_checked():
@@ -450,12 +502,14 @@ def test_end_to_end_matches_dense_layer():
     core.cuda_activation_transform(xd.data_ptr(), batch, in_features, bs, osr, sgd.data_ptr(),
                                    dfd.data_ptr(), dld.data_ptr(), xt.data_ptr(), xsum.data_ptr(),
                                    _stream())
-    y = torch.empty((batch, out), device="cuda")
     sd, nd = _as_i32(sign), _as_i32(nonzero)
     scd = torch.from_numpy(scale.view(np.int16)).cuda()
     mud = torch.from_numpy(mean.view(np.int16)).cuda()
-    core.cuda_addonly_gemm(sd.data_ptr(), nd.data_ptr(), scd.data_ptr(), mud.data_ptr(),
-                           xt.data_ptr(), xsum.data_ptr(), y.data_ptr(), in_features, bs, osr,
-                           levels, out, batch, _stream())
-    torch.cuda.synchronize()
-    assert _relerr(y, y_cpu) < 1e-4
+    # exact float kernel: the CPU's sums; the default (bf16 xt on sm_80+): within bf16 rounding
+    for kernel, tol in [("table", 1e-4), ("auto", 4e-3 if _rounds_to_bf16("auto") else 1e-4)]:
+        y = torch.empty((batch, out), device="cuda")
+        core.cuda_addonly_gemm(sd.data_ptr(), nd.data_ptr(), scd.data_ptr(), mud.data_ptr(),
+                               xt.data_ptr(), xsum.data_ptr(), y.data_ptr(), in_features, bs, osr,
+                               levels, out, batch, _stream(), kernel=kernel)
+        torch.cuda.synchronize()
+        assert _relerr(y, y_cpu) < tol, kernel

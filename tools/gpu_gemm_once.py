@@ -1,7 +1,7 @@
 """One cuda_addonly_gemm call per kernel family on random codes, for a profiler to watch.
 
 Usage (a CUDA build of sdq on PYTHONPATH):
-  ncu --clock-control none --section SpeedOfLight -k regex:"warp_rows|addonly" \\
+  ncu --clock-control none --section SpeedOfLight -k regex:"warp_rows|addonly|tensor_rows" \\
       python3 tools/gpu_gemm_once.py [out in osr levels batch]
 """
 import argparse
@@ -33,7 +33,7 @@ def main() -> None:
     xsum = torch.randn(batch, nb, device="cuda", generator=g)
     y = torch.empty(batch, out, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
-    for kernel in ("table", "warp_rows"):
+    for kernel in ("table", "warp_rows", "tensor"):
         core.cuda_addonly_gemm(sign.data_ptr(), nz.data_ptr() if nz is not None else 0,
                                scale.data_ptr(), mean.data_ptr(), xt.data_ptr(), xsum.data_ptr(),
                                y.data_ptr(), n_in, 128, osr, levels, out, batch, stream,

@@ -37,7 +37,9 @@ cuda::GemmKernel parse_gemm_kernel(const std::string& name) {
   if (name == "auto") return cuda::GemmKernel::automatic;
   if (name == "table") return cuda::GemmKernel::table;
   if (name == "warp_rows") return cuda::GemmKernel::warp_rows;
-  throw py::value_error("kernel must be 'auto', 'table' or 'warp_rows', got '" + name + "'");
+  if (name == "tensor") return cuda::GemmKernel::tensor;
+  throw py::value_error("kernel must be 'auto', 'table', 'warp_rows' or 'tensor', got '" + name +
+                        "'");
 }
 
 void require_ptr(uintptr_t p, const char* name) {
@@ -235,6 +237,18 @@ py::dict warp_rows_plan_py(int64_t in_features, int64_t block_size, double osr, 
   return d;
 }
 
+py::dict tensor_rows_plan_py(int64_t out, int64_t batch) {
+  require_positive(out, "out");
+  require_positive(batch, "batch");
+  const cuda::TensorRowsPlan p = cuda::plan_tensor_rows(out, batch);
+  py::dict d;
+  d["tokens"] = p.tokens;
+  d["rows_per_cta"] = p.rows_per_cta;
+  d["row_tiles"] = p.row_tiles;
+  d["token_tiles"] = p.token_tiles;
+  return d;
+}
+
 py::dict gemm_plan_py(int64_t in_features, int64_t block_size, double osr, int64_t out,
                       int64_t batch, int num_sms) {
   const BlockLayout L = make_layout(in_features, block_size, osr);
@@ -316,11 +330,14 @@ void bind_cuda(py::module_& m) {
         "Device version of addonly_gemm. sign / nonzero: uint32 (int32) bitplanes [out, words]\n"
         "(nonzero_ptr 0 for levels='binary'); scale / mean: fp16 [out, num_blocks];\n"
         "xt, xsum: from cuda_activation_transform; y: float32 [batch, out] output.\n"
-        "kernel: 'auto' (today the table kernel), 'table' or 'warp_rows' (both tested; the\n"
-        "table kernel measured faster, bench/kernels_gpu.py).");
+        "kernel: 'auto' (the tensor kernel on compute capability 8.0 and newer, else 'table'),\n"
+        "'table' or 'warp_rows' (exact float kernels), 'tensor' (bf16-rounded xt times the +-1\n"
+        "codes on the tensor cores, fp32 sums; sm_80+).");
   m.def("cuda_warp_rows_plan", &warp_rows_plan_py, py::arg("in_features"), py::arg("block_size"),
         py::arg("osr"), py::arg("out"), py::arg("batch"),
         "Launch geometry of the warp_rows kernel of cuda_addonly_gemm.");
+  m.def("cuda_tensor_rows_plan", &tensor_rows_plan_py, py::arg("out"), py::arg("batch"),
+        "Launch geometry of the tensor kernel of cuda_addonly_gemm.");
   m.def("cuda_last_error", [] { return std::string(cuda::last_error()); },
         "Text of the last CUDA runtime error seen by the kernels on this thread.");
   m.def("cuda_gemm_plan", &gemm_plan_py, py::arg("in_features"), py::arg("block_size"),

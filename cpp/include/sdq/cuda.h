@@ -61,10 +61,13 @@ Status fwht(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
 Status activation_transform(const BlockLayout& L, bool hadamard, const float* signs,
                             const float* down_full, const float* down_last, const float* x,
                             int64_t batch, float* xt, float* xsum, void* stream) noexcept;
-// kernel: which kernel family runs it. automatic is the table kernel at every batch (on an H200
-// it beat warp_rows at batch 1, 4 and 16: bench/results/kernels_gpu.json); warp_rows is kept,
-// tested, as the starting point of a coalesced GEMV (see warp_rows.cu for what limits it).
-enum class GemmKernel : int { automatic = 0, table = 1, warp_rows = 2 };
+// kernel: which kernel family runs it. automatic is the tensor kernel on devices of compute
+// capability 8.0 and newer, else the table kernel. table and warp_rows are exact float kernels
+// (warp_rows is kept, tested, as a coalesced float GEMV: see warp_rows.cu); tensor (tensor_rows.cu,
+// sm_80+, bad_value on older devices) rounds xt to bf16 (round to nearest even) and multiplies the
+// +-1 codes on the tensor cores with fp32 accumulation: every product is exact, so its result is
+// the float kernels' on bf16-rounded activations, up to fp32 summation order.
+enum class GemmKernel : int { automatic = 0, table = 1, warp_rows = 2, tensor = 3 };
 Status addonly_gemm(const BlockLayout& L, Levels levels, const word_t* sign,
                     const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
                     int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
@@ -139,6 +142,29 @@ inline WarpRowsPlan plan_warp_rows(const BlockLayout& L, int64_t out, int64_t ba
   p.segments = (L.words_per_row() + 31) / 32;
   p.warps_per_cta = p.segments < 8 ? static_cast<int>(p.segments) : 8;
   p.row_tiles = (out + p.rows_per_warp - 1) / p.rows_per_warp;
+  p.token_tiles = (batch + p.tokens - 1) / p.tokens;
+  return p;
+}
+
+// Tensor-core GEMV/GEMM (tensor_rows.cu). A CTA of kTensorWarps warps owns rows_per_cta rows
+// and `tokens` tokens (one mma n tile of 8, or two); its warps take the row blocks round robin,
+// 8 words of a block per step, and add their partials in shared memory (y written once, no
+// atomics). Grid: (row_tiles, token_tiles).
+constexpr int kTensorWarps = 8;
+
+struct TensorRowsPlan {
+  int tokens;            // tokens per CTA: 8 (batch <= 8) or 16
+  int rows_per_cta;      // 16: one mma row tile
+  int64_t row_tiles;     // ceil(out / rows_per_cta)
+  int64_t token_tiles;   // ceil(batch / tokens)
+};
+
+// Requires out >= 1, batch >= 1.
+inline TensorRowsPlan plan_tensor_rows(int64_t out, int64_t batch) noexcept {
+  TensorRowsPlan p{};
+  p.tokens = batch <= 8 ? 8 : 16;
+  p.rows_per_cta = 16;
+  p.row_tiles = (out + p.rows_per_cta - 1) / p.rows_per_cta;
   p.token_tiles = (batch + p.tokens - 1) / p.tokens;
   return p;
 }

@@ -1,0 +1,21 @@
+// The tensor-core add-only GEMV/GEMM (tensor_rows.cu), called by addonly_gemm (addonly.cu) after
+// its argument checks (sizes valid, pointers non-null and aligned, out and batch >= 1) on a
+// device of compute capability 8.0 or newer.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "sdq/bitplane.h"
+#include "sdq/cuda.h"
+#include "sdq/layout.h"
+#include "sdq/status.h"
+
+namespace sdq::cuda::detail {
+
+Status tensor_rows_gemm(const BlockLayout& L, bool ternary, const word_t* sign,
+                        const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
+                        int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
+                        cudaStream_t stream) noexcept;
+
+}  // namespace sdq::cuda::detail
