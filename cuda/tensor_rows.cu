@@ -18,11 +18,13 @@
 // its B registers hold the activations of the same columns, so A and B meet in one thread and
 // nothing is shuffled. A word past its block's end gets zero activations (any code times 0).
 //
-// Work split: a CTA owns 16 * RT rows and 8 * NT tokens; its kTensorWarps warps take the row
-// blocks round robin (block b to warp b % kTensorWarps), each flushes a block's sum with the
-// block's fp16 scale and adds the mean term once, and the warps' partials are added in shared
-// memory: y is written once, in a fixed order (no atomics). Weight words are loaded one step
-// ahead of the products that use them.
+// Work split: a warp owns kTensorTiles 16-row tiles and 8 * NT tokens, and a CTA's warps own
+// consecutive tiles; a CTA takes one split of the row blocks (grid y). Per step a warp converts
+// the step's activations to bf16 once and reuses them for all its tiles (its warps read the same
+// xt, from L1); it flushes a step's sums with the block's fp16 scale and adds the mean term once
+// per block. With one split y is stored; with several, added atomically into y zeroed first.
+// Weight words are loaded one step ahead of the products that use them. In-loop offsets are
+// 32-bit (the entry point checks they fit).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -40,10 +42,11 @@ struct Args {
   const float* xt;
   const float* xsum;
   float* y;
-  int64_t out, batch, words, cols, nb, wpb;
-  int64_t tok_base;
-  bool vec_w;  // word pairs are 8-byte aligned (words and wpb even, planes 8-byte aligned)
-  bool vec_x;  // xt 16-byte aligned: float4 loads
+  int out, batch, words, cols, nb, wpb, blocks_per_split;
+  int tok_base;
+  bool atomic;  // several splits: atomicAdd into y (zeroed by the caller)
+  bool vec_w;   // word pairs are 8-byte aligned (words and wpb even, planes 8-byte aligned)
+  bool vec_x;   // xt 16-byte aligned: float4 loads
 };
 
 // bf16 pair (+-1 for bit p, +-1 for bit p + 16) of w; P is a constant after unrolling.
@@ -69,52 +72,49 @@ __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uin
 }
 
 // One step's weight words of a thread: [tile][row g or g + 8][word 2t or 2t + 1] per plane.
-template <int RT, bool TERN>
+template <bool TERN>
 struct Codes {
-  uint32_t s[RT][2][2];
-  uint32_t n[RT][2][2];
+  uint32_t s[kTensorTiles][2][2];
+  uint32_t n[kTensorTiles][2][2];
 };
 
-// Words wa, wa + 1 of `row` in `plane` (zero past bend).
+// Words wa, wa + 1 of a row (zero from bend on); `row` points at the row's word 0.
 template <bool VEC>
-__device__ __forceinline__ void load_pair(const word_t* __restrict__ plane, int64_t at,
-                                          int64_t wa, int64_t bend, uint32_t (&w)[2]) {
+__device__ __forceinline__ void load_pair(const word_t* __restrict__ row, int wa, int bend,
+                                          uint32_t (&w)[2]) {
   if (VEC && wa + 1 < bend) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(plane + at));
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(row + wa));
     w[0] = v.x;
     w[1] = v.y;
   } else {
-    w[0] = wa < bend ? __ldg(plane + at) : 0u;
-    w[1] = wa + 1 < bend ? __ldg(plane + at + 1) : 0u;
+    w[0] = wa < bend ? __ldg(row + wa) : 0u;
+    w[1] = wa + 1 < bend ? __ldg(row + wa + 1) : 0u;
   }
 }
 
-template <int RT, bool TERN, bool VEC>
-__device__ __forceinline__ void load_codes(const Args& a, int64_t r0, int g, int64_t wa,
-                                           int64_t bend, Codes<RT, TERN>& c) {
+template <bool TERN, bool VEC>
+__device__ __forceinline__ void load_codes(const Args& a, const uint32_t (&roff)[kTensorTiles][2],
+                                           int wa, int bend, Codes<TERN>& c) {
 #pragma unroll
-  for (int i = 0; i < RT; ++i)
+  for (int i = 0; i < kTensorTiles; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      int64_t row = r0 + 16 * i + g + 8 * h;
-      if (row >= a.out) row = a.out - 1;  // read, never written
-      const int64_t at = row * a.words + wa;
-      load_pair<VEC>(a.sign, at, wa, bend, c.s[i][h]);
-      if constexpr (TERN) load_pair<VEC>(a.nonzero, at, wa, bend, c.n[i][h]);
+      load_pair<VEC>(a.sign + roff[i][h], wa, bend, c.s[i][h]);
+      if constexpr (TERN) load_pair<VEC>(a.nonzero + roff[i][h], wa, bend, c.n[i][h]);
     }
 }
 
-// B registers of word w for one token: pairs (x[32w + q], x[32w + q + 16]) in bf16, q < 16.
-__device__ __forceinline__ void load_b(const Args& a, int64_t tok, int64_t w, bool ok,
+// B registers of one word for one token: pairs (x[q], x[q + 16]) in bf16, q < 16; src points at
+// the word's 32 activations.
+__device__ __forceinline__ void load_b(const float* __restrict__ src, bool ok, bool vec,
                                        uint32_t (&b)[16]) {
   if (!ok) {
 #pragma unroll
     for (int q = 0; q < 16; ++q) b[q] = 0u;
     return;
   }
-  const float* src = a.xt + tok * a.cols + w * 32;
   float x[32];
-  if (a.vec_x) {
+  if (vec) {
 #pragma unroll
     for (int v = 0; v < 8; ++v) {
       const float4 f = __ldg(reinterpret_cast<const float4*>(src) + v);
@@ -150,15 +150,41 @@ __device__ __forceinline__ void word_products(uint32_t w0, uint32_t w1,
   }
 }
 
-template <int RT, int NT, bool TERN, bool VEC>
-__global__ void __launch_bounds__(kTensorWarps * 32, NT > 1 ? 1 : TERN ? 2 : 3)
+__device__ __forceinline__ float half_at(const uint16_t* p) {
+  return __half2float(__ushort_as_half(__ldg(p)));
+}
+
+template <int NT, bool TERN, bool VEC>
+__global__ void __launch_bounds__(kTensorWarps * 32, NT > 1 && TERN ? 1 : 2)
     tensor_rows_kernel(const Args a) {
-  constexpr int kOuts = RT * NT * 4;  // a thread's output fragment values
-  __shared__ float part[kTensorWarps][kOuts][32];
+  constexpr int RT = kTensorTiles;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * 16 * RT;
-  const int64_t t0 = a.tok_base + static_cast<int64_t>(blockIdx.y) * 8 * NT;
+  const int r0 = (blockIdx.x * kTensorWarps + warp) * 16 * RT;  // the warp's first row
+  if (r0 >= a.out) return;  // no barrier below: idle warps may leave
+  const int t0 = a.tok_base + blockIdx.z * 8 * NT;
+  const int b_first = blockIdx.y * a.blocks_per_split;
+  const int b_last = min(b_first + a.blocks_per_split, a.nb);  // one past
+
+  // Row offsets of rows g and g + 8 of each tile (a row past `out` reads the last row, never
+  // written), the thread's B token per n tile, its two output tokens per n tile.
+  uint32_t roff[RT][2], soff[RT][2];
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = min(r0 + 16 * i + g + 8 * h, a.out - 1);
+      roff[i][h] = static_cast<uint32_t>(row) * a.words;
+      soff[i][h] = static_cast<uint32_t>(row) * a.nb;
+    }
+  const float* xrow[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int tok = t0 + 8 * j + g;
+    xok[j] = tok < a.batch;
+    xrow[j] = a.xt + static_cast<uint32_t>(xok[j] ? tok : 0) * a.cols;
+  }
 
   float o[RT][NT][4];
 #pragma unroll
@@ -168,24 +194,18 @@ __global__ void __launch_bounds__(kTensorWarps * 32, NT > 1 ? 1 : TERN ? 2 : 3)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[i][j][e] = 0.0f;
 
-  // The warp's steps: blocks b = warp, warp + kTensorWarps, ...; 8 words of a block per step.
-  int64_t b = warp, w0 = b * a.wpb;
-  auto bend_of = [&](int64_t blk) {
-    const int64_t e = (blk + 1) * a.wpb;
-    return e < a.words ? e : a.words;
-  };
-  Codes<RT, TERN> cur{}, nxt{};
-  if (b < a.nb) load_codes<RT, TERN, VEC>(a, r0, g, w0 + 2 * t, bend_of(b), cur);
-
-  while (b < a.nb) {
-    const int64_t bend = bend_of(b);
-    // Next step: the rest of this block, else this warp's next block.
-    int64_t next_b = b, nw = w0 + 8;
+  int b = b_first, w0 = b * a.wpb, bend = min(w0 + a.wpb, a.words);
+  Codes<TERN> cur{}, nxt{};
+  if (b < b_last) load_codes<TERN, VEC>(a, roff, w0 + 2 * t, bend, cur);
+  while (b < b_last) {
+    // Next step: the rest of this block, else the next block of this split.
+    int nb_next = b, nw = w0 + 8, nbend = bend;
     if (nw >= bend) {
-      next_b = b + kTensorWarps;
-      nw = next_b * a.wpb;
+      nb_next = b + 1;
+      nw = nb_next * a.wpb;
+      nbend = min(nw + a.wpb, a.words);
     }
-    if (next_b < a.nb) load_codes<RT, TERN, VEC>(a, r0, g, nw + 2 * t, bend_of(next_b), nxt);
+    if (nb_next < b_last) load_codes<TERN, VEC>(a, roff, nw + 2 * t, nbend, nxt);
 
     float acc[RT][NT][4], accm[RT][NT][4];
 #pragma unroll
@@ -197,13 +217,10 @@ __global__ void __launch_bounds__(kTensorWarps * 32, NT > 1 ? 1 : TERN ? 2 : 3)
 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t w = w0 + 2 * t + h;
+      const int w = w0 + 2 * t + h;
       uint32_t bx[NT][16];
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int64_t tok = t0 + 8 * j + g;
-        load_b(a, tok, w, w < bend && tok < a.batch, bx[j]);
-      }
+      for (int j = 0; j < NT; ++j) load_b(xrow[j] + 32 * w, xok[j] && w < bend, a.vec_x, bx[j]);
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
         const uint32_t s0 = cur.s[i][0][h], s1 = cur.s[i][1][h];
@@ -217,69 +234,69 @@ __global__ void __launch_bounds__(kTensorWarps * 32, NT > 1 ? 1 : TERN ? 2 : 3)
       }
     }
 
-    // This step's sums, scaled by the block's fp16 scales; the mean term once per block.
+    // This step's sums times the block's fp16 scales; the mean term once per block.
     const bool first = w0 == b * a.wpb;
+    float xs[NT][2];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tk = t0 + 8 * j + 2 * t + e;
+        xs[j][e] = first && tk < a.batch ? __ldg(a.xsum + static_cast<uint32_t>(tk) * a.nb + b)
+                                         : 0.0f;
+      }
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
-      int64_t ra = r0 + 16 * i + g, rb = ra + 8;
-      if (ra >= a.out) ra = a.out - 1;
-      if (rb >= a.out) rb = a.out - 1;
-      const float sa = __half2float(__ushort_as_half(__ldg(a.scale + ra * a.nb + b)));
-      const float sb = __half2float(__ushort_as_half(__ldg(a.scale + rb * a.nb + b)));
-      const float ma = first ? __half2float(__ushort_as_half(__ldg(a.mean + ra * a.nb + b))) : 0.f;
-      const float mb = first ? __half2float(__ushort_as_half(__ldg(a.mean + rb * a.nb + b))) : 0.f;
+      const float sa = half_at(a.scale + soff[i][0] + b), sb = half_at(a.scale + soff[i][1] + b);
+      const float ma = first ? half_at(a.mean + soff[i][0] + b) : 0.0f;
+      const float mb = first ? half_at(a.mean + soff[i][1] + b) : 0.0f;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const int64_t tk = t0 + 8 * j + 2 * t;
-        const float x0 = first && tk < a.batch ? __ldg(a.xsum + tk * a.nb + b) : 0.0f;
-        const float x1 = first && tk + 1 < a.batch ? __ldg(a.xsum + (tk + 1) * a.nb + b) : 0.0f;
         float v[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           v[e] = TERN ? 0.5f * (acc[i][j][e] - accm[i][j][e]) : acc[i][j][e];
-        o[i][j][0] = fmaf(sa, v[0], fmaf(ma, x0, o[i][j][0]));
-        o[i][j][1] = fmaf(sa, v[1], fmaf(ma, x1, o[i][j][1]));
-        o[i][j][2] = fmaf(sb, v[2], fmaf(mb, x0, o[i][j][2]));
-        o[i][j][3] = fmaf(sb, v[3], fmaf(mb, x1, o[i][j][3]));
+        o[i][j][0] = fmaf(sa, v[0], fmaf(ma, xs[j][0], o[i][j][0]));
+        o[i][j][1] = fmaf(sa, v[1], fmaf(ma, xs[j][1], o[i][j][1]));
+        o[i][j][2] = fmaf(sb, v[2], fmaf(mb, xs[j][0], o[i][j][2]));
+        o[i][j][3] = fmaf(sb, v[3], fmaf(mb, xs[j][1], o[i][j][3]));
       }
     }
 
-    b = next_b;
+    b = nb_next;
     w0 = nw;
+    bend = nbend;
     cur = nxt;
   }
 
-  // The warps' partials, added in a fixed order.
 #pragma unroll
   for (int i = 0; i < RT; ++i)
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) part[warp][(i * NT + j) * 4 + e][lane] = o[i][j][e];
-  __syncthreads();
-  for (int f = threadIdx.x; f < kOuts * 32; f += kTensorWarps * 32) {
-    const int l = f & 31, e = (f >> 5) & 3, ij = f >> 7;
-    const int i = ij / NT, j = ij % NT;
-    float s = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kTensorWarps; ++w) s += part[w][f >> 5][l];
-    const int64_t row = r0 + 16 * i + (l >> 2) + (e >= 2 ? 8 : 0);
-    const int64_t tok = t0 + 8 * j + 2 * (l & 3) + (e & 1);
-    if (row < a.out && tok < a.batch) a.y[tok * a.out + row] = s;
-  }
+      for (int e = 0; e < 4; ++e) {
+        const int row = r0 + 16 * i + g + (e >= 2 ? 8 : 0);
+        const int tok = t0 + 8 * j + 2 * t + (e & 1);
+        if (row < a.out && tok < a.batch) {
+          float* dst = a.y + static_cast<int64_t>(tok) * a.out + row;
+          if (a.atomic) atomicAdd(dst, o[i][j][e]);
+          else *dst = o[i][j][e];
+        }
+      }
 }
 
-template <int RT, int NT, bool TERN>
+template <int NT, bool TERN>
 Status launch(const Args& base, const TensorRowsPlan& p, cudaStream_t s) {
   for (int64_t tile = 0; tile < p.token_tiles; tile += kMaxGridYZ) {
     Args a = base;
-    a.tok_base = tile * p.tokens;
+    a.tok_base = static_cast<int>(tile * p.tokens);
     const int64_t tiles = p.token_tiles - tile < kMaxGridYZ ? p.token_tiles - tile : kMaxGridYZ;
-    const dim3 grid(static_cast<unsigned>(p.row_tiles), static_cast<unsigned>(tiles));
+    const dim3 grid(static_cast<unsigned>(p.row_tiles), static_cast<unsigned>(p.splits),
+                    static_cast<unsigned>(tiles));
     if (a.vec_w)
-      tensor_rows_kernel<RT, NT, TERN, true><<<grid, kTensorWarps * 32, 0, s>>>(a);
+      tensor_rows_kernel<NT, TERN, true><<<grid, kTensorWarps * 32, 0, s>>>(a);
     else
-      tensor_rows_kernel<RT, NT, TERN, false><<<grid, kTensorWarps * 32, 0, s>>>(a);
+      tensor_rows_kernel<NT, TERN, false><<<grid, kTensorWarps * 32, 0, s>>>(a);
     const Status st = check_launch();
     if (st != Status::ok) return st;
   }
@@ -288,20 +305,27 @@ Status launch(const Args& base, const TensorRowsPlan& p, cudaStream_t s) {
 
 template <bool TERN>
 Status launch_levels(const Args& a, const TensorRowsPlan& p, cudaStream_t s) {
-  if (p.rows_per_cta != 16) return Status::bad_size;  // plan and kernels disagree (a bug)
-  if (p.tokens == 8) return launch<1, 1, TERN>(a, p, s);
-  if (p.tokens == 16) return launch<1, 2, TERN>(a, p, s);
-  return Status::bad_size;
+  if (p.tokens == 8) return launch<1, TERN>(a, p, s);
+  if (p.tokens == 16) return launch<2, TERN>(a, p, s);
+  return Status::bad_size;  // plan and kernels disagree (a bug)
 }
 
 }  // namespace
 
+bool tensor_rows_fits(const BlockLayout& L, int64_t out, int64_t batch) noexcept {
+  constexpr int64_t kMax = INT32_MAX;
+  return out * L.words_per_row() <= kMax && out * L.num_blocks() <= kMax &&
+         batch * L.total_code_cols() <= kMax && batch * L.num_blocks() <= kMax &&
+         batch + 16 <= kMax;
+}
+
 Status tensor_rows_gemm(const BlockLayout& L, bool ternary, const word_t* sign,
                         const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
                         int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
-                        cudaStream_t stream) noexcept {
-  const TensorRowsPlan p = plan_tensor_rows(out, batch);
-  if (p.row_tiles > kMaxGridX) return Status::bad_size;
+                        int num_sms, cudaStream_t stream) noexcept {
+  if (!tensor_rows_fits(L, out, batch)) return Status::bad_size;
+  const TensorRowsPlan p = plan_tensor_rows(L, out, batch, num_sms);
+  if (p.row_tiles > kMaxGridX || p.splits > kMaxGridYZ) return Status::bad_size;
   Args a{};
   a.sign = sign;
   a.nonzero = ternary ? nonzero : nullptr;
@@ -310,15 +334,22 @@ Status tensor_rows_gemm(const BlockLayout& L, bool ternary, const word_t* sign,
   a.xt = xt;
   a.xsum = xsum;
   a.y = y;
-  a.out = out;
-  a.batch = batch;
-  a.words = L.words_per_row();
-  a.cols = L.total_code_cols();
-  a.nb = L.num_blocks();
-  a.wpb = L.code_cols(0) / 32;
+  a.out = static_cast<int>(out);
+  a.batch = static_cast<int>(batch);
+  a.words = static_cast<int>(L.words_per_row());
+  a.cols = static_cast<int>(L.total_code_cols());
+  a.nb = static_cast<int>(L.num_blocks());
+  a.wpb = static_cast<int>(L.code_cols(0) / 32);
+  a.blocks_per_split = static_cast<int>(p.blocks_per_split);
+  a.atomic = p.splits > 1;
   a.vec_w = a.words % 2 == 0 && a.wpb % 2 == 0 && aligned(sign, 8) &&
             (!ternary || aligned(nonzero, 8));
   a.vec_x = aligned(xt, 16);
+  if (a.atomic) {
+    const cudaError_t e =
+        cudaMemsetAsync(y, 0, static_cast<size_t>(batch * out) * sizeof(float), stream);
+    if (e != cudaSuccess) return fail(e);
+  }
   return ternary ? launch_levels<true>(a, p, stream) : launch_levels<false>(a, p, stream);
 }
 

@@ -13,9 +13,13 @@
 
 namespace sdq::cuda::detail {
 
+// True when the kernel's 32-bit offsets hold every index of this call.
+bool tensor_rows_fits(const BlockLayout& L, int64_t out, int64_t batch) noexcept;
+
+// With several splits (plan_tensor_rows) it zeroes y with cudaMemsetAsync and adds atomically.
 Status tensor_rows_gemm(const BlockLayout& L, bool ternary, const word_t* sign,
                         const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
                         int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
-                        cudaStream_t stream) noexcept;
+                        int num_sms, cudaStream_t stream) noexcept;
 
 }  // namespace sdq::cuda::detail

@@ -428,14 +428,22 @@ def test_gemm_adversarial_inputs(levels, kernel):
                               rtol=1e-5, atol=1e-5 * scale), t
 
 
-@pytest.mark.parametrize("out", [1, 15, 16, 17, 4096])
-@pytest.mark.parametrize("batch", [1, 7, 8, 9, 16, 17, 70000])
-def test_tensor_rows_plan_covers_everything(out, batch):
-    p = core.cuda_tensor_rows_plan(out, batch)
+@pytest.mark.parametrize("in_features,osr", [(64, 1.0), (1000, 2.5), (8192, 2.0), (11008, 1.5)])
+@pytest.mark.parametrize("out", [1, 15, 255, 256, 257, 8192])
+@pytest.mark.parametrize("batch", [1, 8, 9, 16, 17, 70000])
+def test_tensor_rows_plan_covers_everything(in_features, osr, out, batch):
+    p = core.cuda_tensor_rows_plan(in_features, 128, osr, out, batch, 132)
+    nb = core.layout(in_features, 128, osr)["num_blocks"]
     assert p["tokens"] == (8 if batch <= 8 else 16)
-    assert p["rows_per_cta"] == 16
-    assert p["row_tiles"] * 16 >= out > (p["row_tiles"] - 1) * 16
+    rows = p["rows_per_cta"]
+    assert rows % 16 == 0
+    assert p["row_tiles"] * rows >= out > (p["row_tiles"] - 1) * rows
     assert p["token_tiles"] * p["tokens"] >= batch > (p["token_tiles"] - 1) * p["tokens"]
+    # every block in exactly one split, none empty; splits only where the grid is small
+    assert p["splits"] * p["blocks_per_split"] >= nb > (p["splits"] - 1) * p["blocks_per_split"]
+    assert 1 <= p["splits"] <= nb
+    if p["row_tiles"] * p["token_tiles"] >= 2 * 132:
+        assert p["splits"] == 1
 
 
 def test_tensor_kernel_rounds_to_bf16_and_no_further():

@@ -23,12 +23,12 @@ echo "build: $(( $(date +%s) - t0 )) s"
 rm -rf $stage && mkdir -p $stage && cp -r python/sdq $stage/sdq && cp $bdir/_core*.so $stage/sdq/
 export PYTHONPATH=$PWD/$stage
 python3 -c "import sdq; assert sdq.has_cuda(), 'CUDA kernels missing from the build'"
-python3 -m pytest -q -p no:cacheprovider -n 8 -rf --maxfail=40 tests/test_cuda.py \
+python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 8 -rf --maxfail=40 tests/test_cuda.py \
   tests/test_boundary.py tests/test_quantize_device.py tests/test_trit5_format.py 2>&1 \
   | tee -a "$out/log.txt" | tail -15
 for lv in binary ternary; do  # profiler view of one 8192x8192 OSR 2 GEMV per kernel family
   timeout 120 ncu --clock-control none --section SpeedOfLight --section Occupancy \
-    --section WarpStateStats -k regex:"warp_rows|addonly|tensor_rows" \
+    --section WarpStateStats -k regex:"${NCU_KERNELS:-warp_rows|addonly|tensor_rows}" \
     python3 tools/gpu_gemm_once.py 8192 8192 2.0 $lv 1 > "$out/ncu_$lv.txt" 2>&1
 done
 cuobjdump -sass $bdir/CMakeFiles/sdq_cuda.dir/cuda/tensor_rows.cu.o > "$out/tensor_rows.sass" 2>&1

@@ -237,15 +237,20 @@ py::dict warp_rows_plan_py(int64_t in_features, int64_t block_size, double osr, 
   return d;
 }
 
-py::dict tensor_rows_plan_py(int64_t out, int64_t batch) {
+py::dict tensor_rows_plan_py(int64_t in_features, int64_t block_size, double osr, int64_t out,
+                             int64_t batch, int num_sms) {
+  const BlockLayout L = make_layout(in_features, block_size, osr);
   require_positive(out, "out");
   require_positive(batch, "batch");
-  const cuda::TensorRowsPlan p = cuda::plan_tensor_rows(out, batch);
+  require_positive(num_sms, "num_sms");
+  const cuda::TensorRowsPlan p = cuda::plan_tensor_rows(L, out, batch, num_sms);
   py::dict d;
   d["tokens"] = p.tokens;
   d["rows_per_cta"] = p.rows_per_cta;
   d["row_tiles"] = p.row_tiles;
   d["token_tiles"] = p.token_tiles;
+  d["splits"] = p.splits;
+  d["blocks_per_split"] = p.blocks_per_split;
   return d;
 }
 
@@ -336,8 +341,10 @@ void bind_cuda(py::module_& m) {
   m.def("cuda_warp_rows_plan", &warp_rows_plan_py, py::arg("in_features"), py::arg("block_size"),
         py::arg("osr"), py::arg("out"), py::arg("batch"),
         "Launch geometry of the warp_rows kernel of cuda_addonly_gemm.");
-  m.def("cuda_tensor_rows_plan", &tensor_rows_plan_py, py::arg("out"), py::arg("batch"),
-        "Launch geometry of the tensor kernel of cuda_addonly_gemm.");
+  m.def("cuda_tensor_rows_plan", &tensor_rows_plan_py, py::arg("in_features"),
+        py::arg("block_size"), py::arg("osr"), py::arg("out"), py::arg("batch"),
+        py::arg("num_sms"),
+        "Launch geometry of the tensor kernel of cuda_addonly_gemm on num_sms multiprocessors.");
   m.def("cuda_last_error", [] { return std::string(cuda::last_error()); },
         "Text of the last CUDA runtime error seen by the kernels on this thread.");
   m.def("cuda_gemm_plan", &gemm_plan_py, py::arg("in_features"), py::arg("block_size"),

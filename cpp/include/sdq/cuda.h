@@ -146,26 +146,40 @@ inline WarpRowsPlan plan_warp_rows(const BlockLayout& L, int64_t out, int64_t ba
   return p;
 }
 
-// Tensor-core GEMV/GEMM (tensor_rows.cu). A CTA of kTensorWarps warps owns rows_per_cta rows
-// and `tokens` tokens (one mma n tile of 8, or two); its warps take the row blocks round robin,
-// 8 words of a block per step, and add their partials in shared memory (y written once, no
-// atomics). Grid: (row_tiles, token_tiles).
+// Tensor-core GEMV/GEMM (tensor_rows.cu). A warp owns kTensorTiles 16-row tiles and `tokens`
+// tokens (one mma n tile of 8, or two); a CTA's kTensorWarps warps own consecutive tiles
+// (rows_per_cta rows) and one split of the row blocks, walked 8 words of a block per step. Grid:
+// (row_tiles, splits, token_tiles). Splits > 1: y zeroed, partial sums added atomically.
 constexpr int kTensorWarps = 8;
+constexpr int kTensorTiles = 2;
 
 struct TensorRowsPlan {
-  int tokens;            // tokens per CTA: 8 (batch <= 8) or 16
-  int rows_per_cta;      // 16: one mma row tile
-  int64_t row_tiles;     // ceil(out / rows_per_cta)
-  int64_t token_tiles;   // ceil(batch / tokens)
+  int tokens;                // tokens per CTA: 8 (batch <= 8) or 16
+  int rows_per_cta;          // kTensorWarps * kTensorTiles * 16
+  int64_t row_tiles;         // ceil(out / rows_per_cta)
+  int64_t token_tiles;       // ceil(batch / tokens)
+  int64_t splits;            // CTAs sharing a row tile's blocks
+  int64_t blocks_per_split;  // the last split may have fewer
 };
 
-// Requires out >= 1, batch >= 1.
-inline TensorRowsPlan plan_tensor_rows(int64_t out, int64_t batch) noexcept {
+// Requires L.valid(), out >= 1, batch >= 1, num_sms >= 1. About 2 CTAs per multiprocessor (one
+// wave: its registers allow 2 resident), splitting the blocks only when rows and tokens do not
+// reach that.
+inline TensorRowsPlan plan_tensor_rows(const BlockLayout& L, int64_t out, int64_t batch,
+                                       int num_sms) noexcept {
   TensorRowsPlan p{};
   p.tokens = batch <= 8 ? 8 : 16;
-  p.rows_per_cta = 16;
+  p.rows_per_cta = kTensorWarps * kTensorTiles * 16;
   p.row_tiles = (out + p.rows_per_cta - 1) / p.rows_per_cta;
   p.token_tiles = (batch + p.tokens - 1) / p.tokens;
+  const int64_t nb = L.num_blocks();
+  const int64_t target = 2 * static_cast<int64_t>(num_sms < 1 ? 1 : num_sms);
+  const int64_t tiles = p.row_tiles * p.token_tiles;
+  int64_t splits = tiles >= target ? 1 : (target + tiles - 1) / tiles;
+  if (splits > nb) splits = nb;
+  if (splits < 1) splits = 1;
+  p.blocks_per_split = (nb + splits - 1) / splits;
+  p.splits = (nb + p.blocks_per_split - 1) / p.blocks_per_split;
   return p;
 }
 
