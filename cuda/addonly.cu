@@ -430,12 +430,11 @@ Status gemm_checked(const BlockLayout& L, Levels levels, const word_t* sign, con
   detail::DeviceInfo dev{};
   Status st = detail::device_info(&dev);
   if (st != Status::ok) return st;
-  if (kernel == GemmKernel::tensor && dev.cc_major < 8) return Status::bad_value;
-  if (kernel == GemmKernel::tensor ||
-      (kernel == GemmKernel::automatic && dev.cc_major >= 8 &&
-       detail::tensor_rows_fits(L, out, batch)))
+  if (kernel == GemmKernel::tensor) {
+    if (dev.cc_major < 8) return Status::bad_value;
     return detail::tensor_rows_gemm(L, tern, sign, nonzero, scale, mean, out, xt, xsum, batch, y,
                                     dev.sms, s);
+  }
   const GemmPlan plan = plan_addonly_gemm(L, out, batch, dev.sms);
   if (plan.row_tiles > kMaxGridX || plan.splits > kMaxGridYZ) return Status::bad_size;
   GemmArgs a{};

@@ -1,4 +1,4 @@
-// Tensor-core add-only GEMV/GEMM (kernel=tensor; plan and layout: plan_tensor_rows in sdq/cuda.h).
+// Tensor-core add-only GEMV/GEMM (kernel=tensor, opt-in; plan: plan_tensor_rows in sdq/cuda.h).
 //
 // Why: every code costs an instruction or more in the float kernels (table lookups, predicated
 // adds), and those kernels pay it again for every token. Here the codes become the A operand of
@@ -25,6 +25,19 @@
 // per block. With one split y is stored; with several, added atomically into y zeroed first.
 // Weight words are loaded one step ahead of the products that use them. In-loop offsets are
 // 32-bit (the entry point checks they fit).
+//
+// Measured (H200, 2026-11-28, bench/kernels_gpu.py) only in its first form (commit 9dbfec3): one
+// 16-row tile per CTA of 8 warps taking the blocks round robin, 64-bit in-loop index math. It was
+// right (whole SDQLinear calls through it, bench/layer_gpu.py: relerr 1.6-1.7e-3 against
+// x @ W_hat^T at every shape, the size of bf16 rounding plus fp16 output) but slower than the
+// table kernel at every point: 8192x8192 binary OSR 2, batch 1 / 4 / 16: 33.3 / 70.6 / 160.6 us
+// against 21.1 / 38.4 / 111.1. ncu (batch 1): 8.3 cycles per issued instruction at 19 warps per
+// SM, ~500 instructions per 8-word step of which ~300 were index math and branches, and every
+// 16-row CTA re-read all of xt in fp32 (twice the bytes of its codes at batch 1, 8x at batch 4).
+// This form (two tiles per warp sharing the bf16 activations, CTAs over row-block splits,
+// 32-bit offsets) answers those three; it is compiled and host-tested here but not yet run on a
+// GPU (no machine was lent for a second run), so addonly_gemm's automatic choice stays the table
+// kernel until tools/gpu_check.sh has tested and timed it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

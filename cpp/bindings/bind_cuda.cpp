@@ -335,9 +335,9 @@ void bind_cuda(py::module_& m) {
         "Device version of addonly_gemm. sign / nonzero: uint32 (int32) bitplanes [out, words]\n"
         "(nonzero_ptr 0 for levels='binary'); scale / mean: fp16 [out, num_blocks];\n"
         "xt, xsum: from cuda_activation_transform; y: float32 [batch, out] output.\n"
-        "kernel: 'auto' (the tensor kernel on compute capability 8.0 and newer, else 'table'),\n"
-        "'table' or 'warp_rows' (exact float kernels), 'tensor' (bf16-rounded xt times the +-1\n"
-        "codes on the tensor cores, fp32 sums; sm_80+).");
+        "kernel: 'auto' (today the table kernel), 'table' or 'warp_rows' (exact float kernels;\n"
+        "the table kernel measured faster, bench/kernels_gpu.py), 'tensor' (bf16-rounded xt\n"
+        "times the +-1 codes on the tensor cores, fp32 sums; compute capability 8.0+).");
   m.def("cuda_warp_rows_plan", &warp_rows_plan_py, py::arg("in_features"), py::arg("block_size"),
         py::arg("osr"), py::arg("out"), py::arg("batch"),
         "Launch geometry of the warp_rows kernel of cuda_addonly_gemm.");

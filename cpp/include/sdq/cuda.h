@@ -61,12 +61,14 @@ Status fwht(float* x, int64_t rows, int64_t n, const float* signs, bool inverse,
 Status activation_transform(const BlockLayout& L, bool hadamard, const float* signs,
                             const float* down_full, const float* down_last, const float* x,
                             int64_t batch, float* xt, float* xsum, void* stream) noexcept;
-// kernel: which kernel family runs it. automatic is the tensor kernel on devices of compute
-// capability 8.0 and newer, else the table kernel. table and warp_rows are exact float kernels
-// (warp_rows is kept, tested, as a coalesced float GEMV: see warp_rows.cu); tensor (tensor_rows.cu,
-// sm_80+, bad_value on older devices) rounds xt to bf16 (round to nearest even) and multiplies the
-// +-1 codes on the tensor cores with fp32 accumulation: every product is exact, so its result is
-// the float kernels' on bf16-rounded activations, up to fp32 summation order.
+// kernel: which kernel family runs it. automatic is the table kernel at every batch (on an H200
+// it beat warp_rows at batch 1, 4 and 16, and the first tensor kernel everywhere:
+// bench/results/kernels_gpu.json, tensor_rows.cu). table and warp_rows are exact float kernels
+// (warp_rows is kept, tested, as a coalesced float GEMV: see warp_rows.cu); tensor
+// (tensor_rows.cu; sm_80+, bad_value on older devices; bad_size past its 32-bit offsets) rounds
+// xt to bf16 (round to nearest even) and multiplies the +-1 codes on the tensor cores with fp32
+// accumulation: every product is exact, so its result is the float kernels' on bf16-rounded
+// activations, up to fp32 summation order.
 enum class GemmKernel : int { automatic = 0, table = 1, warp_rows = 2, tensor = 3 };
 Status addonly_gemm(const BlockLayout& L, Levels levels, const word_t* sign,
                     const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
