@@ -218,6 +218,13 @@ void addonly_gemm_py(uintptr_t sign_ptr, uintptr_t nonzero_ptr, uintptr_t scale_
                            static_cast<const float*>(as_ptr(xsum_ptr)), batch,
                            static_cast<float*>(as_ptr(y_ptr)), as_ptr(stream), kernel);
   }
+  if (kernel == cuda::GemmKernel::tensor && s == Status::bad_value)
+    throw py::value_error("cuda_addonly_gemm: kernel='tensor' needs a GPU of compute capability "
+                          "8.0 or newer (bf16 mma.sync); use 'auto' or 'table'");
+  if (kernel == cuda::GemmKernel::tensor && s == Status::bad_size)
+    throw py::value_error("cuda_addonly_gemm: kernel='tensor' indexes with 32-bit offsets and "
+                          "out * words, batch * code columns or their block counts exceed "
+                          "2^31 - 1 here; use 'auto' or 'table'");
   check_cuda_status(s, "cuda_addonly_gemm");
 }
 
