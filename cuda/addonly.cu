@@ -163,13 +163,7 @@ Status launch_act(const ActArgs& base, const ActPlan& plan, const detail::Device
 // ------------------------------------------------------------------ add-only GEMM
 
 struct GemmArgs {
-  const word_t* sign;
-  const word_t* nonzero;
-  const uint16_t* scale;
-  const uint16_t* mean;
-  const float* xt;
-  const float* xsum;
-  float* y;
+  detail::GemmBuffers io;
   int64_t out, batch, words, cols, nb, wpb;
   int64_t chunks, chunks_per_split;
   int64_t tok_base;
@@ -220,10 +214,10 @@ __global__ void __launch_bounds__(kGemmThreads) addonly_kernel(const GemmArgs a)
   const int64_t w_end_raw = ch_end * CW;
   const int64_t w_end = w_end_raw < a.words ? w_end_raw : a.words;
 
-  const word_t* srow = a.sign + (row_ok ? r : 0) * a.words;
-  const word_t* nrow = TERN ? a.nonzero + (row_ok ? r : 0) * a.words : nullptr;
-  const uint16_t* srow_scale = a.scale + (row_ok ? r : 0) * a.nb;
-  const uint16_t* srow_mean = a.mean + (row_ok ? r : 0) * a.nb;
+  const word_t* srow = a.io.sign + (row_ok ? r : 0) * a.words;
+  const word_t* nrow = TERN ? a.io.nonzero + (row_ok ? r : 0) * a.words : nullptr;
+  const uint16_t* srow_scale = a.io.scale + (row_ok ? r : 0) * a.nb;
+  const uint16_t* srow_mean = a.io.mean + (row_ok ? r : 0) * a.nb;
 
   float acc[TB], blk[TB];
 #pragma unroll
@@ -239,7 +233,7 @@ __global__ void __launch_bounds__(kGemmThreads) addonly_kernel(const GemmArgs a)
 #pragma unroll
     for (int t = 0; t < TB; ++t) {
       const int64_t tok = t0 + t;
-      const float xs = (first && tok < a.batch) ? __ldg(a.xsum + tok * a.nb + blkidx) : 0.0f;
+      const float xs = (first && tok < a.batch) ? __ldg(a.io.xsum + tok * a.nb + blkidx) : 0.0f;
       acc[t] = fmaf(sc, blk[t], fmaf(mu, xs, acc[t]));
       blk[t] = 0.0f;
     }
@@ -259,7 +253,8 @@ __global__ void __launch_bounds__(kGemmThreads) addonly_kernel(const GemmArgs a)
       float xv[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k)
-        xv[k] = (tok < a.batch && col + k < a.cols) ? __ldg(a.xt + tok * a.cols + col + k) : 0.0f;
+        xv[k] = (tok < a.batch && col + k < a.cols) ? __ldg(a.io.xt + tok * a.cols + col + k)
+                                                    : 0.0f;
       // Subset sums by doubling: e[v + 2^k] = e[v] + d_k for v < 2^k (all indices constant).
       const float d0 = TERN ? xv[0] : 2.0f * xv[0], d1 = TERN ? xv[1] : 2.0f * xv[1];
       const float d2 = TERN ? xv[2] : 2.0f * xv[2], d3 = TERN ? xv[3] : 2.0f * xv[3];
@@ -306,7 +301,7 @@ __global__ void __launch_bounds__(kGemmThreads) addonly_kernel(const GemmArgs a)
     for (int t = 0; t < TB; ++t) {
       const int64_t tok = t0 + t;
       if (tok < a.batch) {
-        float* dst = a.y + tok * a.out + r;
+        float* dst = a.io.y + tok * a.out + r;
         if (a.atomic) atomicAdd(dst, acc[t]);
         else *dst = acc[t];
       }
@@ -425,26 +420,19 @@ Status gemm_checked(const BlockLayout& L, Levels levels, const word_t* sign, con
       !floats_aligned({xt, xsum, y}))
     return Status::bad_pointer;
   auto* s = static_cast<cudaStream_t>(stream);
-  if (kernel == GemmKernel::warp_rows)
-    return detail::warp_rows_gemm(L, tern, sign, nonzero, scale, mean, out, xt, xsum, batch, y, s);
+  const detail::GemmBuffers io{sign, tern ? nonzero : nullptr, scale, mean, xt, xsum, y};
+  if (kernel == GemmKernel::warp_rows) return detail::warp_rows_gemm(L, io, out, batch, s);
   detail::DeviceInfo dev{};
   Status st = detail::device_info(&dev);
   if (st != Status::ok) return st;
   if (kernel == GemmKernel::tensor) {
     if (dev.cc_major < 8) return Status::bad_value;
-    return detail::tensor_rows_gemm(L, tern, sign, nonzero, scale, mean, out, xt, xsum, batch, y,
-                                    dev.sms, s);
+    return detail::tensor_rows_gemm(L, io, out, batch, dev.sms, s);
   }
   const GemmPlan plan = plan_addonly_gemm(L, out, batch, dev.sms);
   if (plan.row_tiles > kMaxGridX || plan.splits > kMaxGridYZ) return Status::bad_size;
   GemmArgs a{};
-  a.sign = sign;
-  a.nonzero = tern ? nonzero : nullptr;
-  a.scale = scale;
-  a.mean = mean;
-  a.xt = xt;
-  a.xsum = xsum;
-  a.y = y;
+  a.io = io;
   a.out = out;
   a.batch = batch;
   a.words = plan.words;
@@ -459,9 +447,8 @@ Status gemm_checked(const BlockLayout& L, Levels levels, const word_t* sign, con
   if (plan.words % 4 == 0 && aligned(sign, 16) && (!tern || aligned(nonzero, 16))) vec = 4;
   else if (plan.words % 2 == 0 && aligned(sign, 8) && (!tern || aligned(nonzero, 8))) vec = 2;
   if (a.atomic) {
-    const cudaError_t e =
-        cudaMemsetAsync(y, 0, static_cast<size_t>(batch * out) * sizeof(float), s);
-    if (e != cudaSuccess) return detail::fail(e);
+    const Status zs = detail::zero_output(y, batch, out, s);
+    if (zs != Status::ok) return zs;
   }
   return tern ? launch_gemm<true>(a, plan, vec, s) : launch_gemm<false>(a, plan, vec, s);
 }

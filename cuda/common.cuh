@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "sdq/bitplane.h"
 #include "sdq/status.h"
 
 namespace sdq::cuda::detail {
@@ -26,6 +27,24 @@ inline Status check_launch() noexcept {
 // the whole CUDA context ("misaligned address"), so the entry points refuse such pointers.
 inline bool aligned(const void* p, uintptr_t bytes) noexcept {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// The buffers of one add-only GEMM call (addonly_gemm's contract, sdq/gemv.h), as every GEMM
+// kernel family (table, warp_rows, tensor) reads them; nonzero is null for binary codes.
+struct GemmBuffers {
+  const word_t* sign;
+  const word_t* nonzero;
+  const uint16_t* scale;
+  const uint16_t* mean;
+  const float* xt;
+  const float* xsum;
+  float* y;
+};
+
+// Zeroes y [batch, out] on the stream: the kernels that add partial sums atomically start there.
+inline Status zero_output(float* y, int64_t batch, int64_t out, cudaStream_t s) noexcept {
+  const cudaError_t e = cudaMemsetAsync(y, 0, static_cast<size_t>(batch * out) * sizeof(float), s);
+  return e == cudaSuccess ? Status::ok : fail(e);
 }
 
 struct DeviceInfo {

@@ -48,13 +48,7 @@ namespace sdq::cuda::detail {
 namespace {
 
 struct Args {
-  const word_t* sign;
-  const word_t* nonzero;
-  const uint16_t* scale;
-  const uint16_t* mean;
-  const float* xt;
-  const float* xsum;
-  float* y;
+  GemmBuffers io;
   int out, batch, words, cols, nb, wpb, blocks_per_split;
   int tok_base;
   bool atomic;  // several splits: atomicAdd into y (zeroed by the caller)
@@ -112,8 +106,8 @@ __device__ __forceinline__ void load_codes(const Args& a, const uint32_t (&roff)
   for (int i = 0; i < kTensorTiles; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      load_pair<VEC>(a.sign + roff[i][h], wa, bend, c.s[i][h]);
-      if constexpr (TERN) load_pair<VEC>(a.nonzero + roff[i][h], wa, bend, c.n[i][h]);
+      load_pair<VEC>(a.io.sign + roff[i][h], wa, bend, c.s[i][h]);
+      if constexpr (TERN) load_pair<VEC>(a.io.nonzero + roff[i][h], wa, bend, c.n[i][h]);
     }
 }
 
@@ -196,7 +190,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32, NT > 1 && TERN ? 1 : 2)
   for (int j = 0; j < NT; ++j) {
     const int tok = t0 + 8 * j + g;
     xok[j] = tok < a.batch;
-    xrow[j] = a.xt + static_cast<uint32_t>(xok[j] ? tok : 0) * a.cols;
+    xrow[j] = a.io.xt + static_cast<uint32_t>(xok[j] ? tok : 0) * a.cols;
   }
 
   float o[RT][NT][4];
@@ -255,14 +249,15 @@ __global__ void __launch_bounds__(kTensorWarps * 32, NT > 1 && TERN ? 1 : 2)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int tk = t0 + 8 * j + 2 * t + e;
-        xs[j][e] = first && tk < a.batch ? __ldg(a.xsum + static_cast<uint32_t>(tk) * a.nb + b)
+        xs[j][e] = first && tk < a.batch ? __ldg(a.io.xsum + static_cast<uint32_t>(tk) * a.nb + b)
                                          : 0.0f;
       }
 #pragma unroll
     for (int i = 0; i < RT; ++i) {
-      const float sa = half_at(a.scale + soff[i][0] + b), sb = half_at(a.scale + soff[i][1] + b);
-      const float ma = first ? half_at(a.mean + soff[i][0] + b) : 0.0f;
-      const float mb = first ? half_at(a.mean + soff[i][1] + b) : 0.0f;
+      const float sa = half_at(a.io.scale + soff[i][0] + b);
+      const float sb = half_at(a.io.scale + soff[i][1] + b);
+      const float ma = first ? half_at(a.io.mean + soff[i][0] + b) : 0.0f;
+      const float mb = first ? half_at(a.io.mean + soff[i][1] + b) : 0.0f;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         float v[4];
@@ -291,7 +286,7 @@ __global__ void __launch_bounds__(kTensorWarps * 32, NT > 1 && TERN ? 1 : 2)
         const int row = r0 + 16 * i + g + (e >= 2 ? 8 : 0);
         const int tok = t0 + 8 * j + 2 * t + (e & 1);
         if (row < a.out && tok < a.batch) {
-          float* dst = a.y + static_cast<int64_t>(tok) * a.out + row;
+          float* dst = a.io.y + static_cast<int64_t>(tok) * a.out + row;
           if (a.atomic) atomicAdd(dst, o[i][j][e]);
           else *dst = o[i][j][e];
         }
@@ -332,21 +327,14 @@ bool tensor_rows_fits(const BlockLayout& L, int64_t out, int64_t batch) noexcept
          batch + 16 <= kMax;
 }
 
-Status tensor_rows_gemm(const BlockLayout& L, bool ternary, const word_t* sign,
-                        const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
-                        int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
+Status tensor_rows_gemm(const BlockLayout& L, const GemmBuffers& io, int64_t out, int64_t batch,
                         int num_sms, cudaStream_t stream) noexcept {
   if (!tensor_rows_fits(L, out, batch)) return Status::bad_size;
   const TensorRowsPlan p = plan_tensor_rows(L, out, batch, num_sms);
   if (p.row_tiles > kMaxGridX || p.splits > kMaxGridYZ) return Status::bad_size;
+  const bool ternary = io.nonzero != nullptr;
   Args a{};
-  a.sign = sign;
-  a.nonzero = ternary ? nonzero : nullptr;
-  a.scale = scale;
-  a.mean = mean;
-  a.xt = xt;
-  a.xsum = xsum;
-  a.y = y;
+  a.io = io;
   a.out = static_cast<int>(out);
   a.batch = static_cast<int>(batch);
   a.words = static_cast<int>(L.words_per_row());
@@ -355,13 +343,12 @@ Status tensor_rows_gemm(const BlockLayout& L, bool ternary, const word_t* sign,
   a.wpb = static_cast<int>(L.code_cols(0) / 32);
   a.blocks_per_split = static_cast<int>(p.blocks_per_split);
   a.atomic = p.splits > 1;
-  a.vec_w = a.words % 2 == 0 && a.wpb % 2 == 0 && aligned(sign, 8) &&
-            (!ternary || aligned(nonzero, 8));
-  a.vec_x = aligned(xt, 16);
+  a.vec_w = a.words % 2 == 0 && a.wpb % 2 == 0 && aligned(io.sign, 8) &&
+            (!ternary || aligned(io.nonzero, 8));
+  a.vec_x = aligned(io.xt, 16);
   if (a.atomic) {
-    const cudaError_t e =
-        cudaMemsetAsync(y, 0, static_cast<size_t>(batch * out) * sizeof(float), stream);
-    if (e != cudaSuccess) return fail(e);
+    const Status zs = zero_output(io.y, batch, out, stream);
+    if (zs != Status::ok) return zs;
   }
   return ternary ? launch_levels<true>(a, p, stream) : launch_levels<false>(a, p, stream);
 }

@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "sdq/bitplane.h"
+#include "common.cuh"
 #include "sdq/cuda.h"
 #include "sdq/layout.h"
 #include "sdq/status.h"
@@ -17,9 +17,7 @@ namespace sdq::cuda::detail {
 bool tensor_rows_fits(const BlockLayout& L, int64_t out, int64_t batch) noexcept;
 
 // With several splits (plan_tensor_rows) it zeroes y with cudaMemsetAsync and adds atomically.
-Status tensor_rows_gemm(const BlockLayout& L, bool ternary, const word_t* sign,
-                        const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
-                        int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
+Status tensor_rows_gemm(const BlockLayout& L, const GemmBuffers& io, int64_t out, int64_t batch,
                         int num_sms, cudaStream_t stream) noexcept;
 
 }  // namespace sdq::cuda::detail

@@ -29,13 +29,7 @@ namespace {
 constexpr int kMaxWarps = 8;
 
 struct Args {
-  const word_t* sign;
-  const word_t* nonzero;
-  const uint16_t* scale;
-  const uint16_t* mean;
-  const float* xt;
-  const float* xsum;
-  float* y;
+  GemmBuffers io;
   int64_t out, batch, words, cols, nb, wpb, segments;
   int64_t tok_base;
   bool vec_x;  // xt is 16-byte aligned: float4 loads
@@ -79,14 +73,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32) warp_rows_kernel(const Args a)
 #pragma unroll
     for (int j = 0; j < RPW; ++j) {
       const int64_t at = row(j) * a.words + w;
-      ws[j] = ok ? __ldg(a.sign + at) : 0u;
-      if constexpr (TERN) wn[j] = ok ? __ldg(a.nonzero + at) : 0u;
+      ws[j] = ok ? __ldg(a.io.sign + at) : 0u;
+      if constexpr (TERN) wn[j] = ok ? __ldg(a.io.nonzero + at) : 0u;
     }
     float x[TB][32];
 #pragma unroll
     for (int t = 0; t < TB; ++t) {
       const bool tok_ok = ok && t0 + t < a.batch;
-      const float* src = a.xt + (t0 + t) * a.cols + w * 32;
+      const float* src = a.io.xt + (t0 + t) * a.cols + w * 32;
       if (tok_ok && a.vec_x) {
 #pragma unroll
         for (int q = 0; q < 8; ++q) {
@@ -111,7 +105,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) warp_rows_kernel(const Args a)
     const int64_t b = ok ? w / a.wpb : 0;
 #pragma unroll
     for (int j = 0; j < RPW; ++j) {
-      const float sc = __half2float(__ushort_as_half(__ldg(a.scale + row(j) * a.nb + b)));
+      const float sc = __half2float(__ushort_as_half(__ldg(a.io.scale + row(j) * a.nb + b)));
 #pragma unroll
       for (int t = 0; t < TB; ++t) {
         float v;
@@ -129,10 +123,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32) warp_rows_kernel(const Args a)
   for (int64_t b = static_cast<int64_t>(warp) * 32 + lane; b < a.nb; b += warps * 32) {
     float xs[TB];
 #pragma unroll
-    for (int t = 0; t < TB; ++t) xs[t] = t0 + t < a.batch ? __ldg(a.xsum + (t0 + t) * a.nb + b) : 0.0f;
+    for (int t = 0; t < TB; ++t)
+      xs[t] = t0 + t < a.batch ? __ldg(a.io.xsum + (t0 + t) * a.nb + b) : 0.0f;
 #pragma unroll
     for (int j = 0; j < RPW; ++j) {
-      const float mu = __half2float(__ushort_as_half(__ldg(a.mean + row(j) * a.nb + b)));
+      const float mu = __half2float(__ushort_as_half(__ldg(a.io.mean + row(j) * a.nb + b)));
 #pragma unroll
       for (int t = 0; t < TB; ++t) acc[j][t] = fmaf(mu, xs[t], acc[j][t]);
     }
@@ -154,7 +149,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) warp_rows_kernel(const Args a)
     if (r >= a.out || tok >= a.batch) continue;
     float v = 0.0f;
     for (int q = 0; q < warps; ++q) v += part[q][j][t];
-    a.y[tok * a.out + r] = v;
+    a.io.y[tok * a.out + r] = v;
   }
 }
 
@@ -185,20 +180,13 @@ Status launch_tokens(const Args& a, const WarpRowsPlan& plan, cudaStream_t s) {
 
 }  // namespace
 
-Status warp_rows_gemm(const BlockLayout& L, bool ternary, const word_t* sign,
-                      const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
-                      int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
+Status warp_rows_gemm(const BlockLayout& L, const GemmBuffers& io, int64_t out, int64_t batch,
                       cudaStream_t stream) noexcept {
   const WarpRowsPlan plan = plan_warp_rows(L, out, batch);
   if (plan.row_tiles > kMaxGridX) return Status::bad_size;
+  const bool ternary = io.nonzero != nullptr;
   Args a{};
-  a.sign = sign;
-  a.nonzero = ternary ? nonzero : nullptr;
-  a.scale = scale;
-  a.mean = mean;
-  a.xt = xt;
-  a.xsum = xsum;
-  a.y = y;
+  a.io = io;
   a.out = out;
   a.batch = batch;
   a.words = L.words_per_row();
@@ -207,7 +195,7 @@ Status warp_rows_gemm(const BlockLayout& L, bool ternary, const word_t* sign,
   a.wpb = L.code_cols(0) / 32;
   a.segments = plan.segments;
   a.tok_base = 0;
-  a.vec_x = aligned(xt, 16);  // rows of xt are 128-byte multiples (code columns come in 32s)
+  a.vec_x = aligned(io.xt, 16);  // rows of xt are 128-byte multiples (code columns come in 32s)
   return ternary ? launch_tokens<true>(a, plan, stream) : launch_tokens<false>(a, plan, stream);
 }
 

@@ -1,20 +1,19 @@
 // The warp-per-rows add-only GEMV (warp_rows.cu), called by addonly_gemm (addonly.cu) after its
-// argument checks: sizes valid, pointers non-null and aligned, out and batch >= 1.
+// argument checks: sizes valid, pointers non-null and aligned, out and batch >= 1 (io.nonzero is
+// null for binary codes).
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "sdq/bitplane.h"
+#include "common.cuh"
 #include "sdq/cuda.h"
 #include "sdq/layout.h"
 #include "sdq/status.h"
 
 namespace sdq::cuda::detail {
 
-Status warp_rows_gemm(const BlockLayout& L, bool ternary, const word_t* sign,
-                      const word_t* nonzero, const uint16_t* scale, const uint16_t* mean,
-                      int64_t out, const float* xt, const float* xsum, int64_t batch, float* y,
+Status warp_rows_gemm(const BlockLayout& L, const GemmBuffers& io, int64_t out, int64_t batch,
                       cudaStream_t stream) noexcept;
 
 }  // namespace sdq::cuda::detail
